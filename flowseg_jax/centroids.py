@@ -1,0 +1,145 @@
+"""Kronecker class colours: labels <-> colours in [-1, 1]^3 (FlowSeg eq 7-8).
+
+Class k gets the colour mu_k = 2 * minmax(frac(k * (sqrt2, sqrt3, sqrt5))) - 1: a low-discrepancy sequence
+that spreads any number of classes evenly over the colour cube. The table is computed in float64 on the host
+(it is a constant of the run) and cast once, so JAX and PyTorch see bit-identical centroids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE_LABEL = 255
+_KRONECKER_BASIS = np.sqrt(np.array([2.0, 3.0, 5.0], dtype=np.float64))
+
+
+def kronecker_centroids(n: int, dtype=np.float32) -> np.ndarray:
+  """Returns the (n, 3) Kronecker centroid table mu_0..mu_{n-1} in [-1, 1]; mu_0 = (-1, -1, -1).
+
+  Args:
+    n: number of centroids, >= 2 (min-max normalisation needs two distinct points).
+    dtype: dtype of the returned NumPy array.
+  """
+  if isinstance(n, bool) or not isinstance(n, int | np.integer):
+    raise TypeError(f"kronecker_centroids: n must be an int, got {type(n).__name__} {n!r}")
+  if n < 2:
+    raise ValueError(f"kronecker_centroids: need at least 2 classes, got n={n}")
+  k = np.arange(n, dtype=np.float64)[:, None]
+  points = np.mod(k * _KRONECKER_BASIS, 1.0)
+  lo, hi = points.min(axis=0), points.max(axis=0)
+  normalised = (points - lo) / (hi - lo)
+  return (2.0 * normalised - 1.0).astype(dtype)
+
+
+def class_centroids(
+  num_classes: int, *, ignore_as_class: bool = False, dtype=np.float32
+) -> np.ndarray:
+  """The centroid table a run trains with.
+
+  With `ignore_as_class` (the objective's `mask_ignored=False`), ignored pixels get their own colour: the
+  table is built for num_classes + 1 entries and row `num_classes` is the ignore centroid.
+  """
+  return kronecker_centroids(num_classes + int(ignore_as_class), dtype=dtype)
+
+
+def check_labels(labels, num_classes: int, *, name: str = "labels") -> None:
+  """Raises ValueError if a concrete label array holds values outside [0, num_classes) other than 255.
+
+  Does nothing for traced arrays (inside jit values are unknown; the input pipeline validates them).
+  """
+  if isinstance(labels, jax.core.Tracer):
+    return
+  arr = np.asarray(labels)
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+  bad = (arr != IGNORE_LABEL) & ((arr < 0) | (arr >= num_classes))
+  if bad.any():
+    values = np.unique(arr[bad])[:10].tolist()
+    raise ValueError(
+      f"{name} hold {int(bad.sum())} value(s) outside [0, {num_classes}) that are not the ignore "
+      f"label {IGNORE_LABEL}: {values}"
+    )
+
+
+def encode_labels(
+  labels: jax.Array, centroids: jax.Array, *, ignore_index: int | None = None
+) -> jax.Array:
+  """Maps int labels (...,) to colours (..., 3).
+
+  Ignored pixels (255) get centroid `ignore_index` if given, else centroid 0 (any finite value: the loss
+  masks them).
+  """
+  labels = jnp.asarray(labels)
+  fill = 0 if ignore_index is None else ignore_index
+  safe = jnp.where(labels == IGNORE_LABEL, fill, labels)
+  return jnp.take(jnp.asarray(centroids), safe, axis=0)
+
+
+def squared_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
+  """||x - mu_k||^2 for every centroid: (..., 3), (N, 3) -> (..., N), exact (no norm expansion)."""
+  diff = x[..., None, :] - centroids
+  return jnp.sum(diff * diff, axis=-1)
+
+
+def decode_colors(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -> jax.Array:
+  """Nearest-centroid decoding: colours (..., 3) -> int32 labels (...).
+
+  Memory is bounded by (pixels x chunk_size): classes are scanned in chunks of `chunk_size` with a running
+  minimum, so a 16x512x512 batch with 171 classes never materialises the full (pixels x N) distance array.
+  Ties go to the lower class index, as argmin does.
+  """
+  x = jnp.asarray(x)
+  centroids = jnp.asarray(centroids, dtype=jnp.promote_types(x.dtype, jnp.float32))
+  x = x.astype(centroids.dtype)
+  if x.shape[-1] != 3 or centroids.ndim != 2 or centroids.shape[-1] != 3:
+    raise ValueError(
+      f"decode_colors: expected x (..., 3) and centroids (N, 3), got {x.shape}, {centroids.shape}"
+    )
+  if chunk_size < 1:
+    raise ValueError(f"decode_colors: chunk_size must be >= 1, got {chunk_size}")
+  n = centroids.shape[0]
+  if n <= chunk_size:
+    return jnp.argmin(squared_distances(x, centroids), axis=-1).astype(jnp.int32)
+
+  num_chunks = -(-n // chunk_size)
+  pad = num_chunks * chunk_size - n
+  # Padded centroids sit at +inf distance so they never win.
+  padded = jnp.concatenate([centroids, jnp.full((pad, 3), jnp.inf, centroids.dtype)], axis=0)
+  chunks = padded.reshape(num_chunks, chunk_size, 3)
+
+  def body(carry, inputs):
+    best_d, best_i = carry
+    chunk, offset = inputs
+    d = squared_distances(x, chunk)
+    i = jnp.argmin(d, axis=-1)
+    d_min = jnp.take_along_axis(d, i[..., None], axis=-1)[..., 0]
+    better = d_min < best_d  # strict: earlier chunks win ties
+    return (jnp.where(better, d_min, best_d), jnp.where(better, i + offset, best_i)), None
+
+  init = (jnp.full(x.shape[:-1], jnp.inf, centroids.dtype), jnp.zeros(x.shape[:-1], jnp.int32))
+  offsets = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+  (_, labels), _ = jax.lax.scan(body, init, (chunks, offsets))
+  return labels
+
+
+def palette(centroids) -> np.ndarray:
+  """The centroid colours as a uint8 (N, 3) palette (what a perfect mask looks like)."""
+  c = np.asarray(centroids, dtype=np.float64)
+  return np.clip(np.round((c + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def colorize(labels, palette_rgb: np.ndarray, *, ignore_color=(0, 0, 0)) -> np.ndarray:
+  """Host-side: int labels (...) -> uint8 RGB (..., 3); ignore (255) and out-of-range labels get `ignore_color`."""
+  labels = np.asarray(labels)
+  table = np.concatenate([np.asarray(palette_rgb, np.uint8), np.asarray([ignore_color], np.uint8)])
+  n = len(palette_rgb)
+  idx = np.where((labels >= 0) & (labels < n), labels, n)
+  return table[idx]
+
+
+def to_uint8_image(x) -> np.ndarray:
+  """Host-side: colours/images in [-1, 1] -> uint8 (clipped), e.g. the raw ODE output for pictures."""
+  x = np.asarray(x, dtype=np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

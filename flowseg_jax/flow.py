@@ -1,0 +1,308 @@
+"""The FlowSeg objective: rectified flow from image (t=0) to colour mask (t=1) with a reshaped target.
+
+Semantics (shared/DESIGN.md, "The objective"):
+  x1 = mu[label],  x_t = (1 - t) x0 + t x1,  v = x1 - x0.
+  'v' prediction: v_theta = out, x1_hat = x_t + (1 - t) v_theta.
+  'x' prediction: x1_hat = out, v_theta = (x1_hat - x_t) / max(1 - t, t_eps).
+  Phi = -log softmax(T(||sg[x1_hat] - mu_k||^2) / tau)[label];  grad Phi by jax.grad, stop-gradient.
+  target: static v - grad Phi | annealing v - t grad Phi | vanilla (reshape=False) v.
+  loss = sum over valid pixels and channels of (v_theta - sg[target])^2 / (3 * #valid), 0 if none valid.
+
+All math runs in float32 (float64 if the inputs are float64), whatever the network's output dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from flowseg_jax import centroids as centroids_lib
+
+Transform = Literal["log", "sqrt", "linear"]
+Prediction = Literal["v", "x"]
+Target = Literal["static", "annealing"]
+TRANSFORMS = ("log", "sqrt", "linear")
+PREDICTIONS = ("v", "x")
+TARGETS = ("static", "annealing")
+T_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  return value
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+  """float32, or float64 when the inputs already are (parity tests run in x64)."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def distance_logits(d: jax.Array, *, tau: float, eps: float, transform: Transform) -> jax.Array:
+  """logits_k = T(d_k) / tau for squared distances d (..., N)."""
+  _choice("transform", transform, TRANSFORMS)
+  if transform == "log":
+    transformed = -jnp.log(d + eps)
+  elif transform == "sqrt":
+    transformed = -jnp.sqrt(d + eps)
+  else:
+    transformed = -d
+  return transformed / tau
+
+
+def potential(
+  x1_hat: jax.Array,
+  labels: jax.Array,
+  centroids: jax.Array,
+  *,
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  transform: Transform = "log",
+) -> jax.Array:
+  """Per-pixel softmax potential Phi = -log p(label | x1_hat): (..., 3), (...) -> (...).
+
+  Labels must be valid centroid indices here (map or mask ignored pixels first).
+  """
+  d = centroids_lib.squared_distances(x1_hat, centroids)
+  logits = distance_logits(d, tau=tau, eps=eps, transform=transform)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def potential_grad(
+  x1_hat: jax.Array,
+  labels: jax.Array,
+  centroids: jax.Array,
+  *,
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  transform: Transform = "log",
+) -> jax.Array:
+  """grad Phi with respect to x1_hat, per pixel, as a constant: (..., 3), (...) -> (..., 3).
+
+  Computed with `jax.grad` (each pixel's Phi depends only on its own x1_hat, so the gradient of the sum is
+  the per-pixel gradient) and wrapped in `lax.stop_gradient`. Pixels labelled 255 get a zero gradient.
+  For transform='log' it equals eq 11: (2/tau) sum_k (y_k - p_k)(x1_hat - mu_k)/(d_k + eps).
+  """
+  dtype = _compute_dtype(x1_hat, centroids)
+  x1_hat = jnp.asarray(x1_hat, dtype)
+  centroids = jnp.asarray(centroids, dtype)
+  labels = jnp.asarray(labels)
+  ignored = labels == centroids_lib.IGNORE_LABEL
+  safe_labels = jnp.where(ignored, 0, labels)
+
+  def total_potential(x):
+    return jnp.sum(potential(x, safe_labels, centroids, tau=tau, eps=eps, transform=transform))
+
+  grad = jax.grad(total_potential)(jax.lax.stop_gradient(x1_hat))
+  return jax.lax.stop_gradient(jnp.where(ignored[..., None], jnp.zeros_like(grad), grad))
+
+
+def potential_grad_closed_form(
+  x1_hat: jax.Array, labels: jax.Array, centroids: jax.Array, *, tau: float = 1.0, eps: float = 1e-6
+) -> jax.Array:
+  """Eq 11 for the log transform: (2/tau) sum_k (y_k - p_k)(x1_hat - mu_k)/(d_k + eps). For tests/plots."""
+  d = centroids_lib.squared_distances(x1_hat, centroids)
+  p = jax.nn.softmax(distance_logits(d, tau=tau, eps=eps, transform="log"), axis=-1)
+  y = jax.nn.one_hot(labels, centroids.shape[0], dtype=p.dtype)
+  diff = x1_hat[..., None, :] - centroids  # (..., N, 3)
+  return (2.0 / tau) * jnp.sum(((y - p) / (d + eps))[..., None] * diff, axis=-2)
+
+
+def _check_shapes(out, x0, labels, t, centroids) -> None:
+  if out.ndim != 4 or out.shape[-1] != 3:
+    raise ValueError(f"flowseg_loss: out must be (B, H, W, 3), got shape {out.shape}")
+  if x0.shape != out.shape:
+    raise ValueError(f"flowseg_loss: x0 shape {x0.shape} != out shape {out.shape}")
+  if labels.shape != out.shape[:-1]:
+    raise ValueError(
+      f"flowseg_loss: labels must be (B, H, W) = {out.shape[:-1]}, got {labels.shape}"
+    )
+  if t.shape != out.shape[:1]:
+    raise ValueError(f"flowseg_loss: t must be (B,) = {out.shape[:1]}, got {t.shape}")
+  if centroids.ndim != 2 or centroids.shape[-1] != 3 or centroids.shape[0] < 2:
+    raise ValueError(f"flowseg_loss: centroids must be (N >= 2, 3), got {centroids.shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"flowseg_loss: labels must be integers, got dtype {labels.dtype}")
+
+
+def flow_terms(
+  out: jax.Array,
+  x0: jax.Array,
+  labels: jax.Array,
+  t: jax.Array,
+  centroids: jax.Array,
+  *,
+  prediction: Prediction = "v",
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  transform: Transform = "log",
+  target: Target = "static",
+  mask_ignored: bool = True,
+  t_eps: float = 0.05,
+  reshape: bool = True,
+) -> dict[str, jax.Array]:
+  """Everything the loss is made of (arguments as `flowseg_loss`), in the compute dtype.
+
+  Returns a dict with `v_theta`, `x1_hat`, `v` (vanilla target), `v_target` (reshaped target, constant),
+  `grad_phi` (B, H, W, 3); `valid` bool and `train_labels` int32 (B, H, W) (the centroid index each pixel is
+  trained toward); `num_bad_labels` (labels outside the valid range, masked out).
+  """
+  _choice("prediction", prediction, PREDICTIONS)
+  _choice("transform", transform, TRANSFORMS)
+  _choice("target", target, TARGETS)
+  out, x0, labels, t, centroids = map(jnp.asarray, (out, x0, labels, t, centroids))
+  _check_shapes(out, x0, labels, t, centroids)
+  num_table = centroids.shape[0]
+  num_classes = num_table if mask_ignored else num_table - 1
+  centroids_lib.check_labels(labels, num_classes)
+
+  dtype = _compute_dtype(out, x0, centroids, t)
+  out, x0, t, centroids = (a.astype(dtype) for a in (out, x0, t, centroids))
+  labels = labels.astype(jnp.int32)
+
+  ignored = labels == centroids_lib.IGNORE_LABEL
+  bad = ~ignored & ((labels < 0) | (labels >= num_classes))
+  if mask_ignored:
+    valid = ~ignored & ~bad
+    train_labels = jnp.where(valid, labels, 0)
+  else:
+    valid = ~bad
+    train_labels = jnp.where(ignored, num_table - 1, jnp.where(bad, 0, labels))
+
+  x1 = jnp.take(centroids, train_labels, axis=0)
+  tb = t[:, None, None, None]
+  x_t = (1 - tb) * x0 + tb * x1
+  v = x1 - x0
+  if prediction == "v":
+    v_theta = out
+    x1_hat = x_t + (1 - tb) * v_theta
+  else:
+    x1_hat = out
+    v_theta = (x1_hat - x_t) / jnp.maximum(1 - tb, t_eps)
+
+  grad_phi = potential_grad(
+    jax.lax.stop_gradient(x1_hat), train_labels, centroids, tau=tau, eps=eps, transform=transform
+  )
+  if not reshape:
+    v_target = v
+  elif target == "static":
+    v_target = v - grad_phi
+  else:
+    v_target = v - tb * grad_phi
+  return {
+    "v_theta": v_theta,
+    "x1_hat": x1_hat,
+    "v": jax.lax.stop_gradient(v),
+    "v_target": jax.lax.stop_gradient(v_target),
+    "grad_phi": grad_phi,
+    "valid": valid,
+    "train_labels": train_labels,
+    "num_bad_labels": jnp.sum(bad.astype(jnp.int32)),
+  }
+
+
+def flowseg_loss(
+  out: jax.Array,
+  x0: jax.Array,
+  labels: jax.Array,
+  t: jax.Array,
+  centroids: jax.Array,
+  *,
+  prediction: Prediction = "v",
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  transform: Transform = "log",
+  target: Target = "static",
+  mask_ignored: bool = True,
+  t_eps: float = 0.05,
+  reshape: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The FlowSeg training loss and what a training loop logs.
+
+  Args:
+    out: network output (B, H, W, 3), any float dtype (upcast to float32).
+    x0: images (B, H, W, 3) in [-1, 1] (the flow's t=0 end).
+    labels: int (B, H, W); 255 = ignore. Valid values are [0, N) with mask_ignored, [0, N-1) without it
+      (then row N-1 of `centroids` is the ignore colour, see `centroids.class_centroids`).
+    t: (B,) times in [0, 1].
+    centroids: (N, 3) class colours.
+    prediction: 'v' (out is a velocity) or 'x' (out is the clean mask x1_hat).
+    tau, eps, transform: the potential's temperature, distance offset and distance transform.
+    target: 'static' (v - grad Phi) or 'annealing' (v - t grad Phi); ignored when reshape is False.
+    mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
+    t_eps: clamp of 1 - t in the 'x' prediction's velocity.
+    reshape: False gives vanilla flow matching (target v).
+
+  Returns:
+    (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean
+    ||grad Phi|| over valid pixels), `decode_accuracy` (fraction of valid pixels whose x1_hat already decodes
+    to the right class), `num_valid` (valid pixels) and `num_bad_labels` (labels outside the valid range that
+    were masked out; only possible under jit, where they cannot raise).
+  """
+  terms = flow_terms(
+    out,
+    x0,
+    labels,
+    t,
+    centroids,
+    prediction=prediction,
+    tau=tau,
+    eps=eps,
+    transform=transform,
+    target=target,
+    mask_ignored=mask_ignored,
+    t_eps=t_eps,
+    reshape=reshape,
+  )
+  v_theta, valid = terms["v_theta"], terms["valid"]
+  dtype = v_theta.dtype
+  weight = valid[..., None].astype(dtype)
+  num_valid = jnp.sum(valid.astype(jnp.int32))
+  pixels = jnp.maximum(num_valid, 1).astype(dtype)
+
+  def masked_mse(target_v):
+    return jnp.sum(weight * jnp.square(v_theta - target_v)) / (3 * pixels)
+
+  centroids = jnp.asarray(centroids, dtype)
+  x1_hat = jax.lax.stop_gradient(terms["x1_hat"])
+  decoded = jnp.argmin(centroids_lib.squared_distances(x1_hat, centroids), axis=-1)
+  valid_f = valid.astype(dtype)
+  aux = {
+    "fm_loss": jax.lax.stop_gradient(masked_mse(terms["v"])),
+    "grad_phi_norm": jnp.sum(jnp.linalg.norm(terms["grad_phi"], axis=-1) * valid_f) / pixels,
+    "decode_accuracy": jnp.sum((decoded == terms["train_labels"]) * valid_f) / pixels,
+    "num_valid": num_valid,
+    "num_bad_labels": terms["num_bad_labels"],
+  }
+  return masked_mse(terms["v_target"]), aux
+
+
+def shift_time(t: jax.Array, shift: float) -> jax.Array:
+  """PixNerd's time shift t -> t / (t + (1 - t) * shift); identity at shift = 1, >1 favours small t."""
+  if shift <= 0:
+    raise ValueError(f"time shift must be > 0, got {shift}")
+  return t / (t + (1.0 - t) * shift)
+
+
+def sample_t(
+  key: jax.Array,
+  shape: tuple[int, ...],
+  *,
+  distribution: str = "logit_normal",
+  mean: float = 0.0,
+  std: float = 1.0,
+  shift: float = 1.0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """Training times: uniform on [0, 1) or logit-normal sigmoid(N(mean, std)), then optionally shifted."""
+  _choice("t distribution", distribution, T_DISTRIBUTIONS)
+  if distribution == "uniform":
+    t = jax.random.uniform(key, shape, dtype)
+  else:
+    if std <= 0:
+      raise ValueError(f"logit-normal std must be > 0, got {std}")
+    t = jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, dtype))
+  return t if shift == 1.0 else shift_time(t, shift)

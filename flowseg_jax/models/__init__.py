@@ -1,0 +1,1 @@
+"""Networks: the PixNerd pixel neural-field DiT and the frozen DINOv2 teacher."""
