@@ -130,15 +130,6 @@ def palette(centroids) -> np.ndarray:
   return np.clip(np.round((c + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def colorize(labels, palette_rgb: np.ndarray, *, ignore_color=(0, 0, 0)) -> np.ndarray:
-  """Host-side: int labels (...) -> uint8 RGB (..., 3); ignore (255) and out-of-range labels get `ignore_color`."""
-  labels = np.asarray(labels)
-  table = np.concatenate([np.asarray(palette_rgb, np.uint8), np.asarray([ignore_color], np.uint8)])
-  n = len(palette_rgb)
-  idx = np.where((labels >= 0) & (labels < n), labels, n)
-  return table[idx]
-
-
 def to_uint8_image(x) -> np.ndarray:
   """Host-side: colours/images in [-1, 1] -> uint8 (clipped), e.g. the raw ODE output for pictures."""
   x = np.asarray(x, dtype=np.float32)

@@ -128,6 +128,35 @@ def _check_shapes(out, x0, labels, t, centroids) -> None:
     raise TypeError(f"flowseg_loss: labels must be integers, got dtype {labels.dtype}")
 
 
+def _train_labels(labels: jax.Array, num_table: int, mask_ignored: bool):
+  """(valid mask, centroid index each pixel is trained toward, out-of-range mask) for int32 labels."""
+  num_classes = num_table if mask_ignored else num_table - 1
+  ignored = labels == centroids_lib.IGNORE_LABEL
+  bad = ~ignored & ((labels < 0) | (labels >= num_classes))
+  if mask_ignored:
+    valid = ~ignored & ~bad
+    return valid, jnp.where(valid, labels, 0), bad
+  train_labels = jnp.where(ignored, num_table - 1, jnp.where(bad, 0, labels))
+  return ~bad, train_labels, bad
+
+
+def interpolant(
+  x0: jax.Array, labels: jax.Array, t: jax.Array, centroids: jax.Array, *, mask_ignored: bool = True
+) -> jax.Array:
+  """The network input x_t = (1 - t) x0 + t mu[label]: (B, H, W, 3), (B, H, W), (B,) -> (B, H, W, 3).
+
+  Uses the same label -> centroid mapping as `flowseg_loss` (ignored pixels: centroid 0 with
+  mask_ignored, the last centroid without), in float32.
+  """
+  dtype = _compute_dtype(x0, centroids, t)
+  centroids = jnp.asarray(centroids, dtype)
+  _, train_labels, _ = _train_labels(
+    jnp.asarray(labels).astype(jnp.int32), centroids.shape[0], mask_ignored
+  )
+  tb = jnp.asarray(t, dtype)[:, None, None, None]
+  return (1 - tb) * jnp.asarray(x0, dtype) + tb * jnp.take(centroids, train_labels, axis=0)
+
+
 def flow_terms(
   out: jax.Array,
   x0: jax.Array,
@@ -163,15 +192,7 @@ def flow_terms(
   out, x0, t, centroids = (a.astype(dtype) for a in (out, x0, t, centroids))
   labels = labels.astype(jnp.int32)
 
-  ignored = labels == centroids_lib.IGNORE_LABEL
-  bad = ~ignored & ((labels < 0) | (labels >= num_classes))
-  if mask_ignored:
-    valid = ~ignored & ~bad
-    train_labels = jnp.where(valid, labels, 0)
-  else:
-    valid = ~bad
-    train_labels = jnp.where(ignored, num_table - 1, jnp.where(bad, 0, labels))
-
+  valid, train_labels, bad = _train_labels(labels, num_table, mask_ignored)
   x1 = jnp.take(centroids, train_labels, axis=0)
   tb = t[:, None, None, None]
   x_t = (1 - tb) * x0 + tb * x1

@@ -50,14 +50,11 @@ def test_decode_memory_is_bounded_by_chunk():
   assert temp_bytes(16) < full / 4
 
 
-def test_palette_and_colorize():
+def test_palette_and_uint8():
   cents = centroids_lib.kronecker_centroids(3)
   pal = centroids_lib.palette(cents)
   assert pal.dtype == np.uint8
   np.testing.assert_array_equal(pal[0], [0, 0, 0])
-  rgb = centroids_lib.colorize(np.array([[1, 255]]), pal, ignore_color=(9, 9, 9))
-  np.testing.assert_array_equal(rgb[0, 0], pal[1])
-  np.testing.assert_array_equal(rgb[0, 1], [9, 9, 9])
   np.testing.assert_array_equal(
     centroids_lib.to_uint8_image(np.array([-1.0, 1.0, 3.0])), [0, 255, 255]
   )

@@ -1,1 +1,45 @@
 """Networks: the PixNerd pixel neural-field DiT and the frozen DINOv2 teacher."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from flowseg_jax.models import pixnerd
+
+# Architecture fields of `config.model` that override the named variant when set (not None).
+ARCH_OVERRIDES = tuple(pixnerd.VARIANTS["XL/16"])
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_model_config(variant: str = "XL/16") -> ml_collections.ConfigDict:
+  """`config.model`: a PixNerd variant, optional architecture overrides, performance knobs."""
+  c = ml_collections.ConfigDict()
+  # A name in models.pixnerd.VARIANTS ("XL/16", "L/16", "B/16", "S/16", "tiny/8", "tiny/4").
+  c.variant = variant
+  for field in ARCH_OVERRIDES:  # None keeps the variant's value
+    c[field] = ml_collections.FieldReference(None, field_type=int)
+  # Matmul compute dtype ("float32" | "bfloat16"); parameters and the loss stay float32.
+  c.dtype = "float32"
+  # jax.nn.dot_product_attention implementation: None (XLA picks), "xla" or "cudnn".
+  c.attention_impl = ml_collections.FieldReference(None, field_type=str)
+  # Per-block rematerialisation: "none", "full" or a jax.checkpoint_policies name.
+  c.remat_policy = "none"
+  # nn.scan over identical blocks (fast compiles for deep models).
+  c.scan_blocks = True
+  return c
+
+
+def create_model(cfg: ml_collections.ConfigDict):
+  """Builds the PixNerDiT that `config.model` describes."""
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+  overrides = {k: cfg[k] for k in ARCH_OVERRIDES if cfg.get(k) is not None}
+  return pixnerd.make_model(
+    cfg.variant,
+    **overrides,
+    dtype=DTYPES[cfg.dtype],
+    attention_impl=cfg.attention_impl,
+    remat_policy=cfg.remat_policy,
+    scan_blocks=bool(cfg.scan_blocks),
+  )

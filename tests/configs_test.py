@@ -1,0 +1,64 @@
+"""Every config file loads, carries the paper's defaults, and its switches do what they say."""
+
+import importlib.util
+import os
+
+import pytest
+
+from flowseg_jax import models, optim, train
+from flowseg_jax.data import pipeline
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_paper_stages():
+  s1 = load("flowseg_ade20k", "stage=1")
+  s2 = load("flowseg_ade20k", "stage=2,fsdp=4")
+  assert tuple(s1.input.image_size) == (256, 256) and s1.input.batch_size == 64
+  assert tuple(s2.input.image_size) == (512, 512) and s2.input.batch_size == 16
+  assert s2.mesh.fsdp == 4
+  for c in (s1, s2):
+    assert c.objective.tau == 1.0 and c.objective.mask_ignored and c.objective.reshape
+    assert c.objective.transform == "log" and c.objective.target == "static"
+    assert c.repa.enabled and c.model.variant == "XL/16" and c.eval.num_steps == 10
+    assert pipeline.num_classes(c.input) == 150
+  coco = load("flowseg_cocostuff", "stage=1")
+  assert pipeline.num_classes(coco.input) == 171
+  with pytest.raises(ValueError, match="stage"):
+    load("flowseg_ade20k", "stage=3")
+  with pytest.raises(ValueError, match="unknown arguments"):
+    load("flowseg_ade20k", "stage=1,typo=2")
+
+
+@pytest.mark.parametrize(
+  "ablation,field,value",
+  [
+    ("vanilla", "reshape", False),
+    ("annealing", "target", "annealing"),
+    ("no_mask", "mask_ignored", False),
+    ("x_pred", "prediction", "x"),
+    ("sqrt", "transform", "sqrt"),
+    ("linear", "transform", "linear"),
+  ],
+)
+def test_ablations(ablation, field, value):
+  config = load("ablations", f"ablation={ablation},base=demo")
+  assert config.objective[field] == value
+  train.Setup(config)  # a runnable combination
+
+
+def test_demo_builds_and_is_small():
+  config = load("demo")
+  setup = train.Setup(config)
+  assert not config.repa.enabled and config.input.dataset == "synthetic"
+  assert setup.model.hidden_size <= 128
+  assert models.create_model(config.model).scan_blocks
+  optim.learning_rate_schedule(config.optim, config.total_steps)
+  assert load("ablations", "tau=2,base=demo").objective.tau == 2.0
