@@ -1,0 +1,319 @@
+"""The grain input pipeline: config, train iterator, eval dataset.
+
+Train (`create_train_iterator`), per process:
+
+  source -> seeded global shuffle (reshuffled every epoch) -> repeat forever
+  -> random_map(read + check + decode + scale/crop/flip + normalise)   [seed: (data seed, position)]
+  -> [process_index::process_count]        (this process's elements of the global stream)
+  -> to_iter_dataset (reader threads) -> batch(B_local), skipping bad examples in 'skip' mode
+  -> mp_prefetch(num_workers)              (when num_workers > 0)
+
+The global stream (shuffle + augmentation) depends only on the data seed, so the union of the
+processes' batches at a step is the same set of examples for any process count; each process
+reads and decodes only its own elements. Batches are dicts of NumPy arrays:
+  image        float32 (B_local, H, W, 3) in [-1, 1]
+  label        int32   (B_local, H, W), 255 = ignore
+  num_skipped  int32   () bad examples this process skipped while filling this batch (always 0
+               in 'raise' mode). It travels with the batch, so it reaches the main process also
+               from grain worker processes. Pop it before turning the batch into global arrays;
+               sum it over steps (and over processes) for the training log.
+The iterator is a `grain.DatasetIterator` (`get_state`/`set_state`; orbax via
+`grain.checkpoint.CheckpointSave/CheckpointRestore`). Its state is per process; it records the
+input setup (dataset, split size, global batch, process index/count, workers, data seed) and
+restoring under another setup raises a ValueError that says what differs.
+
+Eval (`create_eval_dataset`): no shuffle; process i gets examples i, i + n, i + 2n, ... (strided),
+so the shards are disjoint, complete, and differ in length by at most one.
+"""
+
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags, logging
+
+from flowseg_jax.data import classes, sources, synthetic
+from flowseg_jax.data.grain_ops import (
+  EvalDataset,
+  LoadEvalExample,
+  LoadTrainExample,
+  SkippingBatchIterDataset,
+  TrainIterator,
+)
+
+DATASETS = ("synthetic", "ade20k", "coco_stuff", "tfds_ade20k", "tfds_coco_stuff")
+_TFDS_NAMES = {"tfds_ade20k": "ade20k150", "tfds_coco_stuff": "coco_stuff164k"}
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """Defaults of `config.input` (a runnable, download-free setup on the synthetic dataset)."""
+  c = ml_collections.ConfigDict()
+  # 'synthetic' | 'ade20k' | 'coco_stuff' | 'tfds_ade20k' | 'tfds_coco_stuff'.
+  c.dataset = "synthetic"
+  # Raw layout root (ADEChallengeData2016 or its parent; coco_stuff164k) or the TFDS data_dir.
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # TFDS only: folder holding the manually downloaded archives/folders to prepare from.
+  c.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  c.train_split = "train"
+  c.eval_split = "validation"
+  # (H, W) of training images and of the whole-image eval input.
+  c.image_size = (64, 64)
+  # GLOBAL batch sizes (divided by the process count).
+  c.batch_size = 32
+  c.eval_batch_size = 8
+  # Data-order and augmentation seed; None = the `seed` passed to create_train_iterator.
+  c.shuffle_seed = ml_collections.FieldReference(None, field_type=int)
+  # grain worker processes (0 = in-process) and batches buffered per worker.
+  c.num_workers = 0
+  c.prefetch_buffer = 2
+  # (lo, hi): scale by r ~ U(lo, hi) (1 = image just covers image_size), then random crop to
+  # image_size; None: resize the whole image to image_size.
+  c.random_scale = ml_collections.FieldReference(None, field_type=tuple)
+  c.random_flip = False
+  # 'raise': one clear error naming the file; 'skip': warn, skip, count (batch['num_skipped']).
+  c.on_bad_example = "raise"
+  # COCO-Stuff raw folder: 'raw' stuffthingmaps <id>.png, or 'train_ids' <id>_labelTrainIds.png.
+  c.coco_stuff_labels = "raw"
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.num_classes = 150
+  c.synthetic.num_train = 2048
+  c.synthetic.num_eval = 256
+  c.synthetic.size = (64, 64)
+  c.synthetic.seed = 0
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset metadata.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_dataset(cfg) -> str:
+  if cfg.dataset not in DATASETS:
+    raise ValueError(f"config.input.dataset must be one of {DATASETS}, got {cfg.dataset!r}.")
+  return cfg.dataset
+
+
+def num_classes(cfg: ml_collections.ConfigDict) -> int:
+  """Number of classes N of the configured dataset (labels 0..N-1, 255 = ignore)."""
+  name = _check_dataset(cfg)
+  if name == "synthetic":
+    return int(cfg.synthetic.num_classes)
+  if name in ("ade20k", "tfds_ade20k"):
+    return len(classes.ADE20K_CLASSES)
+  return len(classes.COCO_STUFF_CLASSES)
+
+
+def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Class names, index = train id."""
+  name = _check_dataset(cfg)
+  if name == "synthetic":
+    return classes.synthetic_class_names(num_classes(cfg))
+  if name in ("ade20k", "tfds_ade20k"):
+    return list(classes.ADE20K_CLASSES)
+  return list(classes.COCO_STUFF_CLASSES)
+
+
+def palette(cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """A visual palette, uint8 (N, 3), injective; for pictures only (not the flow's centroids)."""
+  return classes.make_palette(num_classes(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources and config checks.
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
+  """Returns (random-access source, label map) for a split.
+
+  `prepare`: for TFDS datasets, prepare a missing dataset from `cfg.manual_dir` (only ever from
+  local files, never downloading; callers pass True only in single-process runs).
+  """
+  name = _check_dataset(cfg)
+  on_bad = _on_bad(cfg)
+  if name == "synthetic":
+    s = cfg.synthetic
+    splits = {
+      "train": "train",
+      "training": "train",
+      "validation": "validation",
+      "val": "validation",
+    }
+    if split not in splits:
+      raise ValueError(f"synthetic: unknown split {split!r}; expected one of {sorted(splits)}.")
+    split = splits[split]
+    n = s.num_train if split == "train" else s.num_eval
+    src = synthetic.SyntheticSource(
+      num_examples=int(n),
+      num_classes=int(s.num_classes),
+      size=_hw(s.size, "synthetic.size"),
+      seed=int(s.seed),
+      split=split,
+    )
+    return src, sources.train_id_label_map("synthetic", int(s.num_classes))
+  if name in ("ade20k", "coco_stuff"):
+    if not cfg.data_dir:
+      raise ValueError(f"config.input.data_dir must point at the {name} dataset root.")
+    if name == "ade20k":
+      src = sources.ade20k_source(cfg.data_dir, split, on_bad_example=on_bad)
+    else:
+      src = sources.coco_stuff_source(
+        cfg.data_dir, split, labels=cfg.coco_stuff_labels, on_bad_example=on_bad
+      )
+    return src, src.label_map
+  from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+
+  src = tfds_builders.load_source(
+    _TFDS_NAMES[name],
+    split,
+    data_dir=cfg.data_dir,
+    manual_dir=cfg.manual_dir,
+    prepare_if_missing=prepare,
+    on_bad_example=on_bad,
+  )
+  return src, src.label_map
+
+
+def _on_bad(cfg) -> str:
+  if cfg.on_bad_example not in ("raise", "skip"):
+    raise ValueError(
+      f"config.input.on_bad_example must be 'raise' or 'skip', got {cfg.on_bad_example!r}."
+    )
+  return cfg.on_bad_example
+
+
+def _hw(value, field: str) -> tuple[int, int]:
+  try:
+    h, w = (int(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.input.{field} must be (H, W), got {value!r}.") from e
+  if h <= 0 or w <= 0:
+    raise ValueError(f"config.input.{field} must be positive, got {value!r}.")
+  return h, w
+
+
+def _scale_range(value) -> tuple[float, float] | None:
+  if value is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.input.random_scale must be None or (lo, hi), got {value!r}.") from e
+  if not 0 < lo <= hi:
+    raise ValueError(f"config.input.random_scale needs 0 < lo <= hi, got {value!r}.")
+  return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Public constructors.
+# ----------------------------------------------------------------------------------------------
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # Only needed for the defaults.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
+  return int(process_index), int(process_count)
+
+
+def _local_batch(global_batch: int, process_count: int, field: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+      f"config.input.{field}={global_batch} must be a positive multiple of the process count "
+      f"{process_count}."
+    )
+  return global_batch // process_count
+
+
+def create_train_iterator(
+  cfg: ml_collections.ConfigDict,
+  *,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> TrainIterator:
+  """Infinite, deterministic, checkpointable iterator over this process's training batches.
+
+  Args:
+    cfg: `config.input` (see `default_input_config`).
+    seed: run seed; the data seed is `cfg.shuffle_seed` if set, else this.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    A `TrainIterator` (a grain DatasetIterator) of dicts; see the module docstring for fields,
+    shapes and dtypes.
+  """
+  pi, pc = _process(process_index, process_count)
+  local_batch = _local_batch(int(cfg.batch_size), pc, "batch_size")
+  data_seed = int(seed if cfg.shuffle_seed is None else cfg.shuffle_seed)
+  src, label_map = _make_source(cfg, cfg.train_split, prepare=pc == 1)
+  load = LoadTrainExample(
+    label_map=label_map,
+    image_size=_hw(cfg.image_size, "image_size"),
+    random_scale=_scale_range(cfg.random_scale),
+    random_flip=bool(cfg.random_flip),
+    on_bad_example=_on_bad(cfg),
+  )
+  num_workers = int(cfg.num_workers)
+  ds = grain.MapDataset.source(src).seed(data_seed).shuffle().repeat().random_map(load)
+  ds = ds[pi::pc]
+  threads = 2 if num_workers > 0 else min(8, os.cpu_count() or 1)
+  buffer = max(1, int(cfg.prefetch_buffer)) * local_batch
+  ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
+  ids = SkippingBatchIterDataset(ids, local_batch)
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's multiprocessing reads absl flags; outside an absl app (pytest, Colab) they are
+      # unparsed and reading them raises. Parsing "no flags" keeps every default.
+      flags.FLAGS.mark_as_parsed()
+    ids = ids.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(1, int(cfg.prefetch_buffer))
+      )
+    )
+  setup = {
+    "dataset": cfg.dataset,
+    "split": cfg.train_split,
+    "num_examples": len(src),
+    "batch_size": int(cfg.batch_size),
+    "process_index": pi,
+    "process_count": pc,
+    "num_workers": num_workers,
+    "data_seed": data_seed,
+  }
+  logging.info("Train input: %s, local batch %d.", setup, local_batch)
+  return TrainIterator(iter(ids), setup)
+
+
+def create_eval_dataset(
+  cfg: ml_collections.ConfigDict,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> EvalDataset:
+  """Eval examples of `cfg.eval_split` for this process (strided shard, no shuffle)."""
+  pi, pc = _process(process_index, process_count)
+  src, label_map = _make_source(cfg, cfg.eval_split, prepare=pc == 1)
+  load = LoadEvalExample(
+    label_map=label_map, image_size=_hw(cfg.image_size, "image_size"), on_bad_example=_on_bad(cfg)
+  )
+  ds = grain.MapDataset.source(src)[pi::pc]
+  return EvalDataset(ds.map(load), len(ds))
+
+
+def num_eval_examples(cfg: ml_collections.ConfigDict) -> int:
+  """Total number of eval examples over all processes (before skipping bad ones)."""
+  return len(_make_source(cfg, cfg.eval_split, prepare=False)[0])
+
+
+def num_train_examples(cfg: ml_collections.ConfigDict) -> int:
+  """Number of training examples (one epoch, all processes)."""
+  return len(_make_source(cfg, cfg.train_split, prepare=False)[0])
