@@ -280,6 +280,18 @@ def test_loss_has_no_gradient_path_through_target():
       np.testing.assert_allclose(g_out, expected, rtol=1e-10, atol=1e-14)
 
 
+def test_interpolant_is_the_network_input_of_the_loss():
+  """x_t fed to the network must be the x_t the loss assumes: for 'v', x1_hat - (1 - t) v_theta = x_t."""
+  for mask_ignored in (True, False):
+    cents = centroids_lib.class_centroids(19, ignore_as_class=not mask_ignored)
+    out, x0, labels, t = make_inputs(np.random.default_rng(4), 19, dtype=np.float32)
+    x_t = flow.interpolant(x0, labels, t, cents, mask_ignored=mask_ignored)
+    terms = flow.flow_terms(out, x0, labels, t, cents, mask_ignored=mask_ignored)
+    recovered = terms["x1_hat"] - (1 - t[:, None, None, None]) * terms["v_theta"]
+    np.testing.assert_allclose(x_t, recovered, atol=1e-6)
+    np.testing.assert_allclose(x_t[0], x0[0], atol=0)  # t = 0 is the image
+
+
 def test_aux_values():
   n = 5
   cents = centroids_lib.kronecker_centroids(n)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import evaluate, sharding, train
+from flowseg_jax import checkpointing, evaluate, sharding, train
 from flowseg_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,6 +200,18 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path):
       f.write_bytes(b"garbage")
   step, _ = _final_params(config, str(tmp_path))
   assert step == 2
+
+
+def test_restore_on_another_process_count_fails_clearly(tmp_path):
+  config = tiny_config(ckpt_every_steps=2)
+  config.total_steps = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  meta = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+  record = json.loads(meta.read_text())
+  assert record["process_count"] == 1
+  meta.write_text(json.dumps({**record, "process_count": 4}))
+  with pytest.raises(checkpointing.TopologyError, match="written by 4 process"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_evaluate_matches_hand_computed_metrics():
