@@ -8,6 +8,7 @@ resized (nearest) to the annotation's own size and scored there, summed over the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -26,8 +27,12 @@ from flowseg_jax import checkpointing, metrics, sampling, sharding
 from flowseg_jax.data import classes, pipeline, transforms
 
 
+@functools.lru_cache(maxsize=8)
 def make_sample_fn(setup, mesh):
-  """jit: (denoiser params, images (B, H, W, 3)) -> (colours (B, H, W, 3) f32, labels (B, H, W) int32)."""
+  """jit: (denoiser params, images (B, H, W, 3)) -> (colours (B, H, W, 3) f32, labels (B, H, W) int32).
+
+  Cached per (setup, mesh), so periodic evaluations during training compile once.
+  """
   cfg = setup.config
   real_centroids = setup.centroids[: setup.num_classes]  # the ignore centroid is never predicted
 
