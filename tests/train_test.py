@@ -324,3 +324,15 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
     assert b["num_valid"] == a["num_valid"]  # the same pixels, split over two readers
+
+
+def test_manager_keeps_last_n_and_best_miou(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), keep=2, async_save=False)
+  state = {"w": np.arange(3, dtype=np.float32)}
+  miou = {2: 0.9, 4: 0.5}
+  for step in range(1, 7):
+    metrics = {checkpointing.BEST_METRIC: miou[step]} if step in miou else None
+    checkpointing.save(manager, step, state, None, metrics=metrics)
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [2, 5, 6]  # the best (step 2) and the last two
+  manager.close()
