@@ -301,6 +301,23 @@ def flowseg_loss(
   return masked_mse(terms["v_target"]), aux
 
 
+LOSS_OPTIONS = (
+  "prediction",
+  "tau",
+  "eps",
+  "transform",
+  "target",
+  "mask_ignored",
+  "t_eps",
+  "reshape",
+)
+
+
+def loss_kwargs(objective_config) -> dict:
+  """The `flowseg_loss` keyword arguments held by a config's `objective` section."""
+  return {k: objective_config[k] for k in LOSS_OPTIONS}
+
+
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
   """PixNerd's time shift t -> t / (t + (1 - t) * shift); identity at shift = 1, >1 favours small t."""
   if shift <= 0:

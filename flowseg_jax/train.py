@@ -266,21 +266,7 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, *, setup: 
     metrics["repa_loss"] = repa.repa_loss(
       projected, target_tokens, eps=setup.config.repa.cosine_eps
     )
-  loss, aux = flow.flowseg_loss(
-    out,
-    images,
-    labels,
-    t,
-    setup.centroids,
-    prediction=cfg.prediction,
-    tau=cfg.tau,
-    eps=cfg.eps,
-    transform=cfg.transform,
-    target=cfg.target,
-    mask_ignored=cfg.mask_ignored,
-    t_eps=cfg.t_eps,
-    reshape=cfg.reshape,
-  )
+  loss, aux = flow.flowseg_loss(out, images, labels, t, setup.centroids, **flow.loss_kwargs(cfg))
   # flowseg_loss normalises by this micro-batch's valid pixels; the objective normalises by the whole
   # global batch's, so weight by the share of valid pixels (exact for any accumulation).
   share = aux["num_valid"].astype(jnp.float32) / jnp.maximum(total_valid, 1).astype(jnp.float32)
