@@ -78,9 +78,15 @@ def encode_labels(
 
 
 def squared_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
-  """||x - mu_k||^2 for every centroid: (..., 3), (N, 3) -> (..., N), exact (no norm expansion)."""
-  diff = x[..., None, :] - centroids
-  return jnp.sum(diff * diff, axis=-1)
+  """||x - mu_k||^2 for every centroid: (..., 3), (N, 3) -> (..., N), exact (no norm expansion).
+
+  Summed channel by channel, so no (..., N, 3) temporary is materialised (the potential and the decoder
+  run this on every pixel against every class).
+  """
+  d = 0.0
+  for c in range(x.shape[-1]):
+    d = d + jnp.square(x[..., c : c + 1] - centroids[:, c])
+  return d
 
 
 def decode_colors(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -> jax.Array:

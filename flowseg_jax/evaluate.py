@@ -27,13 +27,26 @@ from flowseg_jax import checkpointing, metrics, sampling, sharding
 from flowseg_jax.data import classes, pipeline, transforms
 
 
-@functools.lru_cache(maxsize=8)
 def make_sample_fn(setup, mesh):
   """jit: (denoiser params, images (B, H, W, 3)) -> (colours (B, H, W, 3) f32, labels (B, H, W) int32).
 
-  Cached per (setup, mesh), so periodic evaluations during training compile once.
+  Compiled once per (setup, mesh, sampler settings): periodic evaluations reuse it, and a changed
+  config.eval / config.objective setting gives a new one.
   """
   cfg = setup.config
+  options = (
+    cfg.eval.num_steps,
+    cfg.eval.shift,
+    cfg.eval.method,
+    cfg.objective.prediction,
+    cfg.objective.t_eps,
+  )
+  return _sample_fn(setup, mesh, options)
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_fn(setup, mesh, options):
+  num_steps, shift, method, prediction, t_eps = options
   real_centroids = setup.centroids[: setup.num_classes]  # the ignore centroid is never predicted
 
   def sample_fn(params, images):
@@ -42,11 +55,11 @@ def make_sample_fn(setup, mesh):
     x1 = sampling.sample(
       apply,
       images,
-      num_steps=cfg.eval.num_steps,
-      shift=cfg.eval.shift,
-      prediction=cfg.objective.prediction,
-      t_eps=cfg.objective.t_eps,
-      method=cfg.eval.method,
+      num_steps=num_steps,
+      shift=shift,
+      prediction=prediction,
+      t_eps=t_eps,
+      method=method,
     )
     return x1, centroids_lib.decode_colors(x1, real_centroids)
 

@@ -176,7 +176,7 @@ def flow_terms(
   """Everything the loss is made of (arguments as `flowseg_loss`), in the compute dtype.
 
   Returns a dict with `v_theta`, `x1_hat`, `v` (vanilla target), `v_target` (reshaped target, constant),
-  `grad_phi` (B, H, W, 3); `valid` bool and `train_labels` int32 (B, H, W) (the centroid index each pixel is
+  `grad_phi` (B, H, W, 3; zeros when reshape is False); `valid` bool and `train_labels` int32 (B, H, W) (the centroid index each pixel is
   trained toward); `num_bad_labels` (labels outside the valid range, masked out).
   """
   _choice("prediction", prediction, PREDICTIONS)
@@ -204,9 +204,12 @@ def flow_terms(
     x1_hat = out
     v_theta = (x1_hat - x_t) / jnp.maximum(1 - tb, t_eps)
 
-  grad_phi = potential_grad(
-    jax.lax.stop_gradient(x1_hat), train_labels, centroids, tau=tau, eps=eps, transform=transform
-  )
+  if reshape:
+    grad_phi = potential_grad(
+      jax.lax.stop_gradient(x1_hat), train_labels, centroids, tau=tau, eps=eps, transform=transform
+    )
+  else:  # vanilla flow matching never evaluates the potential
+    grad_phi = jnp.zeros_like(x1_hat)
   if not reshape:
     v_target = v
   elif target == "static":
@@ -259,7 +262,7 @@ def flowseg_loss(
 
   Returns:
     (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean
-    ||grad Phi|| over valid pixels), `decode_accuracy` (fraction of valid pixels whose x1_hat already decodes
+    ||grad Phi|| over valid pixels; 0 for vanilla FM, which does not evaluate the potential), `decode_accuracy` (fraction of valid pixels whose x1_hat already decodes
     to the right class), `num_valid` (valid pixels) and `num_bad_labels` (labels outside the valid range that
     were masked out; only possible under jit, where they cannot raise).
   """
