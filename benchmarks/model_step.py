@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
 from flowseg_jax.convert import pixnerd as convert  # noqa: E402
 from flowseg_jax.models import pixnerd  # noqa: E402
 from tests.torch_reference import pixnerd as torch_ref  # noqa: E402
@@ -53,17 +53,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def bench_flax(model, params, x, t, y, args):
   def loss(p):
     return jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
@@ -79,7 +68,7 @@ def bench_flax(model, params, x, t, y, args):
     mem = compiled.memory_analysis()
     run = lambda c=compiled, a=fn_args: jax.block_until_ready(c(*a))
     results[name] = dict(
-      time_s=_median_time(run, args.steps, args.warmup),
+      time_s=common.median_time(run, args.steps, args.warmup),
       compile_s=compile_s,
       temp_bytes=int(mem.temp_size_in_bytes) if mem else None,
       argument_bytes=int(mem.argument_size_in_bytes) if mem else None,
@@ -110,7 +99,7 @@ def bench_torch(model, x, t, y, args, device):
     if device.type == "cuda":
       torch.cuda.reset_peak_memory_stats()
       base = torch.cuda.memory_allocated()
-    timed = _median_time(fn, args.steps, args.warmup)
+    timed = common.median_time(fn, args.steps, args.warmup)
     if device.type == "cuda":
       peak = torch.cuda.max_memory_allocated() - base
     results[name] = dict(time_s=timed, peak_bytes=peak)

@@ -1,0 +1,475 @@
+"""The real FlowSeg train step (forward + backward + optimiser + EMA): JAX vs the PyTorch reference.
+
+JAX side: `train.Setup` -> `train.create_train_state` -> `train.compile_train_step`, compiled ahead
+of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
+`jax.block_until_ready`. PyTorch side, same process and shapes: `tests/torch_reference/pixnerd.py`
++ `tests/torch_reference/flowseg.py` loss + AdamW + global-norm clipping + EMA (bf16 autocast on
+CUDA, float32 on CPU). Prints steps/s, images/s, model FLOPs per step (benchmarks/common.py),
+MFU, XLA's FLOP count and peak memory, the JAX/PyTorch throughput ratio (> 1: JAX faster) and the
+input pipeline's images/s against what the step consumes (benchmarks/data_pipeline.py).
+
+  python benchmarks/train_step.py                                   # CPU: S/16 at 64 and 128
+  python benchmarks/train_step.py --cases XL/16:256:64,XL/16:512:16 --json xl.json   # one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402  (before any JAX backend starts: allocator setting)
+from flowseg_jax import sharding, train  # noqa: E402
+
+DEFAULT_CPU_CASES = "tiny/4:32:16,S/16:64:2,S/16:128:8"
+DEFAULT_ACCEL_CASES = "XL/16:256:64,XL/16:512:16,B/16:256:64,S/16:256:64"
+
+
+def add_common_flags(p: argparse.ArgumentParser, *, torch: bool = True) -> None:
+  """Flags shared by train_step.py, objective_overhead.py and sampling.py."""
+  p.add_argument("--config", default=common.DEFAULT_CONFIG, help="config file[:arg] to start from")
+  p.add_argument(
+    "--cases",
+    default=None,
+    help="VARIANT:RES:BATCH list, e.g. 'S/16:64:2,XL/16:256:64' (default depends on the backend)",
+  )
+  p.add_argument(
+    "--dtype", default="auto", help="auto (CPU float32, else bfloat16) | float32 | bfloat16"
+  )
+  p.add_argument("--remat", default="none", help="'none', 'full' or a jax.checkpoint_policies name")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"])
+  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
+  p.add_argument("--warmup", type=int, default=2, help="steps before timing")
+  if torch:
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+      "--torch-threads",
+      type=int,
+      default=None,
+      help="torch.set_num_threads (default: the cores this process may use, as XLA:CPU uses)",
+    )
+  else:
+    p.set_defaults(torch=False, torch_threads=None)
+  p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
+  p.add_argument("--json", default=None, help="write the results here")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  add_common_flags(p)
+  p.add_argument(
+    "--teacher-dir",
+    default=None,
+    help="converted DINOv2: time the JAX step with REPA on (the torch reference has no REPA)",
+  )
+  p.add_argument(
+    "--interleave",
+    default="auto",
+    choices=["auto", "on", "off"],
+    help="take turns JAX/torch each round (auto: on for CPU, off on accelerators, where torch "
+    "runs first and frees its memory before JAX starts)",
+  )
+  p.add_argument(
+    "--data",
+    default="ade20k",
+    choices=["ade20k", "synthetic", "none"],
+    help="input pipeline compared with the step's consumption: fake ADE20K JPEG/PNG files "
+    "(random scale, crop, flip), the built-in synthetic set, or none",
+  )
+  p.add_argument("--data-workers", type=int, default=0, help="grain worker processes")
+  p.add_argument("--data-batches", type=int, default=10)
+  p.add_argument(
+    "--profile-dir", default=None, help="write a jax.profiler trace of 3 steps per case here"
+  )
+  p.add_argument("--hlo-dir", default=None, help="write each case's compiled HLO text here")
+  return p.parse_args(argv)
+
+
+def setup_run(args) -> tuple[list[common.Case], str, int]:
+  """Cases, compute dtype and torch threads from the flags; applies the torch thread count."""
+  cases = common.parse_cases(
+    args.cases or (DEFAULT_CPU_CASES if jax.default_backend() == "cpu" else DEFAULT_ACCEL_CASES)
+  )
+  dtype = common.resolve_dtype(args.dtype)
+  threads = args.torch_threads or common.cpu_info()["cores"]
+  if args.torch:
+    import torch
+
+    torch.set_num_threads(threads)
+  return cases, dtype, threads
+
+
+def peak_flops(args, dtype: str) -> tuple[float | None, str]:
+  if args.peak_tflops:
+    return args.peak_tflops * 1e12, "--peak-tflops"
+  return common.device_peak_flops(jax.devices()[0], dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX.
+# ------------------------------------------------------------------------------------------------
+
+
+class JaxTrainStep:
+  """The project's jitted train step on one case, compiled ahead of time, with its own state."""
+
+  def __init__(
+    self, setup: train.Setup, batch: dict[str, np.ndarray], *, mesh=None, count_flops=True
+  ):
+    self.setup = setup
+    config = setup.config
+    self.mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    self.rules = sharding.rules_from_config(config.sharding_rules)
+    train.check_batch_fits_mesh(config, self.mesh)
+    teacher = self.setup.teacher_params
+    if teacher is not None:
+      teacher = jax.device_put(teacher, sharding.replicated(self.mesh))
+    self.teacher = teacher
+    # create_train_state enters the mesh and the rules itself (unboxing must happen outside them).
+    self.state, shardings = train.create_train_state(self.setup, self.mesh, self.rules, config.seed)
+    self.batch = sharding.shard_batch(batch, self.mesh)
+    with self.context():
+      jitted = train.compile_train_step(self.setup, self.mesh, shardings)
+      self.matmul_flops = (
+        common.jaxpr_matmul_flops(jitted, self.state, self.batch, teacher) if count_flops else None
+      )
+      start = time.perf_counter()
+      self.compiled = jitted.lower(self.state, self.batch, teacher).compile()
+      self.compile_s = time.perf_counter() - start
+    self.memory = common.memory_summary(self.compiled)
+    self.xla_flops = common.xla_flops(self.compiled)
+    self.metrics = None
+
+  def context(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def run(self, n: int) -> None:
+    """n steps, blocking at the end (the device queue stays full in between)."""
+    state, metrics = self.state, None
+    for _ in range(n):
+      state, metrics = self.compiled(state, self.batch, self.teacher)
+    self.state, self.metrics = jax.block_until_ready((state, metrics))
+
+  def last_loss(self) -> float | None:
+    return None if self.metrics is None else float(jax.device_get(self.metrics["loss"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch reference.
+# ------------------------------------------------------------------------------------------------
+
+
+class TorchTrainStep:
+  """Eager PyTorch: reference PixNerDiT + reference FlowSeg loss + AdamW + clipping + EMA."""
+
+  def __init__(self, setup: train.Setup, batch: dict[str, np.ndarray], device, *, bf16: bool):
+    import torch
+
+    from tests.torch_reference import pixnerd as torch_pixnerd
+
+    cfg = setup.config
+    self.torch, self.device, self.cfg = torch, device, cfg
+    torch.manual_seed(cfg.seed)
+    self.model = torch_pixnerd.PixNerDiT(**setup.model.arch_config()).to(device)
+    self.params = [p for p in self.model.parameters() if p.requires_grad]
+    self.ema = [p.detach().clone() for p in self.params]
+    self.opt = torch.optim.AdamW(
+      self.params,
+      lr=cfg.optim.learning_rate,
+      betas=(cfg.optim.b1, cfg.optim.b2),
+      eps=cfg.optim.eps,
+      weight_decay=cfg.optim.weight_decay,
+      fused=device.type == "cuda",
+    )
+    self.centroids = torch.tensor(np.asarray(setup.centroids), device=device)
+    self.x0 = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    self.labels = torch.from_numpy(batch["label"]).long().to(device)
+    b = self.x0.shape[0]
+    self.y = torch.full((b,), setup.cond_label, dtype=torch.long, device=device)
+    self.autocast = functools.partial(
+      torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16
+    )
+    self.loss = None
+
+  def _sample_t(self, b: int):
+    torch, obj = self.torch, self.cfg.objective
+    if obj.t_distribution == "uniform":
+      t = torch.rand(b, device=self.device)
+    else:
+      t = torch.sigmoid(obj.t_mean + obj.t_std * torch.randn(b, device=self.device))
+    return t if obj.t_shift == 1.0 else t / (t + (1 - t) * obj.t_shift)
+
+  def step(self) -> None:
+    from tests.torch_reference import flowseg as torch_flowseg
+
+    torch, obj = self.torch, self.cfg.objective
+    n = self.centroids.shape[0]
+    ignored = self.labels == torch_flowseg.IGNORE
+    lab = torch.where(
+      ignored, torch.full_like(self.labels, 0 if obj.mask_ignored else n - 1), self.labels
+    )
+    t = self._sample_t(self.x0.shape[0])
+    tb = t[:, None, None, None]
+    x_t = (1 - tb) * self.x0 + tb * self.centroids[lab].permute(0, 3, 1, 2)
+    with self.autocast():
+      out = self.model(x_t, t, self.y)
+    loss, *_ = torch_flowseg.flowseg_loss(
+      out.float(),
+      self.x0,
+      self.labels,
+      t,
+      self.centroids,
+      prediction=obj.prediction,
+      tau=obj.tau,
+      eps=obj.eps,
+      transform=obj.transform,
+      target=obj.target,
+      mask_ignored=obj.mask_ignored,
+      t_eps=obj.t_eps,
+      reshape=obj.reshape,
+    )
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if self.cfg.optim.grad_clip_norm:
+      torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip_norm)
+    self.opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(self.ema, self.params, 1.0 - self.cfg.optim.ema_decay)
+    self.loss = loss
+
+  def run(self, n: int) -> None:
+    for _ in range(n):
+      self.step()
+    common.torch_sync(self.device)
+
+  def peak_bytes(self) -> int | None:
+    if self.device.type != "cuda":
+      return None
+    return int(self.torch.cuda.max_memory_allocated())
+
+
+# ------------------------------------------------------------------------------------------------
+# Input pipeline.
+# ------------------------------------------------------------------------------------------------
+
+
+def measure_pipeline(kind: str, case: common.Case, *, workers: int, batches: int, root: str | None):
+  """Images/s of `create_train_iterator` at the case's size (benchmarks/data_pipeline.py)."""
+  from benchmarks import data_pipeline
+  from flowseg_jax.data import pipeline
+
+  cfg = pipeline.default_input_config()
+  cfg.update(num_workers=workers, batch_size=case.batch, image_size=(case.height, case.width))
+  if kind == "ade20k":
+    cfg.update(dataset="ade20k", data_dir=root, random_scale=(0.5, 2.0), random_flip=True)
+  else:
+    cfg.synthetic.size = (case.height, case.width)
+  rate, _ = data_pipeline.measure(cfg, batches, warmup=2)
+  return rate
+
+
+# ------------------------------------------------------------------------------------------------
+# Main.
+# ------------------------------------------------------------------------------------------------
+
+
+def _case_slug(case: common.Case) -> str:
+  return f"{case.variant.replace('/', '_')}_{case.height}x{case.width}_b{case.batch}"
+
+
+def _dump_diagnostics(jstep: JaxTrainStep, case: common.Case, args) -> None:
+  """The compiled HLO (fusions, copies, layouts) and a profiler trace, for the levers to pull."""
+  if args.hlo_dir:
+    os.makedirs(args.hlo_dir, exist_ok=True)
+    with open(os.path.join(args.hlo_dir, _case_slug(case) + ".hlo.txt"), "w") as f:
+      f.write(jstep.compiled.as_text())
+  if args.profile_dir:
+    with jax.profiler.trace(os.path.join(args.profile_dir, _case_slug(case))):
+      jstep.run(3)
+
+
+def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
+  config = common.case_config(
+    base,
+    case,
+    dtype=dtype,
+    remat=args.remat,
+    scan=args.scan,
+    attention_impl=args.attention_impl,
+    teacher_dir=args.teacher_dir,
+  )
+  setup = train.Setup(config)
+  batch = common.random_batch(config, setup.num_classes, seed=config.seed)
+  fns, tstep = {}, None
+  torch_times, torch_peak = None, None
+  if args.torch and not interleave:  # torch first, then free its memory for JAX
+    tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
+    torch_times = common.interleaved_rounds(
+      {"torch": tstep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
+    )["torch"]
+    torch_peak = tstep.peak_bytes()
+    del tstep
+    tstep = None
+    gc.collect()
+    if device.type == "cuda":
+      import torch
+
+      torch.cuda.empty_cache()
+  jstep = JaxTrainStep(setup, batch)
+  fns["jax"] = jstep.run
+  if args.torch and interleave:
+    tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
+    fns["torch"] = tstep.run
+  times = common.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+  if torch_times is None and "torch" in times:
+    torch_times = times["torch"]
+    torch_peak = tstep.peak_bytes()
+
+  jt = common.summarize(times["jax"])
+  _dump_diagnostics(jstep, case, args)
+  arch = jstep.setup.model.arch_config()
+  model_flops = common.train_step_flops(arch, case.batch, case.height, case.width)
+  row = {
+    "case": case.label,
+    "variant": case.variant,
+    "height": case.height,
+    "width": case.width,
+    "batch": case.batch,
+    "dtype": dtype,
+    "remat": args.remat,
+    "scan": args.scan,
+    "num_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(jstep.state.params)),
+    "jax_step_s": jt,
+    "jax_steps_per_s": 1.0 / jt["median"],
+    "jax_images_per_s": case.batch / jt["median"],
+    "model_flops": model_flops,
+    "forward_flops": common.pixnerd_forward_flops(arch, case.batch, case.height, case.width),
+    "jaxpr_matmul_flops": jstep.matmul_flops,
+    "xla_flops": jstep.xla_flops,
+    "achieved_tflops": model_flops / jt["median"] / 1e12,
+    "mfu": model_flops / jt["median"] / peak if peak else None,
+    "compile_s": jstep.compile_s,
+    "xla_memory": jstep.memory,
+    "device_peak_bytes_in_use": common.device_peak_bytes_in_use(),
+    "jax_loss": jstep.last_loss(),
+  }
+  if torch_times is not None:
+    tt = common.summarize(torch_times)
+    row.update(
+      torch_step_s=tt,
+      torch_images_per_s=case.batch / tt["median"],
+      torch_peak_bytes=torch_peak,
+      speedup=tt["median"] / jt["median"],
+    )
+    if interleave:  # per-round ratios: each pair ran back to back under the same load
+      ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
+      row["speedup_per_round"] = common.summarize(ratios)
+  del jstep, tstep
+  gc.collect()
+  return row
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  cases, dtype, threads = setup_run(args)
+  base = common.load_config(args.config)
+  peak, peak_source = peak_flops(args, dtype)
+  device = common.torch_device() if args.torch else None
+  interleave = args.interleave == "on" or (
+    args.interleave == "auto" and (device is None or device.type == "cpu")
+  )
+  env = common.environment(threads if args.torch else None)
+  print(
+    f"train step: JAX {env['jax']} on {env['backend']} ({env['device_kind']}), "
+    f"torch {env.get('torch')} on {device.type if device else 'off'} ({threads} threads), "
+    f"{dtype}, remat={args.remat}, scan={args.scan}; peak {common.fmt(peak, '.2f', 1e-12)} "
+    f"TFLOP/s ({peak_source}); {args.rounds} rounds x {args.steps} steps, load {env['load_average']}"
+  )
+  rows = []
+  with contextlib.ExitStack() as stack:
+    root = None
+    if args.data == "ade20k":
+      from benchmarks import data_pipeline
+
+      root = stack.enter_context(tempfile.TemporaryDirectory())
+      data_pipeline.write_fake_ade20k(root, num_images=16)
+    for case in cases:
+      row = bench_case(case, base, args, dtype, peak, device, interleave)
+      if args.data != "none":
+        rate = measure_pipeline(
+          args.data, case, workers=args.data_workers, batches=args.data_batches, root=root
+        )
+        row.update(data_images_per_s=rate, data_over_consumption=rate / row["jax_images_per_s"])
+      rows.append(row)
+      print(f"  done {case.label}", flush=True)
+
+  table = []
+  for r in rows:
+    table.append(
+      {
+        "case": r["case"],
+        "jax_ms": f"{r['jax_step_s']['median'] * 1e3:.1f}±{r['jax_step_s']['spread'] * 100:.0f}%",
+        "steps_s": f"{r['jax_steps_per_s']:.2f}",
+        "img_s": f"{r['jax_images_per_s']:.1f}",
+        "gflop": f"{r['model_flops'] / 1e9:.1f}",
+        "tflops": f"{r['achieved_tflops']:.3f}",
+        "mfu": common.fmt(r["mfu"], ".1%"),
+        "xla_vs_model": common.fmt(r["xla_flops"] and r["xla_flops"] / r["model_flops"], ".2f"),
+        "mem": common.fmt(r["xla_memory"]["peak_bytes"], ".0f", 2**-20),
+        "compile": f"{r['compile_s']:.1f}",
+        "torch_ms": common.fmt(r.get("torch_step_s", {}).get("median"), ".1f", 1e3),
+        "speedup": common.fmt(r.get("speedup"), ".2f"),
+        "data_img_s": common.fmt(r.get("data_images_per_s"), ".0f"),
+        "data_ratio": common.fmt(r.get("data_over_consumption"), ".1f"),
+      }
+    )
+  common.print_table(
+    table,
+    [
+      ("case", "case"),
+      ("jax_ms", "JAX ms/step"),
+      ("steps_s", "steps/s"),
+      ("img_s", "img/s"),
+      ("gflop", "GFLOP/step"),
+      ("tflops", "TFLOP/s"),
+      ("mfu", "MFU"),
+      ("xla_vs_model", "XLA/model FLOPs"),
+      ("mem", "XLA peak MiB"),
+      ("compile", "compile s"),
+      ("torch_ms", "torch ms/step"),
+      ("speedup", "JAX/torch"),
+      ("data_img_s", "data img/s"),
+      ("data_ratio", "data/consumed"),
+    ],
+  )
+  result = {
+    "benchmark": "train_step",
+    "args": vars(args),
+    "environment": env,
+    "peak_flops": peak,
+    "peak_source": peak_source,
+    "interleaved": interleave,
+    "rows": rows,
+  }
+  common.write_json(args.json, result)
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,148 @@
+"""The benchmark scripts: FLOP formula, peak table, helpers, and a one-step smoke run of each main."""
+
+import json
+import math
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks import common, objective_overhead, sampling, train_step  # noqa: E402
+from flowseg_jax.models import pixnerd  # noqa: E402
+
+TINY = ["--cases", "tiny/4:16:2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+
+
+@pytest.mark.parametrize(
+  "variant,h,w,b,scan",
+  [("tiny/4", 16, 32, 2, True), ("tiny/8", 24, 16, 3, False), ("S/16", 32, 48, 1, True)],
+)
+def test_forward_flops_formula_matches_traced_matmuls(variant, h, w, b, scan):
+  model = pixnerd.make_model(variant, scan_blocks=scan)
+  params = pixnerd.abstract_params(model)
+  x = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((b,), jnp.float32)
+  y = jax.ShapeDtypeStruct((b,), jnp.int32)
+  counted = common.jaxpr_matmul_flops(
+    lambda p, x, t, y: model.apply({"params": p}, x, t, y), params, x, t, y
+  )
+  formula = common.pixnerd_forward_flops(pixnerd.VARIANTS[variant], b, h, w)
+  assert formula["total"] == counted
+  assert formula["total"] == formula["embed"] + formula["trunk"] + formula["decoder"]
+  assert 0 < formula["attention"] < formula["trunk"]
+
+
+def test_jaxpr_matmul_flops_sees_through_jit_scan_cond_and_grad():
+  a = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+  m = jax.ShapeDtypeStruct((3, 4), jnp.float32)
+  one = 2 * 2 * 4 * 3
+  assert common.jaxpr_matmul_flops(lambda a, m: a @ m, a, m) == one
+  assert common.jaxpr_matmul_flops(jax.jit(lambda a, m: a @ m), a, m) == one
+
+  def scanned(a, m):
+    return jax.lax.scan(lambda c, _: (c, jnp.sum(c @ m)), a, None, length=5)[1]
+
+  assert common.jaxpr_matmul_flops(scanned, a, m) == 5 * one
+  pick = lambda a, m: jax.lax.cond(True, lambda: (a @ m) @ m.T, lambda: jnp.zeros((2, 3)))
+  assert common.jaxpr_matmul_flops(pick, a, m) == one + 2 * 2 * 3 * 4
+  # d/dm sum(a @ m) only needs a^T @ g (the gradient w.r.t. `a` is not asked for).
+  assert common.jaxpr_matmul_flops(jax.grad(lambda m, a: jnp.sum(a @ m)), m, a) == 2 * one
+
+
+def test_device_peaks_and_cpu_estimate():
+  dev = lambda kind, platform="gpu": types.SimpleNamespace(device_kind=kind, platform=platform)
+  assert common.device_peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16")[0] == pytest.approx(
+    989.4e12
+  )
+  assert common.device_peak_flops(dev("NVIDIA H100 PCIe"), "bfloat16")[0] == pytest.approx(756e12)
+  assert common.device_peak_flops(dev("NVIDIA H200"), "float32")[0] == pytest.approx(494.7e12)
+  assert common.device_peak_flops(dev("NVIDIA A100-SXM4-80GB"), "bfloat16")[0] == pytest.approx(
+    312e12
+  )
+  assert common.device_peak_flops(dev("TPU v5 lite", "tpu"))[0] == pytest.approx(197e12)
+  assert common.device_peak_flops(dev("TPU v5p", "tpu"))[0] == pytest.approx(459e12)
+  assert common.device_peak_flops(dev("TPU v6 lite", "tpu"))[0] == pytest.approx(918e12)
+  assert common.device_peak_flops(dev("Mystery accelerator"))[0] is None
+  assert common.cpu_flops_per_cycle({"avx512f", "avx2", "fma"}) == 64
+  assert common.cpu_flops_per_cycle({"avx2", "fma"}) == 32
+  assert common.cpu_flops_per_cycle({"sse2"}) == 8
+  peak, how = common.device_peak_flops(dev("cpu", "cpu"))
+  info = common.cpu_info()
+  if info["ghz"]:
+    per_cycle = common.cpu_flops_per_cycle(info["flags"])
+    assert peak == pytest.approx(info["cores"] * info["ghz"] * 1e9 * per_cycle)
+    assert "estimate" in how
+
+
+def test_cases_summaries_and_configs():
+  cases = common.parse_cases("S/16:64:2, XL/16:256x512:8")
+  assert cases == [common.Case("S/16", 64, 64, 2), common.Case("XL/16", 256, 512, 8)]
+  for bad in ("S/16:64", "Q/3:64:2", "S/16:64:x", "S/16:0:2", ""):
+    with pytest.raises(ValueError):
+      common.parse_cases(bad)
+  s = common.summarize([3.0, 1.0, 2.0])
+  assert (s["median"], s["min"], s["max"], s["spread"]) == (2.0, 1.0, 3.0, 0.5)
+  base = common.load_config(common.DEFAULT_CONFIG)
+  config = common.case_config(base, cases[1], dtype="bfloat16", remat="full", reshape=False)
+  assert tuple(config.input.image_size) == (256, 512) and config.input.batch_size == 8
+  assert (config.model.variant, config.model.dtype, config.model.remat_policy) == (
+    "XL/16",
+    "bfloat16",
+    "full",
+  )
+  assert not config.objective.reshape and not config.repa.enabled
+  assert base.repa.enabled and base.objective.reshape  # the base config is left untouched
+  with pytest.raises(ValueError, match="does not exist"):
+    common.load_config("configs/nope.py")
+
+
+def test_train_step_main_smoke(tmp_path):
+  path = str(tmp_path / "train.json")
+  hlo_dir = str(tmp_path / "hlo")
+  argv = [*TINY, "--data", "synthetic", "--data-batches", "1", "--json", path, "--hlo-dir", hlo_dir]
+  result = train_step.main(argv)
+  (row,) = result["rows"]
+  forward = common.pixnerd_forward_flops(pixnerd.VARIANTS["tiny/4"], 2, 16, 16)["total"]
+  assert row["model_flops"] == 3 * forward
+  # The traced step: forward + both backward products, less the input layers' input gradients.
+  assert 2.5 * forward < row["jaxpr_matmul_flops"] <= 3 * forward
+  assert row["jax_images_per_s"] == pytest.approx(2 * row["jax_steps_per_s"])
+  assert math.isfinite(row["jax_loss"]) and row["jax_loss"] > 0
+  assert row["torch_images_per_s"] > 0 and row["speedup"] > 0
+  assert row["xla_memory"]["peak_bytes"] > 4 * 4 * row["num_params"]  # params, EMA, Adam mu, nu
+  assert row["data_images_per_s"] > 0
+  assert row["data_over_consumption"] == pytest.approx(
+    row["data_images_per_s"] / row["jax_images_per_s"]
+  )
+  with open(path) as f:
+    assert json.load(f)["rows"][0]["case"] == row["case"]
+  with open(os.path.join(hlo_dir, "tiny_4_16x16_b2.hlo.txt")) as f:
+    assert "ENTRY" in f.read()
+
+
+def test_objective_overhead_main_smoke():
+  result = objective_overhead.main(TINY)
+  (row,) = result["rows"]
+  assert row["num_classes"] == 150
+  assert row["step_vanilla_s"]["median"] > 0 and row["step_reshaped_s"]["median"] > 0
+  assert np.isfinite(row["step_overhead"]) and np.isfinite(row["potential_s"])
+  # The potential reads and writes (pixels x classes) arrays that vanilla FM never touches.
+  accessed = row["loss_bytes_accessed"]
+  assert accessed["reshaped"] > accessed["vanilla"] > 0
+
+
+def test_sampling_main_smoke():
+  result = sampling.main([*TINY, "--num-steps", "1,2"])
+  one, two = result["rows"]
+  assert (one["num_steps"], two["num_steps"]) == (1, 2)
+  assert two["model_flops"] == 2 * one["model_flops"]
+  for row in (one, two):  # the compiled sampler really runs num_steps network evaluations
+    assert row["jaxpr_matmul_flops"] == row["model_flops"]
+  assert one["jax_images_per_s"] > 0 and one["torch_images_per_s"] > 0
