@@ -223,7 +223,11 @@ def initialise_or_restore(setup, state, shardings, manager, data_iter):
     denoiser = load_pretrained_denoiser(setup, config.model_init)
     placed = jax.device_put(denoiser, shardings.params["denoiser"])
     params = {**state.params, "denoiser": placed}
-    ema = {**state.ema_params, "denoiser": placed}
+    # A separate copy: params and EMA are donated to the train step as distinct buffers.
+    ema = {
+      **state.ema_params,
+      "denoiser": jax.device_put(denoiser, shardings.ema_params["denoiser"]),
+    }
     logging.info("Initialised the denoiser from %s.", config.model_init)
     return state.replace(params=params, ema_params=ema), "model_init"
   return state, "scratch"

@@ -336,3 +336,32 @@ def test_manager_keeps_last_n_and_best_miou(tmp_path):
   manager.wait_until_finished()
   assert sorted(manager.all_steps()) == [2, 5, 6]  # the best (step 2) and the last two
   manager.close()
+
+
+def test_model_init_starts_from_converted_pixnerd(tmp_path):
+  """config.model_init: the denoiser (online and EMA) starts from a converted PixNerd checkpoint, and
+  the donated train step runs on it. With warm-up, step 0 has learning rate 0, so after one step the
+  online weights are still the converted ones bit for bit (a scratch init would differ everywhere)."""
+  import torch
+
+  from flowseg_jax.convert import pixnerd as pixnerd_convert
+  from flowseg_jax.models import pixnerd
+
+  config = tiny_config(total_steps=1, **{"optim.warmup_steps": 1})
+  model = train.Setup(config).model
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(
+    lambda a: rng.normal(0.0, 0.05, a.shape).astype(np.float32), pixnerd.abstract_params(model)
+  )
+  state_dict = pixnerd_convert.flax_to_torch(params, model)
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "pixnerd.pth")
+  pixnerd_convert.convert_to_orbax(tmp_path / "pixnerd.pth", tmp_path / "converted")
+  config.model_init = str(tmp_path / "converted")
+
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  _, _, state, step = evaluate.restore_for_inference(config, str(tmp_path / "run"))
+  assert step == 1
+  want = params  # model_init re-lays the converted (unscanned) weights out for this scanned model
+  got_online, got_ema = jax.device_get((state.params["denoiser"], state.ema_params["denoiser"]))
+  jax.tree.map(np.testing.assert_array_equal, got_online, want)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got_ema, want)
