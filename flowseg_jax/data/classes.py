@@ -151,17 +151,27 @@ def make_palette(num_classes: int) -> np.ndarray:
   return _palette(int(num_classes)).copy()
 
 
-def colorize(label: np.ndarray, palette: np.ndarray, ignore_colour=(0, 0, 0)) -> np.ndarray:
+# Candidates for the ignore colour, in order; the first one the palette does not use is taken. Black
+# is not among them: the Kronecker centroid palette always paints class 0 black.
+_IGNORE_COLOURS = ((255, 255, 255), (128, 128, 128), (255, 0, 255))
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_colour=None) -> np.ndarray:
   """Paints a label map with a palette.
 
   Args:
     label: integer array (..., H, W) of train ids, 255 = ignore.
     palette: uint8 (N, 3).
-    ignore_colour: RGB used for 255 (and any id >= N).
+    ignore_colour: RGB used for 255 (and any id >= N); None: white, or the first of grey and magenta
+      that the palette does not use, so that ignored pixels never look like a class.
 
   Returns:
     uint8 (..., H, W, 3).
   """
+  palette = np.asarray(palette, np.uint8)
+  if ignore_colour is None:
+    used = {tuple(int(v) for v in c) for c in palette}
+    ignore_colour = next((c for c in _IGNORE_COLOURS if c not in used), _IGNORE_COLOURS[0])
   table = np.zeros((256, 3), np.uint8)
   table[:] = np.asarray(ignore_colour, np.uint8)
   n = min(len(palette), 255)
