@@ -44,17 +44,7 @@ class LossOnly:
   """jit(value_and_grad of flowseg_loss w.r.t. the network output) on a fixed batch."""
 
   def __init__(self, setup: train.Setup, batch: dict[str, np.ndarray], *, reshape: bool):
-    obj = setup.config.objective
-    kwargs = dict(
-      prediction=obj.prediction,
-      tau=obj.tau,
-      eps=obj.eps,
-      transform=obj.transform,
-      target=obj.target,
-      mask_ignored=obj.mask_ignored,
-      t_eps=obj.t_eps,
-      reshape=reshape,
-    )
+    kwargs = {**flow.loss_kwargs(setup.config.objective), "reshape": reshape}
     rng = np.random.default_rng(1)
     b = batch["image"].shape[0]
     self.args = (

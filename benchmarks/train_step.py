@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402  (before any JAX backend starts: allocator setting)
-from flowseg_jax import sharding, train  # noqa: E402
+from flowseg_jax import flow, sharding, train  # noqa: E402
 
 DEFAULT_CPU_CASES = "tiny/4:32:16,S/16:64:2,S/16:128:8"
 DEFAULT_ACCEL_CASES = "XL/16:256:64,XL/16:512:16,B/16:256:64,S/16:256:64"
@@ -235,14 +235,7 @@ class TorchTrainStep:
       self.labels,
       t,
       self.centroids,
-      prediction=obj.prediction,
-      tau=obj.tau,
-      eps=obj.eps,
-      transform=obj.transform,
-      target=obj.target,
-      mask_ignored=obj.mask_ignored,
-      t_eps=obj.t_eps,
-      reshape=obj.reshape,
+      **flow.loss_kwargs(obj),
     )
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
