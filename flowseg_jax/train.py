@@ -325,16 +325,25 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
   )
 
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def apply(params, ema_params, opt_state):
+    updates, opt_state = setup.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    ema_params = optax.incremental_update(params, ema_params, 1.0 - config.optim.ema_decay)
+    return params, ema_params, opt_state
+
+  # A conditional, not a select between new and old state: the skip branch returns the donated
+  # buffers untouched, whereas `where(finite, new, old)` keeps both alive and costs a copy of every
+  # parameter, EMA and Adam leaf (S/16 64² b2 on CPU: 552 -> 408 ms per step).
+  params, ema_params, opt_state = jax.lax.cond(
+    finite, apply, lambda *old: old, state.params, state.ema_params, state.opt_state
+  )
   new_state = state.replace(
     step=state.step + 1,
-    params=keep(params, state.params),
-    ema_params=keep(ema, state.ema_params),
-    opt_state=keep(opt_state, state.opt_state),
+    params=params,
+    ema_params=ema_params,
+    opt_state=opt_state,
     num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
   )
   metrics.update(
