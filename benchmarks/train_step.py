@@ -235,7 +235,8 @@ class TorchTrainStep:
       self.labels,
       t,
       self.centroids,
-      **flow.loss_kwargs(obj),
+      # pixel_chunk only schedules the JAX computation; the reference has no such knob.
+      **{k: v for k, v in flow.loss_kwargs(obj).items() if k != "pixel_chunk"},
     )
     self.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -24,6 +24,9 @@ def objective_config() -> ml_collections.ConfigDict:
   c.reshape = True  # False: vanilla flow matching
   c.mask_ignored = True  # False: ignored pixels trained toward an extra centroid
   c.t_eps = 0.05  # clamp of 1 - t for 'x' prediction
+  # Pixels per chunk of the potential's (pixels x classes) work; None: auto (cache-sized chunks on CPU,
+  # all at once on GPU/TPU), 0: all at once. Changes the schedule, not the result.
+  c.pixel_chunk = ml_collections.config_dict.placeholder(int)
   c.t_distribution = "logit_normal"  # 'uniform' | 'logit_normal'
   c.t_mean = 0.0
   c.t_std = 1.0

@@ -71,6 +71,45 @@ def potential(
   return -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
+# Auto chunk on CPU: about 2**17 (pixel, class) pairs, so that each float32 (pixels, N) temporary of the
+# potential and its gradient (~512 KiB) stays in a core's L2 cache. S/16 128x128 b8 with 150 classes on one
+# core: 399 -> 47 ms for grad Phi. On GPU/TPU the same work is bandwidth-bound and parallel: no chunks.
+_CPU_CHUNK_PAIRS = 2**17
+
+
+def resolve_pixel_chunk(pixel_chunk: int | None, num_classes: int) -> int:
+  """Pixels per chunk of the potential's (pixels x classes) work; 0 means all pixels at once.
+
+  None picks by backend: about 2**17 / N pixels on CPU, 0 on accelerators.
+  """
+  if pixel_chunk is None:
+    return max(1, _CPU_CHUNK_PAIRS // num_classes) if jax.default_backend() == "cpu" else 0
+  if pixel_chunk < 0:
+    raise ValueError(f"pixel_chunk must be >= 0 (0: no chunks) or None (auto), got {pixel_chunk}")
+  return int(pixel_chunk)
+
+
+def _map_pixel_chunks(fn, x: jax.Array, labels: jax.Array, pixel_chunk: int) -> jax.Array:
+  """fn(x (b, n, 3), labels (b, n)) -> (b, n, 3) over chunks of about `pixel_chunk` pixels (lax.map).
+
+  The leading (batch) axis stays whole in every chunk, so a batch sharded over devices is chunked on
+  each device without moving data; pixels are padded up to a whole number of chunks.
+  """
+  shape = x.shape
+  b = shape[0] if x.ndim >= 3 else 1
+  x, labels = x.reshape(b, -1, shape[-1]), labels.reshape(b, -1)
+  p = labels.shape[1]
+  per_image = max(1, pixel_chunk // b)
+  if per_image >= p:
+    return fn(x, labels).reshape(shape)
+  n = -(-p // per_image)
+  pad = n * per_image - p
+  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, per_image, shape[-1])
+  labels = jnp.pad(labels, ((0, 0), (0, pad))).reshape(b, n, per_image)
+  out = jax.lax.map(lambda a: fn(*a), (jnp.moveaxis(x, 1, 0), jnp.moveaxis(labels, 1, 0)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * per_image, shape[-1])[:, :p].reshape(shape)
+
+
 def potential_grad(
   x1_hat: jax.Array,
   labels: jax.Array,
@@ -79,12 +118,15 @@ def potential_grad(
   tau: float = 1.0,
   eps: float = 1e-6,
   transform: Transform = "log",
+  pixel_chunk: int | None = 0,
 ) -> jax.Array:
   """grad Phi with respect to x1_hat, per pixel, as a constant: (..., 3), (...) -> (..., 3).
 
   Computed with `jax.grad` (each pixel's Phi depends only on its own x1_hat, so the gradient of the sum is
   the per-pixel gradient) and wrapped in `lax.stop_gradient`. Pixels labelled 255 get a zero gradient.
   For transform='log' it equals eq 11: (2/tau) sum_k (y_k - p_k)(x1_hat - mu_k)/(d_k + eps).
+  `pixel_chunk` (see `resolve_pixel_chunk`) only changes how the work is scheduled, not the result
+  beyond float rounding.
   """
   dtype = _compute_dtype(x1_hat, centroids)
   x1_hat = jnp.asarray(x1_hat, dtype)
@@ -93,10 +135,18 @@ def potential_grad(
   ignored = labels == centroids_lib.IGNORE_LABEL
   safe_labels = jnp.where(ignored, 0, labels)
 
-  def total_potential(x):
-    return jnp.sum(potential(x, safe_labels, centroids, tau=tau, eps=eps, transform=transform))
+  def grad_phi(x, lab):
+    def total_potential(x):
+      return jnp.sum(potential(x, lab, centroids, tau=tau, eps=eps, transform=transform))
 
-  grad = jax.grad(total_potential)(jax.lax.stop_gradient(x1_hat))
+    return jax.grad(total_potential)(x)
+
+  x1_hat = jax.lax.stop_gradient(x1_hat)
+  chunk = resolve_pixel_chunk(pixel_chunk, centroids.shape[0])
+  if chunk and x1_hat.ndim >= 2:
+    grad = _map_pixel_chunks(grad_phi, x1_hat, safe_labels, chunk)
+  else:
+    grad = grad_phi(x1_hat, safe_labels)
   return jax.lax.stop_gradient(jnp.where(ignored[..., None], jnp.zeros_like(grad), grad))
 
 
@@ -172,6 +222,7 @@ def flow_terms(
   mask_ignored: bool = True,
   t_eps: float = 0.05,
   reshape: bool = True,
+  pixel_chunk: int | None = None,
 ) -> dict[str, jax.Array]:
   """Everything the loss is made of (arguments as `flowseg_loss`), in the compute dtype.
 
@@ -206,7 +257,13 @@ def flow_terms(
 
   if reshape:
     grad_phi = potential_grad(
-      jax.lax.stop_gradient(x1_hat), train_labels, centroids, tau=tau, eps=eps, transform=transform
+      jax.lax.stop_gradient(x1_hat),
+      train_labels,
+      centroids,
+      tau=tau,
+      eps=eps,
+      transform=transform,
+      pixel_chunk=pixel_chunk,
     )
   else:  # vanilla flow matching never evaluates the potential
     grad_phi = jnp.zeros_like(x1_hat)
@@ -243,6 +300,7 @@ def flowseg_loss(
   mask_ignored: bool = True,
   t_eps: float = 0.05,
   reshape: bool = True,
+  pixel_chunk: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The FlowSeg training loss and what a training loop logs.
 
@@ -259,6 +317,8 @@ def flowseg_loss(
     mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
     t_eps: clamp of 1 - t in the 'x' prediction's velocity.
     reshape: False gives vanilla flow matching (target v).
+    pixel_chunk: pixels per chunk of the potential's (pixels x classes) work: 0 all at once, None auto
+      (`resolve_pixel_chunk`: cache-sized chunks on CPU, none on accelerators). Scheduling only.
 
   Returns:
     (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean
@@ -280,6 +340,7 @@ def flowseg_loss(
     mask_ignored=mask_ignored,
     t_eps=t_eps,
     reshape=reshape,
+    pixel_chunk=pixel_chunk,
   )
   v_theta, valid = terms["v_theta"], terms["valid"]
   dtype = v_theta.dtype
@@ -313,6 +374,7 @@ LOSS_OPTIONS = (
   "mask_ignored",
   "t_eps",
   "reshape",
+  "pixel_chunk",
 )
 
 

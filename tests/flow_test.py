@@ -79,12 +79,15 @@ def conditioning_rtol(x1_hat, labels, cents, base):
   return base + 8 * F32_UNIT_ROUNDOFF / r_min
 
 
-def assert_parity(n, *, dtype, rtol, atol, seed=0, **kw):
+def assert_parity(n, *, dtype, rtol, atol, seed=0, jax_kw=None, **kw):
+  """JAX vs the torch reference on random inputs; `jax_kw` holds JAX-only (scheduling) options."""
   rng = np.random.default_rng(seed)
   mask_ignored = kw.get("mask_ignored", True)
   cents = centroids_lib.class_centroids(n, ignore_as_class=not mask_ignored, dtype=dtype)
   out, x0, labels, t = make_inputs(rng, n, dtype=dtype)
-  j_loss, j_gout, j_gphi, j_tgt, valid = jax_quantities(out, x0, labels, t, cents, **kw)
+  j_loss, j_gout, j_gphi, j_tgt, valid = jax_quantities(
+    out, x0, labels, t, cents, **kw, **(jax_kw or {})
+  )
   t_loss, t_gout, t_gphi, t_tgt = torch_quantities(out, x0, labels, t, cents, **kw)
   per_sample = np.full(len(t), rtol)
   if dtype == np.float32:
@@ -169,6 +172,57 @@ def test_parity_float32(n):
       reshape=reshape,
       target=target,
     )
+
+
+@pytest.mark.parametrize("n", [19, 150])
+def test_parity_with_pixel_chunks(n):
+  """The potential in chunks of 1 and 9 pixels over a batch of 3 (1 and 3 pixels per image; 3 does not
+  divide an image's 20 pixels, so the last chunk is padded) against the reference: the tolerances of the
+  unchunked parity tests."""
+  for chunk in (1, 9):
+    with jax.enable_x64(True):
+      for i, (transform, target) in enumerate(itertools.product(flow.TRANSFORMS, flow.TARGETS)):
+        assert_parity(
+          n,
+          dtype=np.float64,
+          rtol=1e-10,
+          atol=1e-12,
+          seed=200 + i,
+          jax_kw={"pixel_chunk": chunk},
+          transform=transform,
+          target=target,
+        )
+    assert_parity(
+      n, dtype=np.float32, rtol=5e-6, atol=1e-7, seed=300, jax_kw={"pixel_chunk": chunk}
+    )
+
+
+def test_pixel_chunks_change_scheduling_only():
+  """Chunked and unchunked grad Phi agree to float32 rounding on a batch, on a flat (pixels, 3) array
+  (one 'image') and with ignored pixels; auto picks cache-sized chunks on CPU; bad values are named."""
+  rng = np.random.default_rng(0)
+  cents = centroids_lib.kronecker_centroids(150)
+  x = rng.uniform(-1.2, 1.2, size=(3, 17, 13, 3)).astype(np.float32)
+  labels = rng.integers(0, 150, size=(3, 17, 13)).astype(np.int32)
+  labels[rng.uniform(size=labels.shape) < 0.1] = 255
+  whole = np.asarray(flow.potential_grad(x, labels, cents, pixel_chunk=0))
+  assert np.abs(whole).max() > 1.0
+  for chunk in (1, 50, 10**6, None):
+    got = np.asarray(
+      jax.jit(lambda a, b, c=chunk: flow.potential_grad(a, b, cents, pixel_chunk=c))(x, labels)
+    )
+    np.testing.assert_allclose(
+      got, whole, rtol=5e-6, atol=5e-6 * np.abs(whole).max(), err_msg=str(chunk)
+    )
+    np.testing.assert_array_equal(got[labels == 255], 0.0)
+  flat = np.asarray(
+    flow.potential_grad(x.reshape(-1, 3), labels.reshape(-1), cents, pixel_chunk=64)
+  )
+  np.testing.assert_allclose(flat, whole.reshape(-1, 3), rtol=5e-6, atol=5e-6 * np.abs(whole).max())
+  assert flow.resolve_pixel_chunk(None, 150) == 2**17 // 150  # the tests run on CPU
+  assert flow.resolve_pixel_chunk(0, 150) == 0
+  with pytest.raises(ValueError, match="pixel_chunk must be >= 0"):
+    flow.resolve_pixel_chunk(-3, 150)
 
 
 def test_parity_edge_cases_float64():
