@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -53,6 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+
+from flowseg_jax import defaults  # noqa: E402
 
 DEFAULT_CONFIG = "configs/flowseg_ade20k.py:stage=1"
 
@@ -387,14 +388,7 @@ def parse_cases(text: str) -> list[Case]:
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """A config file by path with an optional ':arg' ('configs/demo.py:smoke'), relative to the repo."""
   path, _, arg = spec.partition(":")
-  if not os.path.isabs(path):
-    path = os.path.join(REPO, path)
-  if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  module_spec = importlib.util.spec_from_file_location("flowseg_bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return defaults.load_config_file(os.path.join(REPO, path), arg)
 
 
 def resolve_dtype(dtype: str) -> str:

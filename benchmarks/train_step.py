@@ -235,8 +235,7 @@ class TorchTrainStep:
       self.labels,
       t,
       self.centroids,
-      # pixel_chunk only schedules the JAX computation; the reference has no such knob.
-      **{k: v for k, v in flow.loss_kwargs(obj).items() if k != "pixel_chunk"},
+      **flow.loss_kwargs(obj, schedule=False),
     )
     self.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -6,6 +6,9 @@ change what their setting needs and the CLI overrides any leaf (`--config.object
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from flowseg_jax import models, sharding
@@ -98,3 +101,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
   return config
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `flowseg train --config PATH:ARG` would load it."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  name = "flowseg_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)

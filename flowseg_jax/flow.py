@@ -365,7 +365,8 @@ def flowseg_loss(
   return masked_mse(terms["v_target"]), aux
 
 
-LOSS_OPTIONS = (
+# What the objective computes (the options the PyTorch reference shares) ...
+OBJECTIVE_OPTIONS = (
   "prediction",
   "tau",
   "eps",
@@ -374,13 +375,17 @@ LOSS_OPTIONS = (
   "mask_ignored",
   "t_eps",
   "reshape",
-  "pixel_chunk",
 )
+# ... and how JAX schedules it (no effect on the result beyond float rounding).
+LOSS_OPTIONS = OBJECTIVE_OPTIONS + ("pixel_chunk",)
 
 
-def loss_kwargs(objective_config) -> dict:
-  """The `flowseg_loss` keyword arguments held by a config's `objective` section."""
-  return {k: objective_config[k] for k in LOSS_OPTIONS}
+def loss_kwargs(objective_config, *, schedule: bool = True) -> dict:
+  """The `flowseg_loss` keyword arguments held by a config's `objective` section.
+
+  schedule=False leaves out the scheduling options: what a reference implementation takes.
+  """
+  return {k: objective_config[k] for k in (LOSS_OPTIONS if schedule else OBJECTIVE_OPTIONS)}
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:

@@ -1,21 +1,17 @@
 """Every config file loads, carries the paper's defaults, and its switches do what they say."""
 
-import importlib.util
 import os
 
 import pytest
 
-from flowseg_jax import models, optim, train
+from flowseg_jax import defaults, models, optim, train
 from flowseg_jax.data import pipeline
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return defaults.load_config_file(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 def test_paper_stages():

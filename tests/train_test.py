@@ -1,6 +1,5 @@
 """Training loop: sharding, resume, preemption, non-finite updates, evaluation, config errors."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,19 +15,14 @@ import numpy as np
 import pytest
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, evaluate, sharding, train
+from flowseg_jax import checkpointing, defaults, evaluate, sharding, train
 from flowseg_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg="smoke"):
-  spec = importlib.util.spec_from_file_location(
-    "demo_config", os.path.join(REPO, "configs", "demo.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return defaults.load_config_file(os.path.join(REPO, "configs", "demo.py"), arg)
 
 
 def tiny_config(**overrides):
