@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
   config.optim.ema_decay = 0.99
   config.eval.num_steps = 10
   config.eval.num_pictures = 4
+  config.eval.batch_per_device = 8
   config.mesh.data = -1
 
   if arg == "smoke":
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 2
     config.eval.num_steps = 2
     config.eval.num_pictures = 2
+    config.eval.batch_per_device = 1
   elif arg:
     raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke)")
   return config

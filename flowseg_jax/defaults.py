@@ -66,6 +66,9 @@ def eval_config() -> ml_collections.ConfigDict:
   c.max_examples = -1  # -1: the whole eval split
   c.num_pictures = 4  # colourised predictions written per evaluation
   c.use_ema = True  # evaluate the EMA parameters
+  # Windows per device per call. Fixed per device (not a global batch), so that an image's result does
+  # not depend on the device count; batches are padded.
+  c.batch_per_device = 2
   return c
 
 
