@@ -321,8 +321,11 @@ def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[
   if mode != "slide":
     raise ValueError(f"mode (config.eval.mode) must be one of {MODES}, got {mode!r}")
   stride = tuple(int(s) for s in config.eval.slide_stride)
-  if len(stride) != 2 or any(s <= 0 for s in stride):
-    raise ValueError(f"config.eval.slide_stride must be two positive ints, got {stride}")
+  if len(stride) != 2 or not all(0 < s <= c for s, c in zip(stride, crop, strict=True)):
+    raise ValueError(
+      f"config.eval.slide_stride={stride} must be positive and at most the window "
+      f"config.input.image_size={crop} (a larger stride leaves pixels no window covers)"
+    )
   h, w = rgb.shape[:2]
   scale = max(config.eval.slide_short_side / min(h, w), crop[0] / h, crop[1] / w)
   size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))

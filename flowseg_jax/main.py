@@ -117,7 +117,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
     for depth, part in enumerate([*parents, leaf]):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         known = _field_paths(config)
-        guess = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        guess = difflib.get_close_matches(key, known, n=2, cutoff=0.8)
         hint = f"; did you mean {' or '.join('--config.' + g for g in guess)}?" if guess else ""
         raise UsageError(f"unknown config field --config.{key}{hint}")
       if depth < len(parents):

@@ -164,7 +164,13 @@ def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]
         cfg.data_dir, split, labels=cfg.coco_stuff_labels, on_bad_example=on_bad
       )
     return src, src.label_map
-  from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  try:
+    from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  except ImportError as e:
+    raise ImportError(
+      f"config.input.dataset={name!r} needs TensorFlow Datasets: pip install 'flowseg-jax[tfds]' "
+      f"({e})"
+    ) from e
 
   src = tfds_builders.load_source(
     _TFDS_NAMES[name],
