@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flowseg_jax import inference, main, sampling, sharding, train
+from flowseg_jax.data import pipeline
 from tests.train_test import REPO, tiny_config
 
 PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
@@ -270,3 +271,75 @@ def test_predict_skips_unreadable_files(workdir, tmp_path, capsys):
     f"{n}_{k}.png" for n in ("a", "c") for k in ("label", "mask", "overlay")
   )
   assert np.asarray(Image.open(out / "c_label.png")).shape == (17, 23)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training's TensorBoard logs (written without TensorFlow).
+# ------------------------------------------------------------------------------------------------
+
+
+def _events(workdir):
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+
+  scalars, hparams = {}, {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    for event in event_file_loader.EventFileLoader(os.path.join(workdir, name)).Load():
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "hparams":
+          data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+          if data.HasField("session_start_info"):
+            hparams.update(data.session_start_info.hparams)
+        elif value.HasField("simple_value"):
+          scalars[(value.tag, event.step)] = value.simple_value
+        elif value.HasField("tensor") and value.tensor.dtype == 1:  # DT_FLOAT scalars
+          scalars[(value.tag, event.step)] = float(tensor_util.make_ndarray(value.tensor))
+  return scalars, hparams
+
+
+def test_tensorboard_gets_flat_hparams_per_class_iou_and_lr(workdir):
+  scalars, hparams = _events(workdir)
+  config = tiny_config()
+  assert hparams["optim.learning_rate"].number_value == pytest.approx(config.optim.learning_rate)
+  assert hparams["objective.transform"].string_value == "log"
+  assert hparams["input.image_size"].string_value == "(32, 32)"
+  with open(os.path.join(workdir, "eval", "step_6.json")) as f:
+    ious = json.load(f)["per_class_IoU"]
+  logged = {
+    tag.split("/", 1)[1]: v for (tag, step), v in scalars.items() if tag.startswith("eval_IoU/")
+  }
+  assert logged == pytest.approx({k: v for k, v in ious.items() if v is not None}, abs=1e-6)
+  assert ("eval/mIoU", 6) in scalars
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, f)}
+  for step, lr in lrs.items():
+    assert scalars[("train/learning_rate", step)] == pytest.approx(lr, rel=1e-6)
+
+
+def test_logged_learning_rate_is_the_applied_one():
+  """After a skipped (non-finite) update the optimiser's count lags the step: the learning rate logged
+  is the schedule at the count of applied updates."""
+  config = tiny_config(**{"optim.warmup_steps": 4})  # lr(k) = k / 4 * peak for k < 4
+  setup = train.Setup(config)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
+  step_fn = train.compile_train_step(setup, mesh, shardings)
+  it = pipeline.create_train_iterator(config.input, seed=0)
+  good = next(it)
+  good.pop("num_skipped")
+  bad = {**good, "image": good["image"].copy()}
+  bad["image"][0, 0, 0, 0] = np.nan
+  logged = []
+  with jax.set_mesh(mesh):
+    for batch in (good, bad, good, good):
+      state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), None)
+      logged.append((int(metrics["skipped"]), float(metrics["learning_rate"])))
+  peak = config.optim.learning_rate
+  # steps 0..3; step 1 skipped, so steps 2 and 3 apply updates number 1 and 2.
+  assert logged == [(0, 0.0), (1, pytest.approx(peak / 4)), (0, pytest.approx(peak / 4)),
+                    (0, pytest.approx(peak / 2))]  # fmt: skip
+  assert int(state.step) == 4 and int(state.num_skipped) == 1
