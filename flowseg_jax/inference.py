@@ -282,24 +282,27 @@ def resize_colours(colours: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.stack(channels, axis=-1)
 
 
-def decode_colours_host(colours: np.ndarray, centroids: np.ndarray, chunk: int = 16) -> np.ndarray:
-  """Nearest centroid on the host, (H, W, 3) -> int32 (H, W); the arithmetic of
-  `centroids.squared_distances` (channel by channel), ties to the lower index."""
+def decode_colours_host(colours: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """Nearest centroid on the host, (H, W, 3) -> int32 (H, W): the arithmetic of
+  `centroids.squared_distances` (channel by channel, float32), ties to the lower index. One class at a
+  time over channel planes, in place: no (pixels x classes) array."""
   x = np.asarray(colours, np.float32)
   mu = np.asarray(centroids, np.float32)
-  best_d = np.full(x.shape[:-1], np.inf, np.float32)
-  best_i = np.zeros(x.shape[:-1], np.int32)
-  for start in range(0, len(mu), chunk):
-    part = mu[start : start + chunk]
-    d = np.zeros((*x.shape[:-1], len(part)), np.float32)
-    for c in range(x.shape[-1]):
-      d += np.square(x[..., c : c + 1] - part[:, c])
-    i = np.argmin(d, axis=-1)
-    d_min = np.take_along_axis(d, i[..., None], axis=-1)[..., 0]
-    better = d_min < best_d
-    best_d = np.where(better, d_min, best_d)
-    best_i = np.where(better, i.astype(np.int32) + start, best_i)
-  return best_i
+  planes = [np.ascontiguousarray(x[..., c]).ravel() for c in range(x.shape[-1])]
+  best = np.full(planes[0].shape, np.inf, np.float32)
+  index = np.zeros(planes[0].shape, np.int32)
+  d, term = np.empty_like(best), np.empty_like(best)
+  for k in range(len(mu)):
+    np.subtract(planes[0], mu[k, 0], out=d)
+    np.square(d, out=d)
+    for c in range(1, len(planes)):
+      np.subtract(planes[c], mu[k, c], out=term)
+      np.square(term, out=term)
+      d += term
+    better = d < best
+    np.copyto(best, d, where=better)
+    index[better] = k
+  return index.reshape(x.shape[:-1])
 
 
 def slide_windows(h: int, w: int, crop: tuple[int, int], stride: tuple[int, int]):
