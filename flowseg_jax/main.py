@@ -147,14 +147,14 @@ def load_config(spec: str | None, workdir: str | None, overrides, *, from_workdi
     except ValueError as e:
       raise UsageError(f"--config {spec}: {e}") from e
   elif from_workdir:
-    from flowseg_jax import inference
+    from flowseg_jax import workdir as workdir_lib
 
-    if not os.path.isfile(os.path.join(workdir, inference.CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
       raise UsageError(
-        f"workdir {workdir!r} has no {inference.CONFIG_FILE} (training writes it): pass --config"
+        f"workdir {workdir!r} has no {workdir_lib.CONFIG_FILE} (training writes it): pass --config"
       )
     try:
-      config = inference.load_workdir_config(workdir)
+      config = workdir_lib.load_config(workdir)
     except ValueError as e:
       raise UsageError(str(e)) from e
   else:
@@ -224,10 +224,10 @@ def _run_command(command: str, argv: list[str]) -> int:
   rest, overrides = split_overrides(argv)
   args = _parser(command).parse_args(rest)  # exits 2 with one line on a usage error
   if command != "train":
-    from flowseg_jax import inference
+    from flowseg_jax import workdir as workdir_lib
 
     try:
-      inference.check_has_checkpoint(args.workdir)
+      workdir_lib.check_has_checkpoint(args.workdir)
     except FileNotFoundError as e:
       raise UsageError(str(e)) from e
   config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")

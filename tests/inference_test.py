@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flowseg_jax import inference, main, sampling, sharding, train
+from flowseg_jax import workdir as workdir_lib
 from flowseg_jax.data import pipeline
 from tests.train_test import REPO, tiny_config
 
@@ -170,7 +171,7 @@ def test_config_json_round_trip(seg):
   """workdir/config.json comes back with its types: tuples, typed None fields, nested groups."""
   for spec in ("demo.py:smoke", "flowseg_ade20k.py:stage=1"):
     config = main.load_config(os.path.join(REPO, "configs", spec), None, [], from_workdir=False)
-    back = inference.config_from_json(config.to_json_best_effort())
+    back = workdir_lib.config_from_json(config.to_json_best_effort())
     want, got = config.to_dict(), back.to_dict()
     # Lists of lists hold no type information: the rules' inner tuples come back as lists.
     assert [list(map(_listed, r)) for r in want.pop("sharding_rules")] == got.pop("sharding_rules")
