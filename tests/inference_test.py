@@ -344,3 +344,14 @@ def test_logged_learning_rate_is_the_applied_one():
   assert logged == [(0, 0.0), (1, pytest.approx(peak / 4)), (0, pytest.approx(peak / 4)),
                     (0, pytest.approx(peak / 2))]  # fmt: skip
   assert int(state.step) == 4 and int(state.num_skipped) == 1
+
+
+def test_progress_lines_carry_an_eta(monkeypatch):
+  lines = []
+  monkeypatch.setattr(inference.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  progress = inference.Progress("evaluate", 10, 4)
+  for _ in range(10):
+    progress.update()
+  assert len(lines) == 2 and lines[0].startswith("evaluate: 4/10 (") and "ETA 0:00:0" in lines[0]
+  assert inference.progress_every(8) == 0  # a handful of images: quiet
+  assert inference.progress_every(2000) == 100
