@@ -86,7 +86,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.input.dataset = "ade20k"
   config.input.image_size = (256, 256)
   config.input.batch_size = 64
-  config.input.eval_batch_size = 16
 
   config.model = models.default_model_config("XL/16")
   # Conditioning label: -1 = PixNerd's null class (index num_classes), the unconditional branch.

@@ -4,6 +4,7 @@ TensorFlow. Slow (it installs JAX and friends from the package index, ~1.5 min w
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +33,12 @@ def test_core_install_trains_and_logs_without_tensorflow(tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = str(venv / "bin" / "python")
-  subprocess.run([python, "-m", "pip", "install", "--quiet", REPO], check=True, timeout=1200)
+  # Built from a copy: building in place would leave build/ and *.egg-info in the checkout.
+  src = tmp_path / "src"
+  shutil.copytree(
+    REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", ".venv", "__pycache__")
+  )
+  subprocess.run([python, "-m", "pip", "install", "--quiet", str(src)], check=True, timeout=1200)
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   workdir = tmp_path / "run"
   proc = subprocess.run(

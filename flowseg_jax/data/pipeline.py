@@ -60,9 +60,8 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.eval_split = "validation"
   # (H, W) of training images and of the whole-image eval input.
   c.image_size = (64, 64)
-  # GLOBAL batch sizes (divided by the process count).
+  # GLOBAL batch size (divided by the process count). Evaluation batches: config.eval.batch_per_device.
   c.batch_size = 32
-  c.eval_batch_size = 8
   # Data-order and augmentation seed; None = the `seed` passed to create_train_iterator.
   c.shuffle_seed = ml_collections.FieldReference(None, field_type=int)
   # grain worker processes (0 = in-process) and batches buffered per worker.
