@@ -355,3 +355,15 @@ def test_progress_lines_carry_an_eta(monkeypatch):
   assert len(lines) == 2 and lines[0].startswith("evaluate: 4/10 (") and "ETA 0:00:0" in lines[0]
   assert inference.progress_every(8) == 0  # a handful of images: quiet
   assert inference.progress_every(2000) == 100
+
+
+def test_readme_quick_start_shows_the_three_lines():
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  quick = readme[readme.index("## Quick start") :]
+  for line in (
+    "from flowseg_jax import Segmenter",
+    'seg = Segmenter.from_workdir("/tmp/flowseg_demo")',
+    'labels = seg("photo.jpg")',
+  ):
+    assert line in quick, line
