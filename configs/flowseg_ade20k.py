@@ -52,7 +52,6 @@ def get_config(arg: str | None = None):
   config.input.eval_split = "validation"
   config.input.random_flip = True
   config.input.num_workers = 8
-  config.input.eval_batch_size = 16
   apply_stage(config, args.pop("stage", "1"))
   config.mesh.fsdp = int(args.pop("fsdp", 1))
   config.model.variant = "XL/16"

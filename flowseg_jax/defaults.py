@@ -66,6 +66,9 @@ def eval_config() -> ml_collections.ConfigDict:
   c.max_examples = -1  # -1: the whole eval split
   c.num_pictures = 4  # colourised predictions written per evaluation
   c.use_ema = True  # evaluate the EMA parameters
+  # Windows per device per call. Fixed per device (not a global batch), so that an image's result does
+  # not depend on the device count; batches are padded.
+  c.batch_per_device = 2
   return c
 
 
@@ -83,7 +86,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.input.dataset = "ade20k"
   config.input.image_size = (256, 256)
   config.input.batch_size = 64
-  config.input.eval_batch_size = 16
 
   config.model = models.default_model_config("XL/16")
   # Conditioning label: -1 = PixNerd's null class (index num_classes), the unconditional branch.

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, evaluate, flow, models, optim, sharding
+from flowseg_jax import checkpointing, evaluate, flow, inference, models, optim, sharding, writers
 from flowseg_jax.data import pipeline
 from flowseg_jax.models import repa
 from flowseg_jax.train_state import TrainState
@@ -30,20 +30,13 @@ from flowseg_jax.train_state import TrainState
 # ------------------------------------------------------------------------------------------------
 
 
-class Setup:
-  """Everything the step closes over: built once, from the config."""
+class Setup(inference.InferenceSetup):
+  """Everything the step closes over: built once, from the config (the model, centroids and
+  conditioning label as inference builds them, plus the optimiser and the REPA teacher)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     validate_config(config)
-    self.config = config
-    self.model = models.create_model(config.model)
-    self.num_classes = pipeline.num_classes(config.input)
-    self.centroids = jnp.asarray(
-      centroids_lib.class_centroids(
-        self.num_classes, ignore_as_class=not config.objective.mask_ignored
-      )
-    )
-    self.cond_label = self.model.num_classes if config.cond_label < 0 else int(config.cond_label)
+    super().__init__(config)
     self.tx = optim.create_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     self.projector = self.teacher = self.teacher_params = None
@@ -348,7 +341,7 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
   )
   metrics.update(
     grad_norm=grad_norm,
-    learning_rate=setup.lr_schedule(state.step),
+    learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
     skipped=(~finite).astype(jnp.int32),
     num_valid=total_valid,
   )
@@ -450,18 +443,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parameter_overview.log_parameter_overview(jax.device_get(state.params))
 
   step_fn = compile_train_step(setup, mesh, state_shardings)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams(
-      {k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)}
-    )
-  hooks = []
-  if jax.process_index() == 0:
-    hooks.append(
-      periodic_actions.ReportProgress(
-        num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
-      )
-    )
+    writer.write_hparams(config.to_dict())
+  progress = inference.Progress(
+    "train", config.total_steps, config.log_every_steps, start=start_step
+  )
 
   history: list[dict] = []
   skipped_examples = 0
@@ -469,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start_step
   with (
     _Preemption() as preemption,
-    metric_writers.ensure_flushes(writer),
+    writers.ensure_flushes(writer),
     jax.set_mesh(mesh),
     nn.logical_axis_rules(rules),
   ):
@@ -481,8 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = step_fn(state, batch, setup.teacher_params)
       step += 1
       history.append(metrics)
-      for hook in hooks:
-        hook(step)
+      progress.update()
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         summary = _mean_metrics(history)
@@ -521,3 +507,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "train_result.json"), "w") as f:
       json.dump({k: v for k, v in result.items() if np.isscalar(v)}, f, indent=2)
   return result
+
+
+def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
+  """(setup, mesh, state, step) of the newest readable checkpoint of workdir: the whole TrainState
+  (online and EMA parameters, optimiser), e.g. to compare runs. Inference uses `Segmenter`."""
+  setup = Setup(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
+  manager = checkpointing.create_manager(
+    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=False
+  )
+  restored = checkpointing.restore_latest(manager, abstract, None)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
+  state, step = restored
+  return setup, mesh, state, step

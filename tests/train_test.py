@@ -160,7 +160,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 
 def _final_params(config, workdir):
-  _, _, state, step = evaluate.restore_for_inference(config, workdir)
+  _, _, state, step = train.restore_train_state(config, workdir)
   return step, [np.asarray(x).tobytes() for x in jax.tree.leaves(state.params)]
 
 
@@ -353,7 +353,7 @@ def test_model_init_starts_from_converted_pixnerd(tmp_path):
   config.model_init = str(tmp_path / "converted")
 
   train.train_and_evaluate(config, str(tmp_path / "run"))
-  _, _, state, step = evaluate.restore_for_inference(config, str(tmp_path / "run"))
+  _, _, state, step = train.restore_train_state(config, str(tmp_path / "run"))
   assert step == 1
   want = params  # model_init re-lays the converted (unscanned) weights out for this scanned model
   got_online, got_ema = jax.device_get((state.params["denoiser"], state.ema_params["denoiser"]))

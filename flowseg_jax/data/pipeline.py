@@ -60,9 +60,8 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.eval_split = "validation"
   # (H, W) of training images and of the whole-image eval input.
   c.image_size = (64, 64)
-  # GLOBAL batch sizes (divided by the process count).
+  # GLOBAL batch size (divided by the process count). Evaluation batches: config.eval.batch_per_device.
   c.batch_size = 32
-  c.eval_batch_size = 8
   # Data-order and augmentation seed; None = the `seed` passed to create_train_iterator.
   c.shuffle_seed = ml_collections.FieldReference(None, field_type=int)
   # grain worker processes (0 = in-process) and batches buffered per worker.
@@ -164,7 +163,13 @@ def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]
         cfg.data_dir, split, labels=cfg.coco_stuff_labels, on_bad_example=on_bad
       )
     return src, src.label_map
-  from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  try:
+    from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  except ImportError as e:
+    raise ImportError(
+      f"config.input.dataset={name!r} needs TensorFlow Datasets: pip install 'flowseg-jax[tfds]' "
+      f"({e})"
+    ) from e
 
   src = tfds_builders.load_source(
     _TFDS_NAMES[name],
