@@ -20,7 +20,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, evaluate, flow, inference, models, optim, sharding, writers
+from flowseg_jax import (
+  checkpointing,
+  evaluate,
+  flow,
+  inference,
+  models,
+  optim,
+  prompted_flow,
+  sampling,
+  sharding,
+  tasks,
+  writers,
+)
 from flowseg_jax.data import pipeline
 from flowseg_jax.models import repa
 from flowseg_jax.train_state import TrainState
@@ -66,10 +78,7 @@ class Setup(inference.InferenceSetup):
 
   def init_params(self, rng):
     """Boxed (logically partitioned) parameters {'denoiser': ..., ['projector': ...]}."""
-    size = tuple(self.config.input.image_size)
-    x = jnp.zeros((1, *size, 3), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32)
+    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
     k1, k2 = jax.random.split(rng)
     params = {"denoiser": self.model.init(k1, x, t, y)["params"]}
     if self.projector is not None:
@@ -231,7 +240,7 @@ def initialise_or_restore(setup, state, shardings, manager, data_iter):
 # ------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params, teacher_params, images, labels, key, total_valid, *, setup: Setup):
+def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None, *, setup: Setup):
   """Loss of one micro-batch, scaled so that summing micro-batches gives the global-batch loss."""
   cfg = setup.config.objective
   b = images.shape[0]
@@ -244,17 +253,12 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, *, setup: 
     shift=cfg.t_shift,
   )
   x_t = flow.interpolant(images, labels, t, setup.centroids, mask_ignored=cfg.mask_ignored)
-  y = jnp.full((b,), setup.cond_label, jnp.int32)
   metrics = {}
   if setup.projector is None:
-    out = setup.model.apply({"params": params["denoiser"]}, x_t, t, y)
+    out = setup.task.apply(params["denoiser"], x_t, t, cond)
   else:
-    out, tokens = setup.model.apply(
-      {"params": params["denoiser"]},
-      x_t,
-      t,
-      y,
-      return_block_tokens=setup.config.repa.align_layer,
+    out, tokens = setup.task.apply(
+      params["denoiser"], x_t, t, cond, return_block_tokens=setup.config.repa.align_layer
     )
     projected = setup.projector.apply({"params": params["projector"]}, tokens)
     target_tokens = repa.teacher_tokens(
@@ -287,6 +291,10 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
   accum = config.optim.grad_accum_steps
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels = batch["image"], batch["label"]
+  cond = setup.task.condition(batch)
+  refine_metrics = {}
+  if setup.task.name == "prompted" and config.prompted.refine.enabled:
+    labels, refine_metrics = refine_targets(state, images, labels, cond, setup=setup)
   valid = labels != centroids_lib.IGNORE_LABEL if config.objective.mask_ignored else labels >= 0
   total_valid = jnp.sum(valid.astype(jnp.int32))
 
@@ -297,8 +305,8 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
 
   def accumulate(carry, xs):
     grads, metrics = carry
-    mb_images, mb_labels, mb_key = xs
-    g, m = grad_fn(state.params, teacher_params, mb_images, mb_labels, mb_key, total_valid)
+    mb_images, mb_labels, mb_key, mb_cond = xs
+    g, m = grad_fn(state.params, teacher_params, mb_images, mb_labels, mb_key, total_valid, mb_cond)
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
   keys = jax.random.split(key, accum)
@@ -311,10 +319,13 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
     micro(labels)[0],
     keys[0],
     total_valid,
+    jax.tree.map(lambda c: micro(c)[0], cond),
   )
   zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
   (grads, metrics), _ = jax.lax.scan(
-    accumulate, (zero_grads, zero_metrics), (micro(images), micro(labels), keys)
+    accumulate,
+    (zero_grads, zero_metrics),
+    (micro(images), micro(labels), keys, jax.tree.map(micro, cond)),
   )
 
   grad_norm = optax.tree.norm(grads)
@@ -344,8 +355,29 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
     learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
     skipped=(~finite).astype(jnp.int32),
     num_valid=total_valid,
+    **refine_metrics,
   )
   return new_state, metrics
+
+
+def refine_targets(state: TrainState, images, labels, cond, *, setup: Setup):
+  """Label refinement (`prompted_flow.refine_labels`): the EMA network's one-step prediction from
+  the clean image replaces confident, differing boundary targets after the warm-up."""
+  cfg = setup.config.prompted.refine
+  t0 = jnp.zeros((images.shape[0],), jnp.float32)
+  out = setup.task.apply(jax.lax.stop_gradient(state.ema_params["denoiser"]), images, t0, cond)
+  obj = setup.config.objective
+  v = sampling.velocity(out, images, t0, prediction=obj.prediction, t_eps=obj.t_eps)
+  refined, changed = prompted_flow.refine_labels(
+    labels,
+    images + v,
+    setup.centroids,
+    state.step,
+    warmup_steps=cfg.warmup_steps,
+    boundary_width=cfg.boundary_width,
+    margin=cfg.margin,
+  )
+  return refined, {"refined_pixels": changed}
 
 
 def compile_train_step(setup: Setup, mesh, state_shardings):
@@ -358,7 +390,7 @@ def compile_train_step(setup: Setup, mesh, state_shardings):
     functools.partial(train_step, setup=setup),
     in_shardings=(
       state_shardings,
-      {"image": data_sharding, "label": data_sharding},
+      {k: data_sharding for k in setup.task.batch_keys},
       teacher_sharding,
     ),
     out_shardings=(state_shardings, repl),
@@ -488,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_eval = evaluate.evaluate_state(
           config, setup, state, mesh, workdir=workdir, step=step, writer=writer
         )
-        eval_metrics = {checkpointing.BEST_METRIC: last_eval["mIoU"]}
+        eval_metrics = {checkpointing.BEST_METRIC: last_eval[setup.task.best_metric]}
       stop = preemption.requested or manager.reached_preemption(step)
       if step % config.ckpt_every_steps == 0 or is_last or stop or eval_metrics is not None:
         checkpointing.save(manager, step, state, data_iter, metrics=eval_metrics)

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from flowseg_jax.data import classes, sources, synthetic
+from flowseg_jax.data import classes, prompted, sources, synthetic
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
   LoadEvalExample,
@@ -126,6 +126,31 @@ def palette(cfg: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
+  """Returns (random-access source, label map) for a split; prompted examples (binary masks, a
+  'prompt' id) when `cfg.prompted` is set (see `data.prompted`)."""
+  src, label_map = _make_semantic_source(cfg, split, prepare)
+  if cfg.get("prompted") is None:
+    return src, label_map
+  p = cfg.prompted
+  train = split == cfg.train_split
+  src = prompted.PromptedSource(
+    src,
+    label_map,
+    num_classes(cfg),
+    classes=p.train_classes if train else p.eval_classes,
+    min_pixels=int(p.min_pixels),
+  )
+  return src, prompted.BINARY_LABEL_MAP
+
+
+def prompt_list(cfg: ml_collections.ConfigDict) -> list[str]:
+  """The prompts of a prompted input config, index = the examples' 'prompt' id."""
+  if cfg.get("prompted") is None:
+    raise ValueError("config.input.prompted is not set: this is not a prompted dataset")
+  return prompted.prompt_list(cfg.prompted.template, class_names(cfg))
+
+
+def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
   """Returns (random-access source, label map) for a split.
 
   `prepare`: for TFDS datasets, prepare a missing dataset from `cfg.manual_dir` (only ever from
