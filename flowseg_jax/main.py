@@ -5,6 +5,9 @@ flowseg evaluate --config configs/demo.py --workdir DIR [--config.eval.num_steps
 flowseg predict  --config configs/demo.py --workdir DIR --input IMG_OR_DIR --output DIR
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR
+
+`flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
+fault (one message naming it); see run_status.py and README "Fault tolerance".
 """
 
 from __future__ import annotations
@@ -65,9 +68,14 @@ def _run_absl(command: str, argv: list[str]) -> None:
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     if command == "train":
-      from flowseg_jax import train
+      from flowseg_jax import run_status, train
 
-      train.train_and_evaluate(config, workdir)
+      try:
+        result = train.train_and_evaluate(config, workdir)
+      except run_status.RunError as e:  # a known fault: its message says everything, no traceback
+        sys.stderr.write(f"flowseg train: {e}\n")
+        return run_status.EXIT_STATUS[run_status.FAILED]
+      return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
     elif command == "evaluate":
       from flowseg_jax import evaluate
 
