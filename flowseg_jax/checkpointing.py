@@ -54,6 +54,10 @@ _WRITE_FAILURE = re.compile(
 )
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_TMP_STEP = re.compile(r"/(\d+)\.orbax-checkpoint-tmp")
+
+
 class CheckpointMismatchError(RunError):
   """The workdir's checkpoint holds another parameter structure than this config builds."""
 
@@ -85,11 +89,19 @@ def write_error_reason(e: BaseException) -> str | None:
   for err in _chain(e):
     if isinstance(err, OSError) and err.errno is not None:
       return f"[Errno {err.errno}] {err.strerror or os.strerror(err.errno)}"
+    code = _OS_ERROR_CODE.search(str(err))  # tensorstore: "... [os_error_code='28' ...]"
+    if code:
+      return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
     match = _WRITE_FAILURE.search(str(err))
     if match:
-      line = next((ln for ln in str(err).splitlines() if match.group(0) in ln), match.group(0))
-      return line.strip()[:300]
+      return match.group(0)
   return None
+
+
+def _failed_step(e: BaseException, default: int) -> int:
+  """The step whose temporary directory a write error names (async saves fail a step later)."""
+  match = _TMP_STEP.search(str(e))
+  return int(match.group(1)) if match else default
 
 
 def topology() -> dict[str, int]:
@@ -127,7 +139,8 @@ def _write_failed(manager, step: int, e: BaseException) -> CheckpointWriteError 
   if reason is None:
     return None
   return CheckpointWriteError(
-    f"checkpoint of step {step} could not be written to {manager.directory}: {reason}"
+    f"checkpoint of step {_failed_step(e, step)} could not be written to {manager.directory}: "
+    f"{reason}"
   )
 
 
@@ -167,11 +180,9 @@ def check_saved(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
       manager.wait_until_finished()
     manager.check_for_errors()
   except Exception as e:
-    steps = manager.all_steps()
-    error = _write_failed(manager, max(steps) + 1 if steps else 0, e)
+    error = _write_failed(manager, manager.latest_step() or 0, e)
     if error is None:
       raise
-    error.args = (error.args[0].replace("of step", "started after step"),)
     raise error from None
 
 

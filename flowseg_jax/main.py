@@ -36,10 +36,14 @@ def _run_convert(argv: list[str]) -> int:
 
 
 class _QuietLibraries:
-  """Drops INFO records from orbax (dozens per checkpoint); warnings and errors pass."""
+  """Drops INFO records from orbax (dozens per checkpoint) and the per-array tracebacks its writer
+  threads and asyncio log when a save fails (hundreds of lines; the trainer reports the failure in
+  one line naming the directory and the OS error). Other warnings and errors pass."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or "orbax" not in record.pathname
+    if "orbax" in record.pathname:
+      return record.levelno > 20 and not record.exc_info
+    return not ("asyncio" in record.pathname and "never retrieved" in record.getMessage())
 
 
 def _run_absl(command: str, argv: list[str]) -> None:
