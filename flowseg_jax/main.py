@@ -46,6 +46,19 @@ class _QuietLibraries:
     return not ("asyncio" in record.pathname and "never retrieved" in record.getMessage())
 
 
+def train_command(config, workdir: str) -> int:
+  """`flowseg train`: the exit status says how the run ended (run_status.EXIT_STATUS)."""
+  from flowseg_jax import run_status, train
+
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except run_status.RunError as e:  # a known fault: its message says everything, no traceback
+    sys.stderr.write(f"flowseg train: {e}\n")
+    sys.stderr.flush()
+    return run_status.EXIT_STATUS[run_status.FAILED]
+  return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
+
+
 def _run_absl(command: str, argv: list[str]) -> None:
   from absl import app, flags, logging
   from ml_collections import config_flags
@@ -72,14 +85,7 @@ def _run_absl(command: str, argv: list[str]) -> None:
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     if command == "train":
-      from flowseg_jax import run_status, train
-
-      try:
-        result = train.train_and_evaluate(config, workdir)
-      except run_status.RunError as e:  # a known fault: its message says everything, no traceback
-        sys.stderr.write(f"flowseg train: {e}\n")
-        return run_status.EXIT_STATUS[run_status.FAILED]
-      return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
+      return train_command(config, workdir)
     elif command == "evaluate":
       from flowseg_jax import evaluate
 
