@@ -116,6 +116,7 @@ def _cli(workdir, devices, *flags):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_devices(tmp_path):
   """8 devices (FSDP 4) -> 4 devices (FSDP 4, data 1): the optimiser state is resharded by orbax
   and steps 5..6 match an uninterrupted 8-device run to float32 tolerance."""

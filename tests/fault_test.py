@@ -4,6 +4,7 @@ Most tests start from copies of one finished 4-step run (checkpoints at steps 2 
 at step 4), so each row costs a few steps of training, not a whole run.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -14,14 +15,21 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+from jax._src import array
+from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import checkpointing, evaluate, run_status, sharding, train, workdir_lock
 from flowseg_jax.data import synthetic
 from tests.train_test import REPO, read_jsonl, tiny_config
 
-BASE = {"total_steps": 4, "ckpt_every_steps": 2, "eval_every_steps": 4, "keep_checkpoints": 3}
+# FSDP over 2 devices, so that parameters are really split (see no_host_gathers).
+BASE = {
+  "total_steps": 4, "ckpt_every_steps": 2, "eval_every_steps": 4, "keep_checkpoints": 3,
+  "mesh.data": -1, "mesh.fsdp": 2,
+}  # fmt: skip
 
 
 def config(**overrides):
@@ -47,12 +55,51 @@ def snapshot(workdir):
   return out
 
 
+@contextlib.contextmanager
+def no_host_gathers():
+  """Records every fetch to the host of an array split over several devices (a gather)."""
+  real_get, real_array = jax.device_get, array.ArrayImpl.__array__
+  gathered = []
+
+  def check(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and not x.is_fully_replicated:
+      gathered.append(x.shape)
+
+  def device_get(tree):
+    jax.tree.map(check, tree)
+    return real_get(tree)
+
+  def to_numpy(self, *args, **kwargs):
+    check(self)
+    return real_array(self, *args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, "device_get", device_get)
+    patch.setattr(array.ArrayImpl, "__array__", to_numpy)
+    yield gathered
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+  """Also checks that training, checkpointing and evaluation never gather FSDP-split arrays."""
   workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  result = train.train_and_evaluate(config(), workdir)
+  with no_host_gathers() as gathered:
+    result = train.train_and_evaluate(config(), workdir)
+  assert gathered == []
   assert result["status"] == run_status.FINISHED and "mIoU" in result
   return workdir
+
+
+def test_no_host_gathers_guard_sees_a_gather():
+  mesh = sharding.make_mesh(-1, 2)
+  x = jax.device_put(np.ones((4, 4), np.float32), jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
+  for fetch in (jax.device_get, np.asarray):
+    with no_host_gathers() as gathered:
+      fetch(x)
+    assert gathered and set(gathered) == {(4, 4)}
+  with no_host_gathers() as gathered:
+    jax.device_get(jax.device_put(x, jax.sharding.NamedSharding(mesh, P())))  # replicated: fine
+  assert gathered == []
 
 
 @pytest.fixture
