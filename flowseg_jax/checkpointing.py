@@ -193,7 +193,15 @@ def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> 
     directory = epath.Path(manager.directory) / str(step) / "metrics"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics").write_text(json.dumps(metrics))
+  _barrier(f"flowseg_record_metrics_{step}")  # every process reloads after the file exists
   manager.reload()
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,10 +262,7 @@ def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) 
       first_line,
       target,
     )
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f"flowseg_move_aside_{step}")
+  _barrier(f"flowseg_move_aside_{step}")
   manager.reload()
   return target
 

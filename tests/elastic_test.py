@@ -26,6 +26,7 @@ import pytest
 
 from flowseg_jax import sharding, train
 from flowseg_jax.data import pipeline
+from tests.fault_test import config as fault_config
 from tests.train_test import REPO, _final_params, read_jsonl, tiny_config
 
 EPOCH = 64  # configs/demo.py:smoke has 64 training examples, global batch 8
@@ -80,8 +81,10 @@ def test_checkpoint_of_another_process_count_continues_the_global_stream(tmp_pat
   """A checkpoint whose meta says it was written by 2 processes (the iterator state is then not
   used) resumes at its global data position: steps 3 and 4 see the examples of the one-process
   stream, and the run continues bit for bit like an ordinary resume (same device count here)."""
+  cfg = fault_config(eval_every_steps=0)  # the fault matrix's compiled step
   workdir, ordinary = str(tmp_path / "elastic"), str(tmp_path / "ordinary")
-  train.train_and_evaluate(tiny_config(total_steps=2, ckpt_every_steps=2), workdir)
+  train.train_and_evaluate(cfg, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # back to step 2
   shutil.copytree(workdir, ordinary)
   meta_path = os.path.join(workdir, "checkpoints", "2", "meta", "metadata")
   with open(meta_path) as f:
@@ -92,11 +95,12 @@ def test_checkpoint_of_another_process_count_continues_the_global_stream(tmp_pat
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "data_iter"))  # no process_0-of-1 state
   log = []
   _recording(monkeypatch, log)
-  train.train_and_evaluate(tiny_config(total_steps=4), workdir)
+  train.train_and_evaluate(cfg, workdir)
   assert log == _chunks(reference_stream(32)[16:], 8)
   monkeypatch.undo()
-  train.train_and_evaluate(tiny_config(total_steps=4), ordinary)
+  train.train_and_evaluate(cfg, ordinary)
   assert read_jsonl(workdir) == read_jsonl(ordinary)  # every logged number, bit for bit
+  assert [r["step"] for r in read_jsonl(workdir)] == [1, 2, 3, 4]
   with open(os.path.join(workdir, "checkpoints", "4", "meta", "metadata")) as f:
     assert json.load(f)["data_start"] == 16  # the stream was rebuilt at the saved position
 

@@ -39,7 +39,8 @@ def config(**overrides):
 def cli(workdir, *flags):
   return [
     sys.executable, "-m", "flowseg_jax.main", "train", "--config", os.path.join(REPO, "configs/demo.py:smoke"),
-    f"--workdir={workdir}", "--config.eval_every_steps=0", "--config.log_every_steps=1", *flags,
+    f"--workdir={workdir}", "--config.eval_every_steps=0", "--config.log_every_steps=1",
+    "--config.total_steps=4", "--config.optim.warmup_steps=0", "--config.mesh.fsdp=2", *flags,
   ]  # fmt: skip
 
 
@@ -269,34 +270,34 @@ def test_bad_eval_example_stops_the_run_before_step_1(tmp_path, bad_eval_label):
 
 
 def test_bad_eval_example_is_skipped_and_counted(tmp_path, bad_eval_label):
-  cfg = config(total_steps=2, eval_every_steps=2, ckpt_every_steps=2)
+  cfg = config()
   cfg.input.on_bad_example = "skip"
   result = train.train_and_evaluate(cfg, str(tmp_path))
   assert result["num_examples"] == 7 and result["num_skipped_examples"] == 1
 
 
-def test_checkpoint_is_on_disk_before_its_evaluation_starts(run, monkeypatch):
-  """The evaluation of step 6 crashes (async saves on): step 6's checkpoint was complete when it
+def test_checkpoint_is_on_disk_before_its_evaluation_starts(tmp_path, monkeypatch):
+  """The evaluation of step 4 crashes (async saves on): step 4's checkpoint was complete when it
   started, so the rerun does not retrain: it only runs the missing final evaluation."""
   seen = []
 
   def crash(cfg, setup, state, mesh, *, workdir, step, writer=None):
-    seen.append(
-      sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-    )
+    steps = os.listdir(os.path.join(workdir, "checkpoints"))
+    seen.append((step, sorted(int(s) for s in steps if s.isdigit())))
     assert os.path.exists(os.path.join(workdir, "checkpoints", str(step), "commit_success.txt"))
     raise RuntimeError("evaluation crashed")
 
   monkeypatch.setattr(evaluate, "evaluate_state", crash)
-  cfg = config(total_steps=6, eval_every_steps=6, async_checkpointing=True)
+  workdir = str(tmp_path / "run")
+  cfg = config(async_checkpointing=True)
   with pytest.raises(RuntimeError, match="evaluation crashed"):
-    train.train_and_evaluate(cfg, run)
-  assert seen == [[2, 4, 6]]
+    train.train_and_evaluate(cfg, workdir)
+  assert seen == [(4, [2, 4])]
   monkeypatch.undo()
-  result = train.train_and_evaluate(cfg, run)
-  assert result["status"] == "finished" and result["step"] == 6 and "mIoU" in result
-  assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
-  assert os.path.exists(os.path.join(run, "eval", "step_6.json"))
+  result = train.train_and_evaluate(cfg, workdir)
+  assert result["status"] == "finished" and result["step"] == 4 and "mIoU" in result
+  assert steps_logged(workdir) == [1, 2, 3, 4]  # nothing retrained
+  assert os.path.exists(os.path.join(workdir, "eval", "step_4.json"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_consecutive_skipped_updates_stop_the_run(tmp_path, monkeypatch):
     return real(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_batch", poisoned)
-  cfg = config(total_steps=50, eval_every_steps=0, max_consecutive_skipped=3)
+  cfg = config(eval_every_steps=0, max_consecutive_skipped=3)
   with pytest.raises(train.NonFiniteError, match="stopped at step 3: the last 3 updates"):
     train.train_and_evaluate(cfg, str(tmp_path))
   with open(tmp_path / "train_result.json") as f:
