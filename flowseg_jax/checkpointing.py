@@ -46,7 +46,7 @@ DAMAGED_DIR = "damaged"
 # Read failures as tensorstore and orbax report them (status codes, or their wording).
 _READ_FAILURE = re.compile(
   r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|UNAVAILABLE)\b|error while reading|Error reading|"
-  r"Error opening|pytree structure error|does not exist|Metadata file"
+  r"Error opening|does not exist|Metadata file"
 )
 _WRITE_FAILURE = re.compile(
   r"\b(PERMISSION_DENIED|RESOURCE_EXHAUSTED)\b|No space left|Permission denied|File too large|"
