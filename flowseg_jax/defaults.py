@@ -81,6 +81,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.async_checkpointing = True
   config.eval_every_steps = 10_000  # 0: never during training
+  # Stop the run after this many consecutive updates skipped for non-finite loss or gradients
+  # (checked at log steps); 0: never stop.
+  config.max_consecutive_skipped = 100
 
   config.input = pipeline.default_input_config()
   config.input.dataset = "ade20k"

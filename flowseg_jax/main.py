@@ -8,6 +8,8 @@ flowseg convert  dinov2  --ckpt FILE --out DIR
 
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
+`flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
+fault (one message naming it); see run_status.py and README "Fault tolerance".
 """
 
 from __future__ import annotations
@@ -208,10 +210,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 class _QuietLibraries:
-  """Drops INFO records from orbax (dozens per checkpoint); warnings and errors pass."""
+  """Drops INFO records from orbax (dozens per checkpoint) and the per-array tracebacks its writer
+  threads and asyncio log when a save fails (hundreds of lines; the trainer reports the failure in
+  one line naming the directory and the OS error). Other warnings and errors pass."""
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or "orbax" not in record.pathname
+    if "orbax" in record.pathname:
+      return record.levelno > 20 and not record.exc_info
+    return not ("asyncio" in record.pathname and "never retrieved" in record.getMessage())
 
 
 def _setup_logging() -> None:
@@ -242,10 +248,7 @@ def _run_command(command: str, argv: list[str]) -> int:
   if args.distributed:
     jax.distributed.initialize()
   if command == "train":
-    from flowseg_jax import train
-
-    train.train_and_evaluate(config, args.workdir)
-    return 0
+    return train_command(config, args.workdir)
   if command == "evaluate":
     from flowseg_jax import evaluate
 
@@ -301,6 +304,19 @@ def _run_convert(argv: list[str]) -> int:
   from flowseg_jax.convert import dinov2
 
   return dinov2.cli(argv[1:])
+
+
+def train_command(config, workdir: str) -> int:
+  """`flowseg train`: the exit status says how the run ended (run_status.EXIT_STATUS)."""
+  from flowseg_jax import run_status, train
+
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except run_status.RunError as e:  # a known fault: its message says everything, no traceback
+    sys.stderr.write(f"flowseg train: {e}\n")
+    sys.stderr.flush()
+    return run_status.EXIT_STATUS[run_status.FAILED]
+  return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
 
 
 def run(argv: list[str] | None = None) -> int:
