@@ -200,7 +200,10 @@ def abstract_with_shardings(state, shardings):
 
 
 def load_pretrained_denoiser(setup: Setup, model_init: str):
-  """PixNerd params from a converted export, re-laid-out for this model (scan or not)."""
+  """PixNerd params from a converted export, re-laid-out for this model (scan or not). Prompted
+  runs read the official PixNerd-T2I checkpoint itself (EMA weights)."""
+  if setup.task.name == "prompted":
+    return load_pretrained_t2i(setup, model_init)
   from flowseg_jax.convert import pixnerd as pixnerd_convert
 
   src_model, src_params = pixnerd_convert.load_converted(model_init)
@@ -211,6 +214,24 @@ def load_pretrained_denoiser(setup: Setup, model_init: str):
     )
   _, params = pixnerd_convert.relayout(src_params, src_model, scan_blocks=setup.model.scan_blocks)
   return params
+
+
+def load_pretrained_t2i(setup: Setup, path: str):
+  from flowseg_jax.convert import pixnerd_t2i as t2i_convert
+
+  t2i = setup.model.t2i
+  src_model, params = t2i_convert.load_torch_checkpoint(path, "ema", scan_blocks=t2i.scan_blocks)
+  if src_model.arch_config() != t2i.arch_config():
+    raise ValueError(
+      f"config.model_init={path!r} holds architecture {src_model.arch_config()}, but "
+      f"config.prompted builds {t2i.arch_config()}"
+    )
+  if setup.model.num_prompts:
+    raise ValueError(
+      "config.model_init with a learned prompt table (config.prompted.condition='table') would "
+      "leave the table untrained against pretrained text features; use condition='cache'"
+    )
+  return {"t2i": params}
 
 
 def initialise(setup, mesh, rules, shardings):
