@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import inference, prompted_flow, prompted_metrics, sampling, sharding
@@ -97,30 +98,42 @@ class PromptedSegmenter(inference.Segmenter):
     return [labels for _, labels, _ in self.stream(items, num_steps=num_steps, adaptive=adaptive)]
 
   def stream(self, items, *, num_steps=None, adaptive=None):
-    """(uint8 rgb, prompt id) items -> (colours at the network's size, labels at the image's, dt)."""
+    """(uint8 rgb, prompt id) items -> (colours at the network's size, labels at the image's, dt).
+
+    Multi-process: every process passes its own items; the number of device calls is agreed
+    over processes (a process with fewer items runs padding batches).
+    """
     fn = make_sample_fn(self.setup, self.mesh, num_steps, adaptive)
-    batch = self.batch_per_device * self.mesh.size
+    batch = self.batch_per_device * self.mesh.local_mesh.size
     crop = tuple(int(s) for s in self.config.input.image_size)
-    items = iter(items)
+    items = list(items)
+    num_batches = inference._global_max(-(-len(items) // batch))
     with jax.set_mesh(self.mesh):
-      while chunk := inference._take(items, batch):
+      for b in range(num_batches):
+        chunk = items[b * batch : (b + 1) * batch]
         x = np.zeros((batch, *crop, 3), np.float32)
         ids = np.zeros((batch,), np.int32)
         for j, (rgb, pid) in enumerate(chunk):
           x[j] = inference.network_input(rgb, self.config, "whole")[0]
           ids[j] = pid
         arrays = sharding.shard_batch({"x": x, "p": ids}, self.mesh)
-        colours, _, dt = jax.device_get(fn(self.params, arrays["x"], arrays["p"]))
+        colours, _, dt = (
+          inference.local_rows(a) for a in fn(self.params, arrays["x"], arrays["p"])
+        )
         for j, (rgb, _) in enumerate(chunk):
           yield colours[j], self.decode(colours[j], rgb.shape[:2]), float(dt[j])
 
 
 def evaluate_segmenter(segmenter: PromptedSegmenter, *, num_steps=None, adaptive=None) -> dict:
-  """gIoU / cIoU / prec@k of the eval split (one process), with the all-background baseline."""
+  """gIoU / cIoU / prec@k of the eval split (summed over processes), with the all-background
+  baseline."""
   config = segmenter.config
   dataset = pipeline.create_eval_dataset(config.input)
   limit = config.eval.max_examples
-  total = len(dataset) if limit is None or limit < 0 else min(len(dataset), limit)
+  total = pipeline.num_eval_examples(config.input)
+  if limit is not None and limit >= 0:
+    total = min(total, limit)
+  total = min(len(dataset), -(-total // jax.process_count()))
   examples = [ex for _, ex in zip(range(total), dataset, strict=False)]
   items = [(ex["image_orig"], int(ex["prompt"])) for ex in examples]
   model, background = prompted_metrics.PromptedIoU.empty(), prompted_metrics.PromptedIoU.empty()
@@ -138,12 +151,21 @@ def evaluate_segmenter(segmenter: PromptedSegmenter, *, num_steps=None, adaptive
       )
     )
     dts.append(dt)
-  result = model.to_host().compute()
-  base = background.to_host().compute()
+  model, background = _sum_over_processes(model), _sum_over_processes(background)
+  result = model.compute()
+  base = background.compute()
   result["baseline_giou"], result["baseline_ciou"] = base["giou"], base["ciou"]
-  result["mean_dt"] = float(np.mean(dts)) if dts else 1.0
+  dt_sum = _sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
+  result["mean_dt"] = float(dt_sum[0] / max(dt_sum[1], 1))
   result["num_skipped_examples"] = dataset.num_skipped
   return result
+
+
+def _sum_over_processes(tree):
+  tree = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float64), tree)
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a)).sum(0), tree)
 
 
 def evaluate_state(config, setup, params, mesh, *, workdir: str, step: int, writer=None) -> dict:
