@@ -324,3 +324,28 @@ def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monk
   back = convert.flax_to_torch(params, model)
   for key in online:
     np.testing.assert_array_equal(back[key], online[key], err_msg=key)
+
+
+def test_convert_memory_benchmark_writes_the_official_layout(tmp_path, capsys):
+  """benchmarks/convert_memory.py on tiny/4: the random file has PixNerd's Lightning layout (two
+  different copies, the REPA projector, Adam moments for every trained tensor) and converts."""
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import convert_memory
+
+  path = str(tmp_path / "random.ckpt")
+  size = convert_memory.write_random_checkpoint(path, "tiny/4", optimizer=True)
+  ckpt = torch.load(path, weights_only=True, mmap=True)
+  sd = ckpt["state_dict"]
+  names = convert.expected_torch_shapes(pixnerd.make_model("tiny/4"))
+  assert {k for k in sd if k.startswith("ema_denoiser.")} == {f"ema_denoiser.{k}" for k in names}
+  assert {k for k in sd if k.startswith("denoiser.")} == {f"denoiser.{k}" for k in names}
+  assert sum(k.startswith("diffusion_trainer.proj.") for k in sd) == 6
+  for k in names:
+    assert not torch.equal(sd[f"denoiser.{k}"], sd[f"ema_denoiser.{k}"]), k
+  (opt,) = ckpt["optimizer_states"]
+  assert len(opt["state"]) == len(names) + 6 and len(opt["param_groups"]) == 3
+  assert size == os.path.getsize(path) and not os.path.exists(path + ".pool")
+  assert convert_memory.main(["--model", "tiny/4", "--dir", str(tmp_path)]) == 0
+  assert "x the converted copy" in capsys.readouterr().out
