@@ -314,7 +314,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
   from flowseg_jax import train
 
   setup = train.Setup(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   abstract, _ = train.abstract_train_state(setup, mesh, rules, config.seed)
   manager = checkpointing.create_manager(

@@ -422,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from workdir if it holds checkpoints), evaluates, and returns the last metrics."""
   os.makedirs(workdir, exist_ok=True)
   setup = Setup(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   check_batch_fits_mesh(config, mesh)
   if setup.teacher_params is not None:
