@@ -33,7 +33,9 @@ from flowseg_jax.train_state import TrainState
 class Setup:
   """Everything the step closes over: built once, from the config."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, *, teacher=None):
+    """teacher: optional REPA (DinoViT, params) used instead of loading config.repa.teacher_dir;
+    the params may be `jax.ShapeDtypeStruct`s (AOT planning, benchmarks/scale.py)."""
     validate_config(config)
     self.config = config
     self.model = models.create_model(config.model)
@@ -48,12 +50,12 @@ class Setup:
     self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     self.projector = self.teacher = self.teacher_params = None
     if config.repa.enabled:
-      self._setup_repa(config.repa)
+      self._setup_repa(config.repa, teacher)
 
-  def _setup_repa(self, cfg):
+  def _setup_repa(self, cfg, teacher):
     from flowseg_jax.convert import dinov2 as dinov2_convert
 
-    if not cfg.teacher_dir:
+    if teacher is None and not cfg.teacher_dir:
       raise ValueError(
         "config.repa.enabled needs config.repa.teacher_dir: convert DINOv2 weights with "
         "`flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out DIR` (or set "
@@ -63,8 +65,10 @@ class Setup:
       raise ValueError(
         f"config.repa.align_layer={cfg.align_layer} must lie in [1, {self.model.num_cond_blocks}]"
       )
-    dtype = models.DTYPES[cfg.teacher_dtype]
-    self.teacher, self.teacher_params = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
+    if teacher is None:
+      dtype = models.DTYPES[cfg.teacher_dtype]
+      teacher = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
+    self.teacher, self.teacher_params = teacher
     self.projector = repa.Projector(
       hidden_dim=cfg.proj_hidden_dim or self.model.hidden_size,
       out_dim=self.teacher.embed_dim,
