@@ -258,12 +258,7 @@ def plan_devices(
     raise ValueError(f"this process has {jax.device_count()} devices, the plan needs {n}")
   devices = jax.devices()[:n]
   base = common.load_config(config_spec)
-  for key, value in (overrides or {}).items():
-    target = base
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
+  apply_overrides(base, overrides or {})
   rows = []
   for remat in remats or [base.model.remat_policy]:
     for fsdp in fsdps or fsdp_sizes(n):
@@ -411,12 +406,23 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _override(text: str):
+def parse_override(text: str):
+  """'model.dtype=bfloat16' -> ('model.dtype', 'bfloat16'); values are JSON when they parse."""
   key, _, value = text.partition("=")
   try:
     return key, json.loads(value)
   except json.JSONDecodeError:
     return key, value
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets dotted config leaves in place: {'repa.enabled': True}."""
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
 
 
 def parse_args(argv=None):
@@ -437,7 +443,7 @@ def parse_args(argv=None):
   args.devices = [int(x) for x in args.devices.split(",")]
   args.fsdp = [int(x) for x in args.fsdp.split(",")] if args.fsdp else None
   args.remat = args.remat.split(",") if args.remat else None
-  args.set = dict(_override(s) for s in args.set)
+  args.set = dict(parse_override(s) for s in args.set)
   return args
 
 

@@ -215,6 +215,7 @@ class PixNerDiT(nn.Module):
     remat_policy: 'none', 'full' (save nothing) or a `jax.checkpoint_policies` name, applied
       per block.
     scan_blocks: stack identical blocks and run them with `nn.scan` (fast compilation).
+    scan_unroll: blocks per loop iteration of the scans (`nn.scan(unroll=)`).
   """
 
   patch_size: int
@@ -231,6 +232,7 @@ class PixNerDiT(nn.Module):
   attention_impl: str | None = None
   remat_policy: str = "none"
   scan_blocks: bool = False
+  scan_unroll: int = 1
 
   @property
   def head_dim(self) -> int:
@@ -302,6 +304,7 @@ class PixNerDiT(nn.Module):
       split_rngs={"params": True},
       in_axes=(0,) + (nn.broadcast,) * num_broadcast,
       length=length,
+      unroll=max(1, min(self.scan_unroll, length)),
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
