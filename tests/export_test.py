@@ -70,7 +70,7 @@ def test_cudnn_needs_the_cuda_plugin_to_trace():
 
 def test_inspect_module_flags_f64_and_callbacks():
   text = (
-    'stablehlo.custom_call @xla_ffi_python_cpu_callback(%0) : (tensor<f64>) -> ()\n'
+    "stablehlo.custom_call @xla_ffi_python_cpu_callback(%0) : (tensor<f64>) -> ()\n"
     "stablehlo.custom_call @__cudnn$fmhaSoftmax(%1)"
   )
   r = export.inspect_module(text)
