@@ -6,12 +6,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import common, scale  # noqa: E402
-from flowseg_jax import sharding, train  # noqa: E402
+from flowseg_jax import defaults, sharding, train  # noqa: E402
 
 TINY_REPA = [
   "--config",
@@ -100,3 +101,30 @@ def test_fit_rule():
   assert scale.fit(int(15 * gib), 16) == "tight"
   assert scale.fit(int(17 * gib), 16) == "no"
   assert scale.fsdp_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_target_presets_of_the_paper_configs():
+
+  path = os.path.join(REPO, "configs", "flowseg_ade20k.py")
+  ade = defaults.load_config_file(path, "stage=1")
+  for name in ("h100-8", "a100-8", "v4-8", "v5e-8", "v5e-64", "v5p-8", "v6e-8"):
+    chips = int(name.rsplit("-", 1)[1])
+    for stage in ("1", "2"):
+      for cfg_file in ("flowseg_ade20k.py", "flowseg_cocostuff.py"):
+        arg = f"stage={stage},target={name}"
+        if name == "v5e-64" and stage == "2":
+          with pytest.raises(ValueError, match="cannot be split"):
+            defaults.load_config_file(os.path.join(REPO, "configs", cfg_file), arg)
+          continue
+        c = defaults.load_config_file(os.path.join(REPO, "configs", cfg_file), arg)
+        assert c.mesh.data * c.mesh.fsdp == chips
+        micro = c.input.batch_size // c.optim.grad_accum_steps
+        assert micro % chips == 0 and c.repa.enabled
+        assert c.model.remat_policy in (
+          "none",
+          "nothing_saveable",
+          "dots_with_no_batch_dims_saveable",
+        )
+  assert ade.mesh.fsdp == 1
+  with pytest.raises(ValueError, match="target='tpu-9' is not one of"):
+    defaults.load_config_file(path, "stage=1,target=tpu-9")
