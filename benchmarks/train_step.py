@@ -111,7 +111,7 @@ def setup_run(args) -> tuple[list[common.Case], str, int]:
   )
   dtype = common.resolve_dtype(args.dtype)
   threads = args.torch_threads or common.cpu_info()["cores"]
-  if args.torch:
+  if args.torch or getattr(args, "official_src", None):
     import torch
 
     torch.set_num_threads(threads)
