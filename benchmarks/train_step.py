@@ -467,7 +467,7 @@ def main(argv=None) -> dict:
   cases, dtype, threads = setup_run(args)
   base = common.load_config(args.config)
   peak, peak_source = peak_flops(args, dtype)
-  device = common.torch_device() if args.torch else None
+  device = common.torch_device() if args.torch or args.official_src else None
   interleave = args.interleave == "on" or (
     args.interleave == "auto" and (device is None or device.type == "cpu")
   )
