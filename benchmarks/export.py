@@ -4,7 +4,7 @@
 nothing is compiled or run for the target, so a CPU-only box proves that the real programs lower
 for 'tpu' and 'cuda' with the configured shardings. For each platform this exports the train step
 (`train.compile_train_step` on `train.abstract_train_state`, over a `--mesh DATAxFSDP` of this
-machine's devices) and the Euler sampler (`evaluate.make_sample_fn`), and reports the StableHLO
+machine's devices) and the Euler sampler (`inference.make_sample_fn`), and reports the StableHLO
 size, the custom calls (the cuDNN fused attention with `attention_impl='cudnn'` on CUDA), and the
 checks that the bfloat16 paths stay clean: no float64 value and no host callback.
 
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common, scale  # noqa: E402
-from flowseg_jax import evaluate, sharding, train  # noqa: E402
+from flowseg_jax import inference, sharding, train  # noqa: E402
 
 CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.\-]+)")
@@ -124,7 +124,7 @@ def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   )
   programs = {
     "train_step": (train.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
-    "sampler": (evaluate.make_sample_fn(setup, mesh), (state.ema_params["denoiser"], images)),
+    "sampler": (inference.make_sample_fn(setup, mesh), (state.ema_params["denoiser"], images)),
   }
   results = {}
   for platform in platforms:

@@ -5,7 +5,7 @@ For a config and each device count N (host-platform CPU devices, one subprocess 
 and each mesh shape (data x fsdp = N, fsdp a power of two) and remat policy, this lowers and
 compiles the train step (`train.compile_train_step` on `train.abstract_train_state`, with the
 REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is allocated) and
-the Euler sampler (`evaluate.make_sample_fn`, `config.eval.num_steps` steps), and prints per
+the Euler sampler (`inference.make_sample_fn`, `config.eval.num_steps` steps), and prints per
 device: argument, output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments
 + non-aliased outputs + temporaries), XLA's FLOPs (`cost_analysis()`, a while-loop body counted
 once) next to the model FLOPs / N, the bytes of every all-gather / reduce-scatter / all-reduce /
@@ -213,7 +213,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   import jax.numpy as jnp
 
   from benchmarks import common
-  from flowseg_jax import evaluate, sharding
+  from flowseg_jax import inference, sharding
 
   n = mesh.size
   b = max(config.input.eval_batch_size, n)
@@ -221,7 +221,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   h, w = tuple(config.input.image_size)
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = evaluate.make_sample_fn(setup, mesh)
+    fn = inference.make_sample_fn(setup, mesh)
     start = time.perf_counter()
     compiled = fn.lower(state.ema_params["denoiser"], images).compile()
     compile_s = time.perf_counter() - start

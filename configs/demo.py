@@ -24,7 +24,6 @@ def get_config(arg: str | None = None):
   config.input.synthetic.size = (32, 32)
   config.input.image_size = (32, 32)
   config.input.batch_size = 16
-  config.input.eval_batch_size = 16
   config.input.random_flip = True
 
   config.model.variant = "tiny/4"
@@ -39,6 +38,7 @@ def get_config(arg: str | None = None):
   config.optim.ema_decay = 0.99
   config.eval.num_steps = 10
   config.eval.num_pictures = 4
+  config.eval.batch_per_device = 16
   config.mesh.data = -1
 
   if arg == "smoke":
@@ -49,10 +49,10 @@ def get_config(arg: str | None = None):
     config.input.synthetic.num_train = 64
     config.input.synthetic.num_eval = 8
     config.input.batch_size = 8
-    config.input.eval_batch_size = 8
     config.optim.warmup_steps = 2
     config.eval.num_steps = 2
     config.eval.num_pictures = 2
+    config.eval.batch_per_device = 1
   elif arg:
     raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke)")
   return config

@@ -89,7 +89,6 @@ def get_config(arg: str | None = None):
   config.input.eval_split = "validation"
   config.input.random_flip = True
   config.input.num_workers = 8
-  config.input.eval_batch_size = 16
   stage = args.pop("stage", "1")
   apply_stage(config, stage)
   config.mesh.fsdp = int(args.pop("fsdp", 1))

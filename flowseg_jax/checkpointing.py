@@ -1,9 +1,20 @@
-"""orbax checkpoints of the train state together with the grain iterator, and the resume order.
+"""orbax checkpoints of the train state with the data position, and the resume order.
 
-A checkpoint step holds three items: `state` (the TrainState pytree), `data_iter` (grain's per-process
-iterator state) and `meta` (JSON: topology and step). Saves are asynchronous; the last `keep` steps and the
-best step by eval mIoU are preserved. Restoring walks from the newest step back, so a damaged latest
-checkpoint (a preempted half-written save, a lost file) costs one interval, not the run.
+A checkpoint step holds three items: `state` (the TrainState pytree), `data_iter` (grain's
+per-process iterator state) and `meta` (JSON: step, topology and the data position: `data_start`,
+the global example index the iterator was built at, and `data_position`, the global index of the
+next example). Saves are asynchronous; the last `keep` steps and the best step by eval mIoU are kept.
+
+Restoring (`restore_for_training`) walks from the newest step back:
+- the step's own metadata (parameter paths, shapes) is compared with the state this config builds
+  first: another structure is refused (`CheckpointMismatchError`), never restarted over silently;
+- a step that cannot be read (a lost or truncated file, missing metadata: `is_read_error`) is moved
+  to `checkpoints/damaged/<step>-<time>/` for inspection and the next older step is tried, so a
+  damaged newest checkpoint costs one interval and no rerun meets it again;
+- the state is restored into abstract arrays carrying this run's shardings, so orbax reshards it
+  for any device or process count. On the process count it was written with, grain's iterator
+  state continues the data stream exactly; on another one the stream is rebuilt at the global
+  `data_position` (pipeline.create_train_iterator's `start`).
 
 Resume order (first that applies): this workdir's own checkpoints > `config.init_from` (another run's
 checkpoint: params and EMA only, e.g. stage 2 from stage 1) > `config.model_init` (a converted PixNerd
@@ -12,20 +23,85 @@ export) > random initialisation.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import re
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from flowseg_jax.run_status import RunError
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
 BEST_METRIC = "eval_miou"
+DAMAGED_DIR = "damaged"
+
+# Read failures as tensorstore and orbax report them (status codes, or their wording).
+_READ_FAILURE = re.compile(
+  r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|UNAVAILABLE)\b|error while reading|Error reading|"
+  r"Error opening|does not exist|Metadata file"
+)
+_WRITE_FAILURE = re.compile(
+  r"\b(PERMISSION_DENIED|RESOURCE_EXHAUSTED)\b|No space left|Permission denied|File too large|"
+  r"Read-only file system|Disk quota"
+)
 
 
-class TopologyError(ValueError):
-  """A checkpoint cannot be resumed on this process layout (grain's iterator state is per process)."""
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_TMP_STEP = re.compile(r"/(\d+)\.orbax-checkpoint-tmp")
+
+
+class CheckpointMismatchError(RunError):
+  """The workdir's checkpoint holds another parameter structure than this config builds."""
+
+
+class CheckpointWriteError(RunError):
+  """A checkpoint could not be written (disk full, permission denied, ...)."""
+
+
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def is_read_error(e: BaseException) -> bool:
+  """True for errors that mean 'these files cannot be read': missing, truncated, corrupt."""
+  for err in _chain(e):
+    if isinstance(err, OSError | json.JSONDecodeError | UnicodeDecodeError):
+      return True
+    if type(err) in (Exception, ValueError) and _READ_FAILURE.search(str(err)):
+      return True
+  return False
+
+
+def write_error_reason(e: BaseException) -> str | None:
+  """The OS-level reason of a failed write ('[Errno 28] No space left on device'), or None."""
+  for err in _chain(e):
+    if isinstance(err, OSError) and err.errno is not None:
+      return f"[Errno {err.errno}] {err.strerror or os.strerror(err.errno)}"
+    code = _OS_ERROR_CODE.search(str(err))  # tensorstore: "... [os_error_code='28' ...]"
+    if code:
+      return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+    match = _WRITE_FAILURE.search(str(err))
+    if match:
+      return match.group(0)
+  return None
+
+
+def _failed_step(e: BaseException, default: int) -> int:
+  """The step whose temporary directory a write error names (async saves fail a step later)."""
+  match = _TMP_STEP.search(str(e))
+  return int(match.group(1)) if match else default
 
 
 def topology() -> dict[str, int]:
@@ -58,88 +134,233 @@ def create_manager(
   )
 
 
+def _write_failed(manager, step: int, e: BaseException) -> CheckpointWriteError | None:
+  reason = write_error_reason(e)
+  if reason is None:
+    return None
+  return CheckpointWriteError(
+    f"checkpoint of step {_failed_step(e, step)} could not be written to {manager.directory}: "
+    f"{reason}"
+  )
+
+
 def save(
   manager: ocp.CheckpointManager,
   step: int,
   state: Any,
   data_iter: Any | None,
   *,
+  meta: dict | None = None,
   metrics: dict | None = None,
 ) -> bool:
-  """Starts an (async) save of state, iterator and topology at `step`."""
+  """Starts an (async) save of state, iterator and meta at `step`.
+
+  Raises CheckpointWriteError (one line: directory and OS error) when this or an earlier
+  asynchronous save could not be written.
+  """
   items = {
     STATE: ocp.args.StandardSave(state),
-    META: ocp.args.JsonSave({"step": step, **topology()}),
+    META: ocp.args.JsonSave({"step": step, **topology(), **(meta or {})}),
   }
   if data_iter is not None:
     items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-  return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  try:
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+  except Exception as e:
+    error = _write_failed(manager, step, e)
+    if error is None:
+      raise
+    raise error from None
 
 
-def _check_topology(meta: dict, directory: str, step: int) -> None:
-  now = topology()
-  if meta.get("process_count") != now["process_count"]:
-    raise TopologyError(
-      f"checkpoint {directory} step {step} was written by {meta.get('process_count')} process(es), "
-      f"this run has {now['process_count']}: grain's data-iterator state is per process and cannot be "
-      "resumed on another process count. Resume on the original topology, or start a new workdir with "
-      "config.init_from pointing at this one (parameters only)."
+def check_saved(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
+  """Raises CheckpointWriteError if a finished asynchronous save failed (waits for it if `wait`)."""
+  try:
+    if wait:
+      manager.wait_until_finished()
+    manager.check_for_errors()
+  except Exception as e:
+    error = _write_failed(manager, manager.latest_step() or 0, e)
+    if error is None:
+      raise
+    raise error from None
+
+
+def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
+  """Attaches eval metrics to an already written step (it was saved before its evaluation ran), so
+  the best-mIoU preservation sees them; orbax keeps them in <step>/metrics/metrics."""
+  if jax.process_index() == 0:
+    directory = epath.Path(manager.directory) / str(step) / "metrics"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics").write_text(json.dumps(metrics))
+  _barrier(f"flowseg_record_metrics_{step}")  # every process reloads after the file exists
+  manager.reload()
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Restoring.
+# ------------------------------------------------------------------------------------------------
+
+
+def _flat_shapes(tree) -> dict[tuple, tuple]:
+  flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+  return {k: tuple(getattr(v, "shape", ()) or ()) for k, v in flat.items()}
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[tuple, tuple]:
+  """{parameter path: shape} of a step's state, from its metadata only (reads no arrays)."""
+  path = epath.Path(manager.directory) / str(step) / STATE
+  metadata = ocp.StandardCheckpointHandler().metadata(path)
+  return _flat_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+
+
+def first_difference(saved: dict, wanted: dict) -> str | None:
+  """'path: checkpoint (shape) vs this config (shape)' for the first differing path, or None."""
+  for key in sorted(set(saved) | set(wanted)):
+    a, b = saved.get(key, "absent"), wanted.get(key, "absent")
+    if a != b:
+      return f"{'/'.join(key)}: checkpoint {a} vs this config {b}"
+  return None
+
+
+def mismatch_message(directory: str, step: int, difference: str, config_diff: list[str]) -> str:
+  lines = [
+    f"{directory} step {step} holds another model than this config builds; nothing was changed.",
+    f"  first difference: {difference}",
+  ]
+  if config_diff:
+    lines.append(
+      "  config fields that differ from the run's config.json: " + ", ".join(config_diff)
     )
+  lines.append(
+    "  Start fresh with a new --workdir, or fine-tune from this run with a new --workdir and "
+    f"--config.init_from={os.path.dirname(directory)}"
+  )
+  return "\n".join(lines)
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  """Moves an unreadable step to checkpoints/damaged/<step>-<time>/ (process 0) and forgets it."""
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+  target = os.path.join(str(manager.directory), DAMAGED_DIR, f"{step}-{stamp}")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(str(manager.directory), str(step)), target)
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    logging.warning(
+      "Checkpoint %s step %d is unreadable (%s: %s); moved to %s, trying an older one.",
+      manager.directory,
+      step,
+      type(error).__name__,
+      first_line,
+      target,
+    )
+  _barrier(f"flowseg_move_aside_{step}")
+  manager.reload()
+  return target
+
+
+def _read_meta(manager, step: int) -> dict:
+  path = epath.Path(manager.directory) / str(step) / META / "metadata"
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    if not (epath.Path(manager.directory) / str(step) / META).exists():
+      return {}  # written before meta existed
+    raise
+
+
+def restore_for_training(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  make_data_iter: Callable[[dict], Any] | None = None,
+  *,
+  config_diff: list[str] = (),
+  move_damaged: bool = True,
+) -> tuple[Any, int, dict, Any] | None:
+  """(state, step, meta, data_iter) of the newest readable step, or None if there is none.
+
+  `abstract_state`: ShapeDtypeStructs with this run's shardings (orbax reshards into them).
+  `make_data_iter(meta)` builds the train iterator for the checkpoint's data position; grain's saved
+  state is restored into it when the process count is the one the checkpoint was written with.
+  Unreadable steps are moved aside (or only skipped when `move_damaged` is False, e.g. by readers
+  of a workdir another process trains in); another parameter structure raises
+  CheckpointMismatchError.
+  """
+  directory = str(manager.directory)
+  wanted = _flat_shapes(abstract_state)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      meta = _read_meta(manager, step)
+      difference = first_difference(saved_shapes(manager, step), wanted)
+      if difference:
+        raise CheckpointMismatchError(mismatch_message(directory, step, difference, config_diff))
+      items = {STATE: ocp.args.StandardRestore(abstract_state)}
+      data_iter = make_data_iter(meta) if make_data_iter is not None else None
+      same_processes = meta.get("process_count", 1) == jax.process_count()
+      if data_iter is not None and same_processes:
+        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:
+      if not is_read_error(e):
+        raise
+      if move_damaged:
+        move_aside(manager, step, e)
+      else:
+        logging.warning("Checkpoint %s step %d is unreadable (%s); skipped.", directory, step, e)
+      continue
+    if data_iter is not None and not same_processes:
+      logging.warning(
+        "Checkpoint step %d was written by %s process(es), this run has %d: the data stream "
+        "continues at global example %d.",
+        step,
+        meta.get("process_count"),
+        jax.process_count(),
+        meta.get("data_position", 0),
+      )
+    logging.info("Restored %s step %d.", directory, step)
+    return restored[STATE], step, meta, data_iter
+  return None
 
 
 def restore_latest(
-  manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None
+  manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None = None
 ) -> tuple[Any, int] | None:
-  """Restores the newest readable step into `abstract_state` (ShapeDtypeStructs with shardings).
-
-  The data iterator, if given, is restored in place. Unreadable steps are skipped with a warning.
-  Returns (state, step), or None when the directory has no readable checkpoint.
-  """
-  directory = str(manager.directory)
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means: try the previous one
-      logging.warning(
-        "Checkpoint %s step %d is unreadable (%s); trying an older one.", directory, step, e
-      )
-      continue
-    _check_topology(meta, directory, step)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # noqa: BLE001
-      logging.warning(
-        "Checkpoint %s step %d is damaged (%s); trying an older one.", directory, step, e
-      )
-      continue
-    logging.info("Restored %s step %d.", directory, step)
-    return restored[STATE], step
-  return None
+  """(state, step) of the newest readable step for readers (inference): nothing is moved."""
+  restored = restore_for_training(
+    manager,
+    abstract_state,
+    None if data_iter is None else (lambda meta: data_iter),
+    move_damaged=False,
+  )
+  return None if restored is None else restored[:2]
 
 
 def restore_params_from(directory: str, abstract_state: Any) -> tuple[Any, Any, int]:
   """(params, ema_params, step) of the newest readable checkpoint in another run's directory."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from={directory!r} is not a directory")
+  if os.path.isdir(os.path.join(directory, "checkpoints")):  # a workdir rather than its checkpoints
+    directory = os.path.join(directory, "checkpoints")
   manager = ocp.CheckpointManager(
     os.path.abspath(directory),
     item_names=(STATE, DATA_ITER, META),
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
-      )[STATE]
-    except Exception as e:  # noqa: BLE001
-      logging.warning(
-        "init_from %s step %d is unreadable (%s); trying an older one.", directory, step, e
-      )
-      continue
+  try:
+    restored = restore_latest(manager, abstract_state)
+  finally:
     manager.close()
-    return restored.params, restored.ema_params, step
-  manager.close()
-  raise FileNotFoundError(f"config.init_from={directory!r} holds no readable checkpoint")
+  if restored is None:
+    raise FileNotFoundError(f"config.init_from={directory!r} holds no readable checkpoint")
+  state, step = restored
+  return state.params, state.ema_params, step

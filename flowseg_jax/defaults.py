@@ -66,6 +66,9 @@ def eval_config() -> ml_collections.ConfigDict:
   c.max_examples = -1  # -1: the whole eval split
   c.num_pictures = 4  # colourised predictions written per evaluation
   c.use_ema = True  # evaluate the EMA parameters
+  # Windows per device per call. Fixed per device (not a global batch), so that an image's result does
+  # not depend on the device count; batches are padded.
+  c.batch_per_device = 2
   return c
 
 
@@ -78,12 +81,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.async_checkpointing = True
   config.eval_every_steps = 10_000  # 0: never during training
+  # Stop the run after this many consecutive updates skipped for non-finite loss or gradients
+  # (checked at log steps); 0: never stop.
+  config.max_consecutive_skipped = 100
 
   config.input = pipeline.default_input_config()
   config.input.dataset = "ade20k"
   config.input.image_size = (256, 256)
   config.input.batch_size = 64
-  config.input.eval_batch_size = 16
 
   config.model = models.default_model_config("XL/16")
   # Conditioning label: -1 = PixNerd's null class (index num_classes), the unconditional branch.

@@ -1,21 +1,19 @@
-"""Evaluation: Euler ODE from each image to its colour mask, nearest centroid, mmseg metrics.
+"""Evaluation: the eval split through the `Segmenter`, scored the mmseg way, with pictures.
 
-Whole-image mode resizes the image to `config.input.image_size`; sliding-window mode resizes the original
-so its short side is `config.eval.slide_short_side` and averages the predicted colours of overlapping
-windows (the colour analogue of mmseg's logit averaging) before decoding. Either way the prediction is
-resized (nearest) to the annotation's own size and scored there, summed over the dataset in int64.
+Whole-image or sliding-window inference (`config.eval.mode`, see `inference`); the continuous colours
+are resized bilinearly to the annotation's size and decoded there, and the confusion matrix is summed
+over the dataset in int64. Training writes `eval/step_<k>.json` and `pictures/step_<k>/`; `flowseg
+evaluate` writes under a name keyed by its settings (`eval/step_<k>_steps<n>_<mode>.json`), so it never
+overwrites training's results. This module imports no training code.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -23,98 +21,11 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, metrics, sampling, sharding
+from flowseg_jax import inference, metrics
 from flowseg_jax.data import classes, pipeline, transforms
 
-
-def make_sample_fn(setup, mesh):
-  """jit: (denoiser params, images (B, H, W, 3)) -> (colours (B, H, W, 3) f32, labels (B, H, W) int32).
-
-  Compiled once per (setup, mesh, sampler settings): periodic evaluations reuse it, and a changed
-  config.eval / config.objective setting gives a new one.
-  """
-  cfg = setup.config
-  options = (
-    cfg.eval.num_steps,
-    cfg.eval.shift,
-    cfg.eval.method,
-    cfg.objective.prediction,
-    cfg.objective.t_eps,
-  )
-  return _sample_fn(setup, mesh, options)
-
-
-@functools.lru_cache(maxsize=8)
-def _sample_fn(setup, mesh, options):
-  num_steps, shift, method, prediction, t_eps = options
-  real_centroids = setup.centroids[: setup.num_classes]  # the ignore centroid is never predicted
-
-  def sample_fn(params, images):
-    y = jnp.full((images.shape[0],), setup.cond_label, jnp.int32)
-    apply = lambda x, t: setup.model.apply({"params": params}, x, t, y)
-    x1 = sampling.sample(
-      apply,
-      images,
-      num_steps=num_steps,
-      shift=shift,
-      prediction=prediction,
-      t_eps=t_eps,
-      method=method,
-    )
-    return x1, centroids_lib.decode_colors(x1, real_centroids)
-
-  data = sharding.batch_sharding(mesh)
-  return jax.jit(sample_fn, in_shardings=(None, data), out_shardings=(data, data))
-
-
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in the order they were given."""
-  shards = {}
-  for shard in array.addressable_shards:
-    start = shard.index[0].start or 0
-    shards.setdefault(start, np.asarray(shard.data))
-  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
-
-
-def _padded_batches(items: Iterator, local_batch: int, num_batches: int, make_pad):
-  """Yields exactly num_batches lists of length local_batch; (item, True) real, (pad, False) padding."""
-  items = iter(items)
-  for _ in range(num_batches):
-    batch = []
-    for item in items:
-      batch.append((item, True))
-      if len(batch) == local_batch:
-        break
-    while len(batch) < local_batch:
-      batch.append((make_pad(), False))
-    yield batch
-
-
-def _global_max(value: int) -> int:
-  if jax.process_count() == 1:
-    return value
-  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
-
-
-def _slide_windows(h: int, w: int, crop: tuple[int, int], stride: tuple[int, int]):
-  """mmseg's grid: the last window is shifted to end at the border; (y0, x0) corners."""
-  ch, cw = crop
-  sh, sw = stride
-  rows = max(h - ch + sh - 1, 0) // sh + 1
-  cols = max(w - cw + sw - 1, 0) // sw + 1
-  for r in range(rows):
-    for c in range(cols):
-      y0 = max(min(r * sh, h - ch), 0)
-      x0 = max(min(c * sw, w - cw), 0)
-      yield y0, x0
-
-
-def _slide_input(image_orig: np.ndarray, short_side: int, crop: tuple[int, int]) -> np.ndarray:
-  """Resize so the short side is `short_side` (and no side is below the crop), to [-1, 1]."""
-  h, w = image_orig.shape[:2]
-  scale = max(short_side / min(h, w), crop[0] / h, crop[1] / w)
-  size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
-  return transforms.normalize_image(transforms.resize_image(image_orig, size))
+# Kept for callers of the former names.
+make_sample_fn = inference.make_sample_fn
 
 
 class _Scorer:
@@ -138,49 +49,11 @@ class _Scorer:
       self.pictures.append((example["name"], example["image_orig"], colours, pred, label))
 
 
-def _check_eval_batch(config) -> int:
-  pc = jax.process_count()
-  batch = int(config.input.eval_batch_size)
-  if batch % pc or batch % jax.device_count():
-    raise ValueError(
-      f"config.input.eval_batch_size={batch} must be a multiple of the {jax.device_count()} devices "
-      f"and {pc} processes"
-    )
-  return batch // pc
-
-
-def predict_examples(config, setup, params, mesh, examples, num_local: int, *, sample_fn=None):
-  """Yields (example, colours, labels at the original image size) for examples with 'image_orig'.
-
-  Whole mode also needs 'image' (float32 at input.image_size). Every process must call this with its own
-  examples: the number of device calls is agreed over processes (shorter shards are padded).
-  """
-  sample_fn = sample_fn or make_sample_fn(setup, mesh)
-  local_batch = _check_eval_batch(config)
-  size = tuple(config.input.image_size)
-
-  def run(images: np.ndarray):
-    x1, pred = sample_fn(params, sharding.shard_batch({"image": images}, mesh)["image"])
-    return _local_rows(x1), _local_rows(pred)
-
-  if config.eval.mode == "whole":
-    num_batches = _global_max(-(-num_local // local_batch))
-    pad = lambda: {"image": np.zeros((*size, 3), np.float32)}
-    for batch in _padded_batches(examples, local_batch, num_batches, pad):
-      colours, preds = run(np.stack([ex["image"] for ex, _ in batch]))
-      for (ex, real), c, p in zip(batch, colours, preds, strict=True):
-        if real:
-          yield ex, c, transforms.resize_label(p, ex["image_orig"].shape[:2])
-  elif config.eval.mode == "slide":
-    yield from _predict_slide(config, examples, run, local_batch, size)
-  else:
-    raise ValueError(f"config.eval.mode must be 'whole' or 'slide', got {config.eval.mode!r}")
-
-
-def evaluate_params(
-  config, setup, params, mesh, *, sample_fn=None
+def evaluate_segmenter(
+  segmenter: inference.Segmenter, *, num_steps: int | None = None, mode: str | None = None
 ) -> tuple[dict[str, Any], _Scorer]:
-  """Runs the eval split through the ODE and scores it; returns (metrics dict, scorer with pictures)."""
+  """Runs the eval split of segmenter.config through the segmenter; (metrics dict, scorer)."""
+  config = segmenter.config
   pc = jax.process_count()
   dataset = pipeline.create_eval_dataset(config.input)
   total = pipeline.num_eval_examples(config.input)
@@ -188,10 +61,11 @@ def evaluate_params(
   if limit is not None and limit >= 0:
     total = min(total, limit)
   num_local = min(len(dataset), -(-total // pc))
-  examples = (ex for _, ex in zip(range(num_local), dataset, strict=False))
-  scorer = _Scorer(setup.num_classes, config.eval.num_pictures)
-  for ex, colours, pred in predict_examples(
-    config, setup, params, mesh, examples, num_local, sample_fn=sample_fn
+  items = ((ex, ex["image_orig"]) for _, ex in zip(range(num_local), dataset, strict=False))
+  scorer = _Scorer(segmenter.num_classes, config.eval.num_pictures)
+  progress = inference.Progress("evaluate", num_local, inference.progress_every(num_local))
+  for ex, colours, pred in segmenter.segment_stream(
+    items, num_local, num_steps=num_steps, mode=mode, progress=progress
   ):
     scorer.add(ex, colours, pred)
 
@@ -205,43 +79,11 @@ def evaluate_params(
   return result, scorer
 
 
-def _predict_slide(config, examples, run, local_batch, crop):
-  """Windows of every example streamed through fixed-size batches; colours averaged per example."""
-  stride = tuple(config.eval.slide_stride)
-  if any(s <= 0 for s in stride):
-    raise ValueError(f"config.eval.slide_stride must be positive, got {stride}")
-  examples = list(examples)
-  inputs = [_slide_input(ex["image_orig"], config.eval.slide_short_side, crop) for ex in examples]
-  windows = [
-    (i, y0, x0)
-    for i, img in enumerate(inputs)
-    for y0, x0 in _slide_windows(*img.shape[:2], crop, stride)
-  ]
-  num_batches = _global_max(-(-len(windows) // local_batch))
-  sums = [np.zeros(img.shape, np.float64) for img in inputs]
-  counts = [np.zeros(img.shape[:2], np.int32) for img in inputs]
-  remaining = np.bincount([w[0] for w in windows], minlength=len(inputs))
-  real_centroids = scorer_centroids(config)
-  for batch in _padded_batches(windows, local_batch, num_batches, lambda: None):
-    crops = [
-      inputs[w[0]][w[1] : w[1] + crop[0], w[2] : w[2] + crop[1]]
-      if real
-      else np.zeros((*crop, 3), np.float32)
-      for w, real in batch
-    ]
-    colours, _ = run(np.stack(crops))
-    for (w, real), c in zip(batch, colours, strict=True):
-      if not real:
-        continue
-      i, y0, x0 = w
-      sums[i][y0 : y0 + crop[0], x0 : x0 + crop[1]] += c
-      counts[i][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
-      remaining[i] -= 1
-      if remaining[i] == 0:
-        mean = (sums[i] / counts[i][..., None]).astype(np.float32)
-        pred = np.asarray(centroids_lib.decode_colors(mean, real_centroids))
-        yield examples[i], mean, transforms.resize_label(pred, examples[i]["image_orig"].shape[:2])
-        sums[i] = counts[i] = None
+def evaluate_params(config, setup, params, mesh, *, step: int | None = None):
+  """Scores denoiser params on the eval split; `setup` is an `inference.InferenceSetup` or
+  `train.Setup` of config. Returns (metrics dict, scorer with pictures)."""
+  segmenter = inference.Segmenter(config, params, mesh=mesh, step=step, setup=setup)
+  return evaluate_segmenter(segmenter)
 
 
 def scorer_centroids(config) -> np.ndarray:
@@ -249,39 +91,58 @@ def scorer_centroids(config) -> np.ndarray:
   return centroids_lib.class_centroids(n, ignore_as_class=not config.objective.mask_ignored)[:n]
 
 
+def per_class_iou(config, result: dict[str, Any]) -> dict[str, float | None]:
+  """Class name -> IoU (None for classes absent from both prediction and annotation)."""
+  names = pipeline.class_names(config.input)
+  return {
+    name: (None if np.isnan(v) else float(v)) for name, v in zip(names, result["IoU"], strict=True)
+  }
+
+
 def write_outputs(
-  config, result: dict[str, Any], scorer: _Scorer, workdir: str, step: int, writer=None
+  config,
+  result: dict[str, Any],
+  scorer: _Scorer,
+  workdir: str,
+  step: int,
+  writer=None,
+  *,
+  name: str | None = None,
+  settings: dict | None = None,
 ) -> str:
-  """eval/step_<k>.json (metrics, per-class IoU by name) and pictures/step_<k>/<name>.png."""
+  """eval/<name>.json (metrics, per-class IoU by class name) and pictures/<name>/<image>.png.
+
+  name defaults to `step_<step>` (training's); `settings` (num_steps, mode) go into the JSON.
+  """
   if jax.process_index() != 0:
     return ""
-  names = pipeline.class_names(config.input)
+  name = name or f"step_{step}"
+  settings = settings or {"num_steps": config.eval.num_steps, "mode": config.eval.mode}
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
+  ious = per_class_iou(config, result)
   summary = {
     "step": step,
     **{k: result[k] for k in ("aAcc", "mIoU", "mAcc", "num_examples", "num_skipped_examples")},
     "percent": metrics.summary_percent(result),
-    "per_class_IoU": {
-      name: (None if np.isnan(v) else float(v))
-      for name, v in zip(names, result["IoU"], strict=True)
-    },
-    "num_steps": config.eval.num_steps,
-    "mode": config.eval.mode,
+    "per_class_IoU": ious,
+    **settings,
   }
-  path = os.path.join(out_dir, f"step_{step}.json")
+  path = os.path.join(out_dir, f"{name}.json")
   with open(path, "w") as f:
     json.dump(summary, f, indent=2)
   pal = centroids_lib.palette(scorer_centroids(config))
-  pic_dir = os.path.join(workdir, "pictures", f"step_{step}")
+  pic_dir = os.path.join(workdir, "pictures", name)
   os.makedirs(pic_dir, exist_ok=True)
   images = {}
-  for name, image, colours, pred, label in scorer.pictures:
+  for image_name, image, colours, pred, label in scorer.pictures:
     panel = picture_panel(image, colours, pred, label, pal)
-    Image.fromarray(panel).save(os.path.join(pic_dir, f"{name}.png"))
-    images[f"eval/{name}"] = panel[None]
+    Image.fromarray(panel).save(os.path.join(pic_dir, f"{image_name}.png"))
+    images[f"eval/{image_name}"] = panel[None]
   if writer is not None:
-    writer.write_scalars(step, {f"eval/{k}": result[k] for k in ("aAcc", "mIoU", "mAcc")})
+    scalars = {f"eval/{k}": result[k] for k in ("aAcc", "mIoU", "mAcc")}
+    scalars.update({f"eval_IoU/{k}": v for k, v in ious.items() if v is not None})
+    writer.write_scalars(step, scalars)
     if images:
       writer.write_images(step, images)
   return path
@@ -296,45 +157,54 @@ def picture_panel(image, colours, pred, label, pal) -> np.ndarray:
   return np.concatenate(tiles, axis=1)
 
 
-def evaluate_state(config, setup, state, mesh, *, workdir: str, step: int, writer=None) -> dict:
-  """Evaluates a TrainState (EMA parameters unless config.eval.use_ema is False) and writes outputs."""
-  result, scorer = evaluate_params(config, setup, inference_params(config, state), mesh)
-  write_outputs(config, result, scorer, workdir, step, writer)
-  logging.info(
-    "eval step %d: %s over %d examples",
-    step,
-    metrics.summary_percent(result),
-    result["num_examples"],
-  )
-  return result
-
-
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str):
-  """(setup, mesh, state, step) from the newest readable checkpoint of workdir (no optimiser work)."""
-  from flowseg_jax import train
-
-  setup = train.Setup(config)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  abstract, _ = train.abstract_train_state(setup, mesh, rules, config.seed)
-  manager = checkpointing.create_manager(
-    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=False
-  )
-  restored = checkpointing.restore_latest(manager, abstract, None)
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
-  state, step = restored
-  return setup, mesh, state, step
-
-
 def inference_params(config, state):
   """The denoiser parameters inference uses: EMA unless config.eval.use_ema is False."""
   return (state.ema_params if config.eval.use_ema else state.params)["denoiser"]
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`flowseg evaluate`: restore the newest readable checkpoint of workdir and evaluate it."""
-  setup, mesh, state, step = restore_for_inference(config, workdir)
-  with jax.set_mesh(mesh):
-    return evaluate_state(config, setup, state, mesh, workdir=workdir, step=step)
+def _log(step: int, result: dict, name: str = "eval") -> None:
+  logging.info(
+    "%s step %d: %s over %d examples",
+    name,
+    step,
+    metrics.summary_percent(result),
+    result["num_examples"],
+  )
+
+
+def evaluate_state(config, setup, state, mesh, *, workdir: str, step: int, writer=None) -> dict:
+  """Evaluates a TrainState (EMA parameters unless config.eval.use_ema is False) and writes
+  training's eval/step_<k>.json and pictures."""
+  result, scorer = evaluate_params(config, setup, inference_params(config, state), mesh, step=step)
+  write_outputs(config, result, scorer, workdir, step, writer)
+  _log(step, result)
+  return result
+
+
+def output_name(step: int, num_steps: int, mode: str) -> str:
+  """The name `flowseg evaluate` files its results under: keyed by step and sampler settings."""
+  return f"step_{step}_steps{num_steps}_{mode}"
+
+
+def evaluate(
+  config: ml_collections.ConfigDict | None,
+  workdir: str,
+  *,
+  step: int | None = None,
+  segmenter: inference.Segmenter | None = None,
+) -> dict:
+  """`flowseg evaluate`: the newest readable checkpoint of workdir (or `step`) on the eval split.
+
+  config defaults to workdir/config.json. Results go to eval/step_<k>_steps<n>_<mode>.json and
+  pictures/step_<k>_steps<n>_<mode>/; the returned dict also holds that 'path'.
+  """
+  seg = segmenter or inference.Segmenter.from_workdir(workdir, config, step=step)
+  cfg = seg.config
+  name = output_name(seg.step, cfg.eval.num_steps, cfg.eval.mode)
+  result, scorer = evaluate_segmenter(seg)
+  settings = {"num_steps": cfg.eval.num_steps, "mode": cfg.eval.mode}
+  path = write_outputs(cfg, result, scorer, workdir, seg.step, name=name, settings=settings)
+  _log(seg.step, result, "evaluate")
+  if path:
+    logging.info("Wrote %s.", path)
+  return {**result, "step": seg.step, "path": path}

@@ -1,22 +1,270 @@
 """`flowseg` command line: train | evaluate | predict | convert. The work happens in the library.
 
-flowseg train    --config configs/demo.py --workdir DIR [--config.field=value ...]
-flowseg evaluate --config configs/demo.py --workdir DIR [--config.eval.num_steps=25]
-flowseg predict  --config configs/demo.py --workdir DIR --input IMG_OR_DIR --output DIR
+flowseg train    --config configs/demo.py --workdir DIR [--config.FIELD=VALUE ...]
+flowseg evaluate --workdir DIR [--config.eval.num_steps=25] [--config.eval.mode=slide]
+flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR
+
+`flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
+(WORKDIR/config.json); --config is needed only for a workdir without one.
+`flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
+fault (one message naming it); see run_status.py and README "Fault tolerance".
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import difflib
 import os
 import sys
 
+import ml_collections
+
 COMMANDS = ("train", "evaluate", "predict", "convert")
+
+OVERRIDES_HELP = """\
+config overrides:
+  --config.FIELD=VALUE  sets any field of the config, e.g.
+                          --config.optim.learning_rate=3e-4 --config.total_steps=500
+                          --config.input.image_size=512,512 --config.eval.mode=slide
+                        VALUE is parsed as the field's type (bool: true/false; tuples: 1,2 or
+                        "(1, 2)"). The fields and their defaults: flowseg_jax/defaults.py and the
+                        config file. An unknown field is an error that names the closest ones.
+"""
+
+
+class UsageError(Exception):
+  """A mistake on the command line: reported in one line, exit status 2, nothing created."""
 
 
 def _usage() -> str:
   return __doc__.strip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Config: file or workdir, then --config.FIELD=VALUE overrides.
+# ------------------------------------------------------------------------------------------------
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(other arguments, [(field path, value string)]) from `--config.a.b=v` / `--config.a.b v`."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config.") :].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise UsageError(f"--config.{key} needs a value (--config.{key}=VALUE)")
+        value = argv[i + 1]
+        i += 1
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(_field_paths(value, prefix + key + "."))
+  return out
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_value(text: str, field_type: type, current) -> object:
+  """The string of an override as the field's type."""
+  if field_type is bool:
+    if text.lower() in _TRUE + _FALSE:
+      return text.lower() in _TRUE
+    raise ValueError(f"expected true or false, got {text!r}")
+  if field_type is int:
+    return int(text)
+  if field_type is float:
+    return float(text)
+  if field_type is str:
+    return text
+  if text.lower() in ("none", "null"):
+    return None
+  if field_type in (tuple, list):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = tuple(p.strip() for p in text.strip("()[]").split(","))
+    value = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if current:  # elements take the type of the current ones ("512,512" -> ints)
+      kind = type(current[0])
+      if kind in (int, float) and all(isinstance(v, str) for v in value):
+        value = tuple(kind(v) for v in value)
+    return value if field_type is tuple else list(value)
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+  """Sets each (dotted field, value string); an unknown field names its closest matches."""
+  for key, text in overrides:
+    node = config
+    *parents, leaf = key.split(".")
+    for depth, part in enumerate([*parents, leaf]):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = _field_paths(config)
+        guess = difflib.get_close_matches(key, known, n=2, cutoff=0.8)
+        hint = f"; did you mean {' or '.join('--config.' + g for g in guess)}?" if guess else ""
+        raise UsageError(f"unknown config field --config.{key}{hint}")
+      if depth < len(parents):
+        node = node[part]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise UsageError(
+        f"--config.{key} is a group of fields; set its fields (--config.{key}.X=...)"
+      )
+    try:
+      value = parse_value(text, node.get_type(leaf), current)
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise UsageError(f"--config.{key}={text}: {e}") from e
+
+
+def load_config(spec: str | None, workdir: str | None, overrides, *, from_workdir: bool):
+  """The config from --config FILE[:ARG] or (evaluate, predict) workdir/config.json, overridden."""
+  from flowseg_jax import defaults
+
+  if spec:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+      raise UsageError(f"config file {path!r} does not exist")
+    try:
+      config = defaults.load_config_file(path, arg or None)
+    except ValueError as e:
+      raise UsageError(f"--config {spec}: {e}") from e
+  elif from_workdir:
+    from flowseg_jax import workdir as workdir_lib
+
+    if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+      raise UsageError(
+        f"workdir {workdir!r} has no {workdir_lib.CONFIG_FILE} (training writes it): pass --config"
+      )
+    try:
+      config = workdir_lib.load_config(workdir)
+    except ValueError as e:
+      raise UsageError(str(e)) from e
+  else:
+    raise UsageError("--config is required")
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands.
+# ------------------------------------------------------------------------------------------------
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+  descriptions = {
+    "train": "Train (or resume) a run in WORKDIR from a config file.",
+    "evaluate": "Score WORKDIR's newest checkpoint on the eval split; writes "
+    "eval/step_<k>_steps<n>_<mode>.json and pictures/ (never training's step_<k> files).",
+    "predict": "Segment an image or a folder of images with WORKDIR's newest checkpoint.",
+  }
+  p = argparse.ArgumentParser(
+    prog=f"flowseg {command}",
+    description=descriptions[command],
+    epilog=OVERRIDES_HELP,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  need_config = command == "train"
+  p.add_argument(
+    "--config",
+    required=need_config,
+    metavar="FILE[:ARG]",
+    help="config file (configs/*.py, optionally :ARG for its variant)"
+    + ("" if need_config else "; default: WORKDIR/config.json, written by training"),
+  )
+  p.add_argument("--workdir", required=True, help="run directory: checkpoints, logs, outputs")
+  if command == "predict":
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--output", required=True, help="folder for label PNGs, masks and overlays")
+  if command != "train":
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument(
+    "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
+  )
+  return p
+
+
+class _QuietLibraries:
+  """Drops INFO records from orbax (dozens per checkpoint) and the per-array tracebacks its writer
+  threads and asyncio log when a save fails (hundreds of lines; the trainer reports the failure in
+  one line naming the directory and the OS error). Other warnings and errors pass."""
+
+  def filter(self, record) -> bool:
+    if "orbax" in record.pathname:
+      return record.levelno > 20 and not record.exc_info
+    return not ("asyncio" in record.pathname and "never retrieved" in record.getMessage())
+
+
+def _setup_logging() -> None:
+  from absl import flags, logging
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def _run_command(command: str, argv: list[str]) -> int:
+  rest, overrides = split_overrides(argv)
+  args = _parser(command).parse_args(rest)  # exits 2 with one line on a usage error
+  if command != "train":
+    from flowseg_jax import workdir as workdir_lib
+
+    try:
+      workdir_lib.check_has_checkpoint(args.workdir)
+    except FileNotFoundError as e:
+      raise UsageError(str(e)) from e
+  config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")
+  _setup_logging()
+  import jax
+
+  if args.distributed:
+    jax.distributed.initialize()
+  if command == "train":
+    return train_command(config, args.workdir)
+  if command == "evaluate":
+    from flowseg_jax import evaluate
+
+    result = evaluate.evaluate(config, args.workdir, step=args.step)
+    print(f"step {result['step']}: mIoU {100 * result['mIoU']:.2f}% -> {result['path']}")
+    return 0
+  from flowseg_jax import inference, predict
+
+  try:
+    files = predict.list_images(args.input)
+  except FileNotFoundError as e:
+    raise UsageError(str(e)) from e
+  del files
+  segmenter = inference.Segmenter.from_workdir(args.workdir, config, step=args.step)
+  result = predict.predict(config, args.workdir, args.input, args.output, segmenter=segmenter)
+  print(
+    f"predict: wrote {len(result.written)} image(s) to {args.output}; {len(result.failed)} failed"
+  )
+  for path, reason in result.failed:
+    print(f"  failed: {path}: {reason}", file=sys.stderr)
+  return 1 if result.failed else 0
 
 
 def _run_convert(argv: list[str]) -> int:
@@ -32,56 +280,21 @@ def _run_convert(argv: list[str]) -> int:
   return dinov2.cli(argv[1:])
 
 
-class _QuietLibraries:
-  """Drops INFO records from orbax (dozens per checkpoint); warnings and errors pass."""
+def train_command(config, workdir: str) -> int:
+  """`flowseg train`: the exit status says how the run ended (run_status.EXIT_STATUS)."""
+  from flowseg_jax import run_status, train
 
-  def filter(self, record) -> bool:
-    return record.levelno > 20 or "orbax" not in record.pathname
-
-
-def _run_absl(command: str, argv: list[str]) -> None:
-  from absl import app, flags, logging
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
-  )
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
-  if command == "predict":
-    flags.DEFINE_string("input", None, "An image file or a folder of images.")
-    flags.DEFINE_string("output", None, "Folder for label PNGs, colour masks and overlays.")
-    flags.mark_flags_as_required(["input", "output"])
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(_):
-    # Keep TensorFlow (pulled in by tfds and clu) quiet, and orbax's per-save INFO lines out of the log.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    import jax
-
-    if flags.FLAGS.distributed:
-      jax.distributed.initialize()
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
-    if command == "train":
-      from flowseg_jax import train
-
-      train.train_and_evaluate(config, workdir)
-    elif command == "evaluate":
-      from flowseg_jax import evaluate
-
-      evaluate.evaluate(config, workdir)
-    else:
-      from flowseg_jax import predict
-
-      predict.predict(config, workdir, flags.FLAGS.input, flags.FLAGS.output)
-
-  app.run(main, argv=[f"flowseg {command}", *argv])
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except run_status.RunError as e:  # a known fault: its message says everything, no traceback
+    sys.stderr.write(f"flowseg train: {e}\n")
+    sys.stderr.flush()
+    return run_status.EXIT_STATUS[run_status.FAILED]
+  return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
 
 
 def run(argv: list[str] | None = None) -> int:
-  """Console-script entry point."""
+  """Console-script entry point; returns the exit status (2: usage error)."""
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
     sys.stdout.write(_usage())
@@ -92,8 +305,13 @@ def run(argv: list[str] | None = None) -> int:
     return 2
   if command == "convert":
     return _run_convert(rest)
-  _run_absl(command, rest)
-  return 0
+  try:
+    return _run_command(command, rest)
+  except UsageError as e:
+    sys.stderr.write(f"flowseg {command}: error: {e}\n")
+    return 2
+  except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+    return e.code if isinstance(e.code, int) else 2
 
 
 if __name__ == "__main__":

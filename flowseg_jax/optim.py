@@ -59,3 +59,13 @@ def create_optimizer(
     )
   )
   return optax.chain(*chain)
+
+
+def applied_learning_rate(opt_state, schedule: optax.Schedule):
+  """The learning rate the next applied update uses: the schedule at the optimiser's own count of
+  applied updates (skipped steps do not advance it), not at the train step."""
+  states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+  counts = [s.count for s in states if isinstance(s, optax.ScaleByScheduleState)]
+  if not counts:
+    raise ValueError("the optimiser state holds no learning-rate schedule count")
+  return schedule(counts[0])

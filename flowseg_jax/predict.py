@@ -4,10 +4,12 @@ For every input image `NAME.ext` it writes, in the output folder:
   NAME_label.png    uint8 class ids at the image's own size (mode L),
   NAME_mask.png     the mask in the centroid palette,
   NAME_overlay.png  the image blended 50/50 with the mask.
+Files that cannot be read are reported and skipped; the others are written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -15,11 +17,18 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import evaluate
-from flowseg_jax.data import classes, transforms
+from flowseg_jax import inference
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class PredictResult:
+  """Names written, and (path, reason) of the files that failed, on this process."""
+
+  written: list[str]
+  failed: list[tuple[str, str]]
+  step: int
 
 
 def list_images(path: str) -> list[str]:
@@ -38,40 +47,50 @@ def list_images(path: str) -> list[str]:
   return files
 
 
-def load_example(path: str, image_size) -> dict:
-  try:
-    with Image.open(path) as img:
-      rgb = np.asarray(img.convert("RGB"), np.uint8)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
-  image = transforms.normalize_image(transforms.resize_image(rgb, tuple(image_size)))
-  name = os.path.splitext(os.path.basename(path))[0]
-  return {"image": image, "image_orig": rgb, "name": name}
-
-
-def save_outputs(out_dir: str, example: dict, pred: np.ndarray, pal: np.ndarray) -> None:
-  name = example["name"]
+def save_outputs(out_dir: str, name: str, rgb: np.ndarray, pred: np.ndarray, segmenter) -> None:
   Image.fromarray(pred.astype(np.uint8), mode="L").save(os.path.join(out_dir, f"{name}_label.png"))
-  mask = classes.colorize(pred, pal)
-  Image.fromarray(mask).save(os.path.join(out_dir, f"{name}_mask.png"))
-  blend = (0.5 * example["image_orig"].astype(np.float32) + 0.5 * mask).round().astype(np.uint8)
-  Image.fromarray(blend).save(os.path.join(out_dir, f"{name}_overlay.png"))
+  Image.fromarray(segmenter.colorize(pred)).save(os.path.join(out_dir, f"{name}_mask.png"))
+  Image.fromarray(segmenter.overlay(rgb, pred)).save(os.path.join(out_dir, f"{name}_overlay.png"))
 
 
-def predict(config, workdir: str, input_path: str, output_dir: str) -> list[str]:
-  """Segments the images at input_path with workdir's newest checkpoint; returns the names written."""
+def predict(
+  config,
+  workdir: str,
+  input_path: str,
+  output_dir: str,
+  *,
+  segmenter: inference.Segmenter | None = None,
+) -> PredictResult:
+  """Segments the images at input_path with workdir's newest checkpoint (config defaults to
+  workdir/config.json). Unreadable files are logged and skipped."""
   files = list_images(input_path)
-  setup, mesh, state, step = evaluate.restore_for_inference(config, workdir)
-  params = evaluate.inference_params(config, state)
+  seg = segmenter or inference.Segmenter.from_workdir(workdir, config)
   # Every process segments its own share of the files.
   mine = files[jax.process_index() :: jax.process_count()]
-  examples = (load_example(f, config.input.image_size) for f in mine)
-  pal = centroids_lib.palette(evaluate.scorer_centroids(config))
+  failed: list[tuple[str, str]] = []
+
+  def readable():
+    for path in mine:
+      try:
+        rgb = inference.to_rgb(path)
+      except ValueError as e:
+        logging.error("Skipping %s: %s", path, e)
+        failed.append((path, str(e)))
+        continue
+      yield (path, rgb), rgb
+
   os.makedirs(output_dir, exist_ok=True)
-  names = []
-  with jax.set_mesh(mesh):
-    for ex, _, pred in evaluate.predict_examples(config, setup, params, mesh, examples, len(mine)):
-      save_outputs(output_dir, ex, pred, pal)
-      names.append(ex["name"])
-  logging.info("Segmented %d image(s) with step %d into %s.", len(names), step, output_dir)
-  return names
+  written = []
+  progress = inference.Progress("predict", len(mine), inference.progress_every(len(mine)))
+  for (path, rgb), _, pred in seg.segment_stream(readable(), len(mine), progress=progress):
+    name = os.path.splitext(os.path.basename(path))[0]
+    save_outputs(output_dir, name, rgb, pred, seg)
+    written.append(name)
+  logging.info(
+    "Segmented %d image(s) with step %d into %s; %d failed.",
+    len(written),
+    seg.step,
+    output_dir,
+    len(failed),
+  )
+  return PredictResult(written=written, failed=failed, step=seg.step)

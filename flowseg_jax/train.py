@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 from typing import Any
@@ -15,37 +14,43 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, evaluate, flow, models, optim, sharding
-from flowseg_jax.data import pipeline
+from flowseg_jax import (
+  checkpointing,
+  evaluate,
+  flow,
+  inference,
+  models,
+  optim,
+  run_status,
+  sharding,
+  writers,
+)
+from flowseg_jax import run_records as records
+from flowseg_jax.data import pipeline, sources
 from flowseg_jax.models import repa
+from flowseg_jax.run_status import RunError
 from flowseg_jax.train_state import TrainState
+from flowseg_jax.workdir_lock import WorkdirLock
 
 # ------------------------------------------------------------------------------------------------
 # Static pieces: model, projector, teacher, optimizer, centroids.
 # ------------------------------------------------------------------------------------------------
 
 
-class Setup:
-  """Everything the step closes over: built once, from the config."""
+class Setup(inference.InferenceSetup):
+  """Everything the step closes over: built once, from the config (the model, centroids and
+  conditioning label as inference builds them, plus the optimiser and the REPA teacher)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, teacher=None):
     """teacher: optional REPA (DinoViT, params) used instead of loading config.repa.teacher_dir;
     the params may be `jax.ShapeDtypeStruct`s (AOT planning, benchmarks/scale.py)."""
     validate_config(config)
-    self.config = config
-    self.model = models.create_model(config.model)
-    self.num_classes = pipeline.num_classes(config.input)
-    self.centroids = jnp.asarray(
-      centroids_lib.class_centroids(
-        self.num_classes, ignore_as_class=not config.objective.mask_ignored
-      )
-    )
-    self.cond_label = self.model.num_classes if config.cond_label < 0 else int(config.cond_label)
+    super().__init__(config)
     self.tx = optim.create_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     self.projector = self.teacher = self.teacher_params = None
@@ -212,14 +217,12 @@ def load_pretrained_denoiser(setup: Setup, model_init: str):
   return params
 
 
-def initialise_or_restore(setup, state, shardings, manager, data_iter):
-  """Resume order: own checkpoint > config.init_from > config.model_init > scratch."""
+def initialise(setup, mesh, rules, shardings):
+  """A fresh state: config.init_from > config.model_init > random initialisation."""
   config = setup.config
-  abstract = abstract_with_shardings(state, shardings)
-  restored = checkpointing.restore_latest(manager, abstract, data_iter)
-  if restored is not None:
-    return restored[0], "workdir"
+  state, _ = create_train_state(setup, mesh, rules, config.seed)
   if config.init_from:
+    abstract = abstract_with_shardings(state, shardings)
     params, ema, step = checkpointing.restore_params_from(config.init_from, abstract)
     logging.info("Initialised params/EMA from %s step %d.", config.init_from, step)
     return state.replace(params=params, ema_params=ema), f"init_from:{step}"
@@ -352,7 +355,7 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
   )
   metrics.update(
     grad_norm=grad_norm,
-    learning_rate=setup.lr_schedule(state.step),
+    learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
     skipped=(~finite).astype(jnp.int32),
     num_valid=total_valid,
   )
@@ -405,123 +408,248 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  """Fetches a window of per-step device metrics at once and summarises them."""
+class NonFiniteError(RunError):
+  """Too many consecutive updates were skipped for non-finite loss or gradients."""
+
+
+def _fetch_window(history: list[dict]) -> tuple[dict[str, float], list[int]]:
+  """Fetches a window of per-step device metrics at once: (summary, per-step skipped flags)."""
   fetched = jax.device_get(history)
   out = {}
   for k in fetched[0]:
     values = np.asarray([m[k] for m in fetched], np.float64)
     out[k] = float(values.sum()) if k in ("skipped", "num_bad_labels") else float(values.mean())
-  return out
+  return out, [int(m["skipped"]) for m in fetched]
 
 
-def _append_jsonl(workdir: str, record: dict) -> None:
-  """One JSON line per log step in workdir/metrics.jsonl (process 0): easy to plot or diff."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(record) + "\n")
+class _SkipWatch:
+  """Counts consecutive skipped updates from the fetched log windows (no extra host syncs)."""
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.run = 0
+
+  def update(self, flags: list[int], step: int) -> None:
+    for flag in flags:
+      self.run = self.run + 1 if flag else 0
+    if self.limit > 0 and self.run >= self.limit:
+      raise NonFiniteError(
+        f"stopped at step {step}: the last {self.run} updates were all skipped for a non-finite "
+        f"loss or gradient (config.max_consecutive_skipped={self.limit}). Lower "
+        "config.optim.learning_rate, check config.optim.grad_clip_norm and the data, then rerun: "
+        "training resumes from the last checkpoint."
+      )
+
+
+def _data_iterator_for(config, global_batch: int):
+  """make_data_iter(meta) for checkpointing.restore_for_training, and the new-run iterator."""
+
+  def make(meta: dict):
+    if meta.get("process_count", 1) == jax.process_count():
+      start = int(meta.get("data_start", 0))  # grain's saved state continues from there
+    else:
+      start = int(meta.get("data_position", int(meta.get("step", 0)) * global_batch))
+    return pipeline.create_train_iterator(config.input, seed=config.seed, start=start)
+
+  return make
+
+
+def _check_eval_data(config) -> None:
+  """Every evaluation example is read once before step 1: bad ones stop the run now ('raise') or
+  are counted and skipped ('skip'), not at the first evaluation hours later."""
+  if not config.eval_every_steps:
+    return
+  try:
+    bad = pipeline.check_eval_examples(config.input)
+  except sources.BadExampleError as e:
+    raise EvalDataError(
+      f"evaluation data: {e} (found before training; fix the example, or set "
+      "config.input.on_bad_example='skip' to leave bad examples out of the evaluation)"
+    ) from None
+  if bad:
+    logging.warning("%d bad evaluation example(s) will be skipped (counted in eval results).", bad)
+
+
+class EvalDataError(RunError):
+  """An evaluation example cannot be used."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from workdir if it holds checkpoints), evaluates, and returns the last metrics."""
+  """Trains (resuming from workdir if it holds checkpoints), evaluates, and returns the last metrics.
+
+  The result's "status" is run_status.FINISHED or PREEMPTED (also in workdir/train_result.json);
+  faults raise a run_status.RunError with a one-line (or few-line) explanation.
+  """
   os.makedirs(workdir, exist_ok=True)
   setup = Setup(config)
   mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
   check_batch_fits_mesh(config, mesh)
-  if setup.teacher_params is not None:
-    setup.teacher_params = jax.device_put(setup.teacher_params, sharding.replicated(mesh))
+  with WorkdirLock(workdir):
+    return _train_locked(config, workdir, setup, mesh)
+
+
+def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
+  rules = sharding.rules_from_config(config.sharding_rules)
   logging.info(
     "Mesh %s over %d devices, %d process(es).",
     dict(mesh.shape),
     jax.device_count(),
     jax.process_count(),
   )
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  data_iter = pipeline.create_train_iterator(config.input, seed=config.seed)
-  state, state_shardings = create_train_state(setup, mesh, rules, config.seed)
+  abstract, state_shardings = abstract_train_state(setup, mesh, rules, config.seed)
+  parameter_overview.log_parameter_overview(abstract.params, include_stats="sharding")
   manager = checkpointing.create_manager(
     os.path.join(workdir, "checkpoints"),
     keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
   )
-  state, origin = initialise_or_restore(setup, state, state_shardings, manager, data_iter)
-  start_step = int(jax.device_get(state.step))
-  logging.info("Starting at step %d (%s).", start_step, origin)
-  parameter_overview.log_parameter_overview(jax.device_get(state.params))
+  global_batch = int(config.input.batch_size)
+  make_data_iter = _data_iterator_for(config, global_batch)
+  restored = checkpointing.restore_for_training(
+    manager,
+    abstract,
+    make_data_iter,
+    config_diff=records.config_differences(workdir, config),
+  )
+  if restored is not None:
+    state, start_step, meta, data_iter = restored
+    done = records.finished_result(workdir, start_step, config.total_steps)
+    if done is not None:
+      manager.close()
+      logging.info("%s already finished at step %d: nothing to do.", workdir, start_step)
+      return done
+    _check_eval_data(config)
+    origin = "workdir"
+    position = int(meta.get("data_position", start_step * global_batch))
+    data_start = data_iter.get_state()["input"]["start"]
+  else:
+    _check_eval_data(config)
+    state, origin = initialise(setup, mesh, rules, state_shardings)
+    data_iter = make_data_iter({})
+    start_step, position, data_start = 0, 0, 0
+  records.write_config(workdir, config)
+  records.truncate_metrics(workdir, start_step)
+  logging.info("Starting at step %d (%s), data position %d.", start_step, origin, position)
+  if setup.teacher_params is not None:
+    setup.teacher_params = jax.device_put(setup.teacher_params, sharding.replicated(mesh))
 
   step_fn = compile_train_step(setup, mesh, state_shardings)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams(
-      {k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)}
-    )
-  hooks = []
-  if jax.process_index() == 0:
-    hooks.append(
-      periodic_actions.ReportProgress(
-        num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
-      )
-    )
+    writer.write_hparams(config.to_dict())
+  progress = inference.Progress(
+    "train", config.total_steps, config.log_every_steps, start=start_step
+  )
 
   history: list[dict] = []
   skipped_examples = 0
+  skip_watch = _SkipWatch(config.max_consecutive_skipped)
   last_eval: dict[str, Any] = {}
   step = start_step
-  with (
-    _Preemption() as preemption,
-    metric_writers.ensure_flushes(writer),
-    jax.set_mesh(mesh),
-    nn.logical_axis_rules(rules),
-  ):
-    while step < config.total_steps:
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        local = next(data_iter)
-        skipped_examples += int(local.pop("num_skipped", 0))
-        batch = sharding.shard_batch(local, mesh)
-        state, metrics = step_fn(state, batch, setup.teacher_params)
-      step += 1
-      history.append(metrics)
-      for hook in hooks:
-        hook(step)
+  status = run_status.FINISHED
 
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        summary = _mean_metrics(history)
-        history = []
-        summary["skipped_examples"] = skipped_examples
-        if not np.isfinite(summary["loss"]):
-          logging.warning(
-            "Non-finite mean loss at step %d (updates skipped: %d).", step, summary["skipped"]
-          )
-        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-        _append_jsonl(workdir, {"step": step, **summary})
+  def save(metrics=None):
+    meta = {"data_start": data_start, "data_position": position + skipped_examples}
+    checkpointing.save(manager, step, state, data_iter, meta=meta, metrics=metrics)
 
-      is_last = step == config.total_steps
-      do_eval = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
-      eval_metrics = None
-      if do_eval:
-        last_eval = evaluate.evaluate_state(
-          config, setup, state, mesh, workdir=workdir, step=step, writer=writer
-        )
-        eval_metrics = {checkpointing.BEST_METRIC: last_eval["mIoU"]}
-      stop = preemption.requested or manager.reached_preemption(step)
-      if step % config.ckpt_every_steps == 0 or is_last or stop or eval_metrics is not None:
-        checkpointing.save(manager, step, state, data_iter, metrics=eval_metrics)
-      if stop:
-        logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
-        break
+  def evaluate_now():
+    # The step's checkpoint is on disk before its evaluation starts: whatever the evaluation
+    # does, a rerun resumes after this step rather than repeating it.
+    if step not in manager.all_steps():
+      save()
+    checkpointing.check_saved(manager, wait=True)
+    result = evaluate.evaluate_state(
+      config, setup, state, mesh, workdir=workdir, step=step, writer=writer
+    )
+    checkpointing.record_metrics(manager, step, {checkpointing.BEST_METRIC: result["mIoU"]})
+    return result
 
-  manager.wait_until_finished()
+  try:
+    with (
+      _Preemption() as preemption,
+      writers.ensure_flushes(writer),
+      jax.set_mesh(mesh),
+      nn.logical_axis_rules(rules),
+    ):
+      while step < config.total_steps:
+        checkpointing.check_saved(manager)  # a failed asynchronous save stops the run here
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          local = next(data_iter)
+          skipped_examples += int(local.pop("num_skipped", 0))
+          batch = sharding.shard_batch(local, mesh)
+          state, metrics = step_fn(state, batch, setup.teacher_params)
+        step += 1
+        position += global_batch
+        history.append(metrics)
+        progress.update()
+
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+          summary, skipped_flags = _fetch_window(history)
+          history = []
+          summary["skipped_examples"] = skipped_examples
+          if not np.isfinite(summary["loss"]):
+            logging.warning(
+              "Non-finite mean loss at step %d (updates skipped: %d).", step, summary["skipped"]
+            )
+          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+          records.append_metrics(workdir, {"step": step, **summary})
+          skip_watch.update(skipped_flags, step)
+
+        is_last = step == config.total_steps
+        stop = preemption.requested or manager.reached_preemption(step)
+        eval_due = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
+        if step % config.ckpt_every_steps == 0 or is_last or stop:
+          save()
+        if stop and (eval_due or not is_last):  # no evaluation in a preemption's grace period
+          logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
+          status = run_status.PREEMPTED
+          break
+        if eval_due:
+          last_eval = evaluate_now()
+      final_eval_missing = config.eval_every_steps and not last_eval
+      if status == run_status.FINISHED and step == config.total_steps and final_eval_missing:
+        last_eval = evaluate_now()  # the final checkpoint was written, its evaluation was not
+    checkpointing.check_saved(manager, wait=True)
+  except run_status.RunError as e:
+    if not isinstance(e, checkpointing.CheckpointWriteError):
+      _close_quietly(manager)
+    records_failed = {"status": run_status.FAILED, "step": step, "error": str(e)}
+    try:
+      records.write_result(workdir, records_failed)
+    except OSError:
+      pass  # e.g. the disk that failed the checkpoint is full
+    raise
   manager.close()
   result = {
+    "status": status,
     "step": step,
     "num_skipped_updates": int(jax.device_get(state.num_skipped)),
     **last_eval,
   }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_result.json"), "w") as f:
-      json.dump({k: v for k, v in result.items() if np.isscalar(v)}, f, indent=2)
+  records.write_result(workdir, result)
   return result
+
+
+def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
+  """(setup, mesh, state, step) of the newest readable checkpoint of workdir: the whole TrainState
+  (online and EMA parameters, optimiser), e.g. to compare runs. Inference uses `Segmenter`."""
+  setup = Setup(config)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
+  manager = checkpointing.create_manager(
+    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=False
+  )
+  restored = checkpointing.restore_latest(manager, abstract, None)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
+  state, step = restored
+  return setup, mesh, state, step
+
+
+def _close_quietly(manager) -> None:
+  try:
+    manager.close()
+  except Exception as e:  # noqa: BLE001 - already stopping for the error being raised
+    logging.warning("Closing the checkpoint manager: %s", e)

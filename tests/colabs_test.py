@@ -45,7 +45,7 @@ assert trajectory.shape == (NUM_STEPS, NUM_IMAGES, h, w, 3), trajectory.shape
 np.testing.assert_array_equal(trajectory[-1], x1)
 # The first frame is one Euler step of the network's velocity from the image.
 # The online weights moved further than the EMA in 6 steps: use them to check the sampler's frames.
-online = state.params["denoiser"]
+online = Segmenter.from_workdir(WORKDIR, config, use_ema=False).params
 x1_online, trajectory_online, _ = jax.device_get(segment(online, images))
 y = jnp.full((NUM_IMAGES,), setup.cond_label, jnp.int32)
 v0 = np.asarray(setup.model.apply({"params": online}, images, jnp.zeros((NUM_IMAGES,)), y))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import evaluate, predict, sharding, train
+from flowseg_jax import evaluate, inference, predict, sharding, train
 from flowseg_jax.convert import dinov2 as dinov2_convert
 from flowseg_jax.data import pipeline
 from flowseg_jax.models import dinov2
@@ -55,18 +55,21 @@ def test_evaluate_command_writes_results(trained_workdir):
   config = tiny_config()
   result = evaluate.evaluate(config, trained_workdir)
   assert result["num_examples"] == config.input.synthetic.num_eval
-  with open(os.path.join(trained_workdir, "eval", "step_6.json")) as f:
+  name = "step_6_steps2_whole"  # keyed by the settings: training's step_6.json is never overwritten
+  assert result["path"] == os.path.join(trained_workdir, "eval", f"{name}.json")
+  with open(result["path"]) as f:
     saved = json.load(f)
   assert saved["mIoU"] == pytest.approx(result["mIoU"])
+  assert (saved["num_steps"], saved["mode"]) == (2, "whole")
   assert len(saved["per_class_IoU"]) == config.input.synthetic.num_classes
-  pictures = os.listdir(os.path.join(trained_workdir, "pictures", "step_6"))
+  pictures = os.listdir(os.path.join(trained_workdir, "pictures", name))
   assert len(pictures) == config.eval.num_pictures
-  panel = np.asarray(Image.open(os.path.join(trained_workdir, "pictures", "step_6", pictures[0])))
+  panel = np.asarray(Image.open(os.path.join(trained_workdir, "pictures", name, pictures[0])))
   assert panel.shape == (32, 4 * 32, 3)  # image | raw colours | mask | ground truth
 
 
 def test_slide_windows_follow_mmseg_grid():
-  windows = list(evaluate._slide_windows(48, 70, (32, 32), (16, 20)))
+  windows = list(inference.slide_windows(48, 70, (32, 32), (16, 20)))
   # rows: (48 - 32 + 15) // 16 + 1 = 2; cols: (70 - 32 + 19) // 20 + 1 = 3, the last shifted to the border.
   assert windows == [(0, 0), (0, 20), (0, 38), (16, 0), (16, 20), (16, 38)]
 
@@ -75,16 +78,16 @@ def test_slide_with_one_window_equals_whole(trained_workdir):
   """When the window covers the (unresized) image, sliding-window inference is whole-image inference."""
   config = tiny_config()
   config.eval.max_examples = 4
-  setup, mesh, state, _ = evaluate.restore_for_inference(config, trained_workdir)
-  whole, _ = evaluate.evaluate_params(config, setup, state.ema_params["denoiser"], mesh)
+  seg = inference.Segmenter.from_workdir(trained_workdir, config)
+  whole, _ = evaluate.evaluate_segmenter(seg)
   config.eval.mode = "slide"
   config.eval.slide_short_side = 32
   config.eval.slide_stride = (16, 16)
-  slide, _ = evaluate.evaluate_params(config, setup, state.ema_params["denoiser"], mesh)
+  slide, _ = evaluate.evaluate_segmenter(seg)
   np.testing.assert_array_equal(whole["intersection"], slide["intersection"])
   np.testing.assert_array_equal(whole["union"], slide["union"])
   config.eval.slide_short_side = 48  # four overlapping windows per image now
-  overlapped, _ = evaluate.evaluate_params(config, setup, state.ema_params["denoiser"], mesh)
+  overlapped, _ = evaluate.evaluate_segmenter(seg)
   assert overlapped["num_examples"] == 4 and np.isfinite(overlapped["aAcc"])
 
 
@@ -96,8 +99,8 @@ def test_predict_folder_of_any_size(trained_workdir, tmp_path):
   Image.fromarray(rng.integers(0, 255, (17, 23, 3), dtype=np.uint8)).save(src / "b.jpg")
   (src / "notes.txt").write_text("not an image")
   out = tmp_path / "out"
-  names = predict.predict(tiny_config(), trained_workdir, str(src), str(out))
-  assert sorted(names) == ["a", "b"]
+  result = predict.predict(tiny_config(), trained_workdir, str(src), str(out))
+  assert sorted(result.written) == ["a", "b"] and not result.failed
   label = np.asarray(Image.open(out / "a_label.png"))
   assert label.shape == (40, 52) and label.max() < tiny_config().input.synthetic.num_classes
   assert np.asarray(Image.open(out / "b_mask.png")).shape == (17, 23, 3)

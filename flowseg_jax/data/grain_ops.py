@@ -172,7 +172,7 @@ class TrainIterator(grain.DatasetIterator):
     return {"input": dict(self._setup), "iterator": self._parent.get_state()}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved = state.get("input", {})
+    saved = {"start": 0, **state.get("input", {})}  # "start" came with elastic resume
     diff = {k: (saved.get(k), v) for k, v in self._setup.items() if saved.get(k) != v}
     if diff:
       details = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())

@@ -4,13 +4,15 @@ Train (`create_train_iterator`), per process:
 
   source -> seeded global shuffle (reshuffled every epoch) -> repeat forever
   -> random_map(read + check + decode + scale/crop/flip + normalise)   [seed: (data seed, position)]
-  -> [process_index::process_count]        (this process's elements of the global stream)
+  -> [start + process_index::process_count] (this process's elements of the global stream)
   -> to_iter_dataset (reader threads) -> batch(B_local), skipping bad examples in 'skip' mode
   -> mp_prefetch(num_workers)              (when num_workers > 0)
 
 The global stream (shuffle + augmentation) depends only on the data seed, so the union of the
 processes' batches at a step is the same set of examples for any process count; each process
-reads and decodes only its own elements. Batches are dicts of NumPy arrays:
+reads and decodes only its own elements. After n batches (no skipped examples, `num_workers` 0) the
+processes have consumed exactly the global examples [start, start + n * global_batch): the global
+position from which an iterator for another process count continues (elastic resume). Batches are dicts of NumPy arrays:
   image        float32 (B_local, H, W, 3) in [-1, 1]
   label        int32   (B_local, H, W), 255 = ignore
   num_skipped  int32   () bad examples this process skipped while filling this batch (always 0
@@ -60,9 +62,8 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.eval_split = "validation"
   # (H, W) of training images and of the whole-image eval input.
   c.image_size = (64, 64)
-  # GLOBAL batch sizes (divided by the process count).
+  # GLOBAL batch size (divided by the process count). Evaluation batches: config.eval.batch_per_device.
   c.batch_size = 32
-  c.eval_batch_size = 8
   # Data-order and augmentation seed; None = the `seed` passed to create_train_iterator.
   c.shuffle_seed = ml_collections.FieldReference(None, field_type=int)
   # grain worker processes (0 = in-process) and batches buffered per worker.
@@ -164,7 +165,13 @@ def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]
         cfg.data_dir, split, labels=cfg.coco_stuff_labels, on_bad_example=on_bad
       )
     return src, src.label_map
-  from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  try:
+    from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
+  except ImportError as e:
+    raise ImportError(
+      f"config.input.dataset={name!r} needs TensorFlow Datasets: pip install 'flowseg-jax[tfds]' "
+      f"({e})"
+    ) from e
 
   src = tfds_builders.load_source(
     _TFDS_NAMES[name],
@@ -238,6 +245,7 @@ def create_train_iterator(
   seed: int,
   process_index: int | None = None,
   process_count: int | None = None,
+  start: int = 0,
 ) -> TrainIterator:
   """Infinite, deterministic, checkpointable iterator over this process's training batches.
 
@@ -246,6 +254,8 @@ def create_train_iterator(
     seed: run seed; the data seed is `cfg.shuffle_seed` if set, else this.
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
+    start: global example index to start the stream at (elastic resume: the checkpoint's data
+      position, so another process count continues where the old one stopped).
 
   Returns:
     A `TrainIterator` (a grain DatasetIterator) of dicts; see the module docstring for fields,
@@ -264,7 +274,9 @@ def create_train_iterator(
   )
   num_workers = int(cfg.num_workers)
   ds = grain.MapDataset.source(src).seed(data_seed).shuffle().repeat().random_map(load)
-  ds = ds[pi::pc]
+  if start < 0:
+    raise ValueError(f"start must be >= 0, got {start}")
+  ds = ds[start + pi :: pc]  # the global stream from `start`; this process's elements
   threads = 2 if num_workers > 0 else min(8, os.cpu_count() or 1)
   buffer = max(1, int(cfg.prefetch_buffer)) * local_batch
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
@@ -288,6 +300,7 @@ def create_train_iterator(
     "process_count": pc,
     "num_workers": num_workers,
     "data_seed": data_seed,
+    "start": int(start),
   }
   logging.info("Train input: %s, local batch %d.", setup, local_batch)
   return TrainIterator(iter(ids), setup)
@@ -307,6 +320,22 @@ def create_eval_dataset(
   )
   ds = grain.MapDataset.source(src)[pi::pc]
   return EvalDataset(ds.map(load), len(ds))
+
+
+def check_eval_examples(
+  cfg: ml_collections.ConfigDict,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> int:
+  """Reads every eval example of this process's shard once: decodable, image and annotation sizes
+  equal, labels in range. Returns the number of bad examples ('skip' mode); in 'raise' mode the
+  first bad one raises BadExampleError naming its file. Runs before training, so that a broken
+  validation set stops the run at start-up rather than at its first evaluation."""
+  dataset = create_eval_dataset(cfg, process_index=process_index, process_count=process_count)
+  for _ in dataset:
+    pass
+  return dataset.num_skipped
 
 
 def num_eval_examples(cfg: ml_collections.ConfigDict) -> int:

@@ -144,17 +144,28 @@ class SwiGLU(nn.Module):
     return dense(dim, hidden, ("mlp", "embed"), name="w2", **kw)(nn.silu(gate) * lin)
 
 
-def rope_2d_table(grid_h: int, grid_w: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-  """Cosine and sine tables of PixNerd's resolution-normalised 2-D RoPE.
+def rope_2d_table(
+  grid_h: int,
+  grid_w: int,
+  head_dim: int,
+  *,
+  y_extent: float = ROPE_POSITION_SCALE,
+  x_extent: float = ROPE_POSITION_SCALE,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Cosine and sine tables of PixNerd's 2-D RoPE.
 
-  Token l = i * grid_w + j sits at (y, x) = (linspace(0, 16, grid_h)[i], linspace(0, 16,
-  grid_w)[j]). Frequencies w_m = 10000^(-4m/head_dim), m < head_dim/4; complex pair 2m rotates by
-  x*w_m and pair 2m+1 by y*w_m (x and y interleaved per frequency).
+  Token l = i * grid_w + j sits at (y, x) = (linspace(0, y_extent, grid_h)[i], linspace(0,
+  x_extent, grid_w)[j]). Frequencies w_m = 10000^(-4m/head_dim), m < head_dim/4; complex pair 2m
+  rotates by x*w_m and pair 2m+1 by y*w_m (x and y interleaved per frequency). The class-to-image
+  model spans [0, 16] on both axes (resolution-normalised); the text-to-image model uses other
+  extents (see `pixnerd_t2i`).
 
   Args:
     grid_h: number of token rows.
     grid_w: number of token columns.
     head_dim: per-head channel count, a multiple of 4.
+    y_extent: position of the last row.
+    x_extent: position of the last column.
 
   Returns:
     (cos, sin), each float32 of shape (grid_h * grid_w, head_dim // 2).
@@ -163,8 +174,8 @@ def rope_2d_table(grid_h: int, grid_w: int, head_dim: int) -> tuple[np.ndarray, 
     raise ValueError(f"2-D RoPE needs head_dim % 4 == 0, got head_dim={head_dim}.")
   f32 = np.float32
   freqs = (1.0 / (ROPE_THETA ** (np.arange(0, head_dim, 4, dtype=f32) / f32(head_dim)))).astype(f32)
-  ys = np.linspace(0.0, ROPE_POSITION_SCALE, grid_h, dtype=f32)
-  xs = np.linspace(0.0, ROPE_POSITION_SCALE, grid_w, dtype=f32)
+  ys = np.linspace(0.0, y_extent, grid_h, dtype=f32)
+  xs = np.linspace(0.0, x_extent, grid_w, dtype=f32)
   yy, xx = np.meshgrid(ys, xs, indexing="ij")
   ang_x = xx.reshape(-1, 1) * freqs[None, :]  # (L, hd/4)
   ang_y = yy.reshape(-1, 1) * freqs[None, :]
@@ -193,7 +204,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with qk-RMSNorm (shared over heads) and 2-D RoPE.
+  """Multi-head self-attention with qk-RMSNorm (shared over heads) and optional 2-D RoPE.
 
   Attributes:
     num_heads: number of heads G; head_dim = D / G.
@@ -208,8 +219,10 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """(B, L, D) tokens -> (B, L, D); cos/sin are (L, head_dim // 2) RoPE tables."""
+  def __call__(
+    self, x: jax.Array, cos: jax.Array | None = None, sin: jax.Array | None = None
+  ) -> jax.Array:
+    """(B, L, D) tokens -> (B, L, D); cos/sin are (L, head_dim // 2) RoPE tables or None."""
     b, seq, dim = x.shape
     hd = dim // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -218,7 +231,8 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = RMSNorm(param_dtype=self.param_dtype, name="q_norm")(q)
     k = RMSNorm(param_dtype=self.param_dtype, name="k_norm")(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cos is not None:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(b, seq, dim)
     return dense(dim, dim, ("mlp", "embed"), name="proj", **kw)(out)

@@ -131,12 +131,15 @@ class NerfBlock(nn.Module):
   Attributes:
     nerf_hidden_size: pixel feature width hx.
     mlp_ratio: hidden width of the generated MLP is hx * mlp_ratio.
+    normalize_fc2: L2-normalise the second generated matrix too (class-to-image model); the
+      text-to-image model normalises only the first.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
 
   nerf_hidden_size: int
   mlp_ratio: int
+  normalize_fc2: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -157,7 +160,9 @@ class NerfBlock(nn.Module):
     u = jnp.einsum("npi,nij->npj", h, fc1, preferred_element_type=jnp.float32)
     u = nn.silu(u * _inverse_column_norms(fc1)).astype(self.dtype)
     v = jnp.einsum("npj,njk->npk", u, fc2, preferred_element_type=jnp.float32)
-    return layers.constrain_batch(x + (v * _inverse_column_norms(fc2)).astype(x.dtype))
+    if self.normalize_fc2:
+      v = v * _inverse_column_norms(fc2)
+    return layers.constrain_batch(x + v.astype(x.dtype))
 
 
 class FinalLayer(nn.Module):

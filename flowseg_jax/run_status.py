@@ -1,0 +1,16 @@
+"""How a training run ends: the status in `train_result.json` and the process exit status.
+
+finished   0   total_steps reached (a rerun of a finished workdir is a no-op and also returns 0)
+failed     1   a fault that needs a person: stopped with one line naming the cause
+preempted  75  SIGTERM / orbax preemption notice: checkpointed, rerun the same command to continue
+             (75 is EX_TEMPFAIL of sysexits.h, "try again later")
+"""
+
+from __future__ import annotations
+
+FINISHED, PREEMPTED, FAILED = "finished", "preempted", "failed"
+EXIT_STATUS = {FINISHED: 0, FAILED: 1, PREEMPTED: 75}
+
+
+class RunError(RuntimeError):
+  """A fault that stops the run with one self-explaining message (printed without a traceback)."""

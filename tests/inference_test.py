@@ -1,0 +1,369 @@
+"""The Segmenter: a real photograph in three lines, input kinds, determinism, and what it restores."""
+
+import json
+import os
+import shutil
+
+import jax
+import matplotlib.cbook
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowseg_jax import inference, main, sampling, sharding, train
+from flowseg_jax import workdir as workdir_lib
+from flowseg_jax.data import pipeline
+from tests.train_test import REPO, tiny_config
+
+PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny model trained for 6 steps; training evaluates at step 6 (eval/step_6.json)."""
+  workdir = str(tmp_path_factory.mktemp("segmenter"))
+  config = tiny_config(eval_every_steps=6)
+  config.eval.num_pictures = 1
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def seg(workdir):
+  return inference.Segmenter.from_workdir(workdir)
+
+
+def _reference_labels(config, params, rgb):
+  """The same inference written out by hand: resize, Euler ODE, bilinear back, full argmin."""
+  setup = inference.InferenceSetup(config)
+  size = tuple(config.input.image_size)
+  x0 = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.Resampling.BILINEAR), np.float32)
+  x0 = x0 / 127.5 - 1.0
+  y = np.full((1,), setup.cond_label, np.int32)
+  x1 = sampling.sample(
+    lambda x, t: setup.model.apply({"params": params}, x, t, y),
+    x0[None],
+    num_steps=config.eval.num_steps,
+    prediction=config.objective.prediction,
+  )[0]
+  h, w = rgb.shape[:2]
+  up = np.stack(
+    [
+      np.asarray(Image.fromarray(np.asarray(x1[..., c]), mode="F").resize((w, h), Image.BILINEAR))
+      for c in range(3)
+    ],
+    -1,
+  )
+  mu = np.asarray(setup.centroids[: setup.num_classes])
+  return np.argmin(((up[:, :, None, :] - mu) ** 2).sum(-1), axis=-1)
+
+
+def test_segments_a_photograph_in_three_lines(workdir, tmp_path):
+  from flowseg_jax import Segmenter
+
+  seg = Segmenter.from_workdir(workdir)
+  labels = seg(PHOTO)
+
+  photo = np.asarray(Image.open(PHOTO).convert("RGB"))
+  assert labels.shape == photo.shape[:2] == (600, 512)
+  assert labels.dtype == np.int32
+  assert labels.min() >= 0 and labels.max() < seg.num_classes
+  # Independent path: same result pixel for pixel (ties aside, which a photo does not hit).
+  np.testing.assert_array_equal(labels, _reference_labels(seg.config, seg.params, photo))
+  # `flowseg predict` writes exactly these labels.
+  assert (
+    main.run(["predict", f"--workdir={workdir}", f"--input={PHOTO}", f"--output={tmp_path}"]) == 0
+  )
+  written = np.asarray(Image.open(tmp_path / "grace_hopper_label.png"))
+  np.testing.assert_array_equal(written, labels)
+  mask = np.asarray(Image.open(tmp_path / "grace_hopper_mask.png"))
+  np.testing.assert_array_equal(mask, seg.colorize(labels))
+  np.testing.assert_array_equal(mask, seg.palette[labels])
+
+
+def test_same_labels_on_one_and_eight_devices(workdir, seg):
+  one = inference.Segmenter.from_workdir(
+    workdir, mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  )
+  assert one.mesh.size == 1 and seg.mesh.size == 8
+  photo = np.asarray(Image.open(PHOTO).convert("RGB"))
+  small = photo[::7, ::5]
+  for a, b in zip(
+    one.segment_batch([photo, small]), seg.segment_batch([photo, small]), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_restores_ema_weights_only(workdir, seg):
+  _, _, state, step = train.restore_train_state(tiny_config(), workdir)
+  assert seg.step == step == 6
+  same = jax.tree.map(
+    lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+    seg.params,
+    state.ema_params["denoiser"],
+  )
+  assert all(jax.tree.leaves(same))
+  online = inference.Segmenter.from_workdir(workdir, use_ema=False)
+  differs = jax.tree.map(
+    lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), online.params, seg.params
+  )
+  assert any(jax.tree.leaves(differs))  # EMA (decay 0.99) and online weights differ after 6 steps
+
+
+def test_repa_config_needs_no_teacher(workdir, tmp_path, seg):
+  """A REPA run's workdir predicts without its DINOv2 teacher (here: a teacher path that is gone)."""
+  copy = str(tmp_path / "repa_run")
+  shutil.copytree(workdir, copy)
+  with open(os.path.join(copy, "config.json")) as f:
+    config = json.load(f)
+  config["repa"].update(enabled=True, teacher_dir="/nonexistent/dinov2", align_layer=2)
+  with open(os.path.join(copy, "config.json"), "w") as f:
+    json.dump(config, f)
+  repa_seg = inference.Segmenter.from_workdir(copy)
+  assert repa_seg.config.repa.enabled
+  image = np.asarray(Image.open(PHOTO).convert("RGB"))[::9, ::9]
+  np.testing.assert_array_equal(repa_seg(image), seg(image))
+
+
+def test_input_kinds_batches_and_errors(seg):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
+  grey = rng.integers(0, 256, (29, 31), dtype=np.uint8)
+  rgba = np.concatenate([rgb, np.full((37, 45, 1), 7, np.uint8)], axis=-1)
+  from_array = seg(rgb)
+  assert from_array.shape == (37, 45)
+  np.testing.assert_array_equal(seg(Image.fromarray(rgb)), from_array)
+  np.testing.assert_array_equal(seg(rgba), from_array)  # alpha dropped
+  np.testing.assert_array_equal(seg(grey), seg(np.repeat(grey[..., None], 3, -1)))
+  np.testing.assert_array_equal(seg(grey[..., None]), seg(grey))
+  batch = seg.segment_batch([rgb, grey, rgba] * 4)  # 12 images, 8 devices: padded calls
+  assert [b.shape for b in batch[:3]] == [(37, 45), (29, 31), (37, 45)]
+  for got, want in zip(batch, [from_array, seg(grey), from_array] * 4, strict=True):
+    np.testing.assert_array_equal(got, want)
+  config = seg.config.copy_and_resolve_references()
+  config.eval.slide_short_side, config.eval.slide_stride = 48, (16, 16)
+  slide = inference.Segmenter(config, seg.params, mesh=seg.mesh)(rgb, mode="slide")
+  assert slide.shape == (37, 45) and slide.dtype == np.int32
+  with pytest.raises(ValueError, match="slide_stride"):
+    seg(rgb, mode="slide")  # stride 341 > window 32: gaps
+  with pytest.raises(ValueError, match="uint8"):
+    seg(rgb.astype(np.float32))
+  with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+    seg(np.zeros((4, 4, 2), np.uint8))
+  with pytest.raises(ValueError, match="missing.jpg"):
+    seg("missing.jpg")
+  with pytest.raises(ValueError, match="mode"):
+    seg(rgb, mode="tiles")
+
+
+def test_trajectory_and_num_steps(seg):
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the model's own size: no resizing
+  states = seg.trajectory(image, num_steps=3)
+  assert states.shape == (4, 32, 32, 3) and states.dtype == np.float32
+  np.testing.assert_allclose(states[0], image / 127.5 - 1.0, atol=1e-6)
+  decoded = inference.decode_colours_host(states[-1], seg.centroids)
+  np.testing.assert_array_equal(seg(image, num_steps=3), decoded)
+  assert not np.allclose(states[1], states[0])  # the flow moves
+
+
+def test_config_json_round_trip(seg):
+  """workdir/config.json comes back with its types: tuples, typed None fields, nested groups."""
+  for spec in ("demo.py:smoke", "flowseg_ade20k.py:stage=1"):
+    config = main.load_config(os.path.join(REPO, "configs", spec), None, [], from_workdir=False)
+    back = workdir_lib.config_from_json(config.to_json_best_effort())
+    want, got = config.to_dict(), back.to_dict()
+    # Lists of lists hold no type information: the rules' inner tuples come back as lists.
+    assert [list(map(_listed, r)) for r in want.pop("sharding_rules")] == got.pop("sharding_rules")
+    assert got == want
+    assert isinstance(back.input.image_size, tuple) and isinstance(back.eval.slide_stride, tuple)
+  back.input.data_dir = "/data/ade"  # a None-valued str field keeps its type
+  with pytest.raises(TypeError):
+    back.input.data_dir = 3
+  assert seg.config.input.image_size == (32, 32)
+
+
+def _listed(x):
+  return list(x) if isinstance(x, tuple) else x
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line built on it.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_flags_and_overrides(capsys):
+  for command in ("train", "evaluate", "predict"):
+    assert main.run([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--config.FIELD=VALUE" in out, out
+  assert "--input" in out and "--output" in out
+
+
+def test_usage_errors_are_one_line_and_create_nothing(workdir, tmp_path, capsys):
+  demo = os.path.join(REPO, "configs", "demo.py:smoke")
+  new = tmp_path / "new_run"
+  cases = [
+    (["train", f"--config={demo}", f"--workdir={new}", "--config.optim.learning_rat=1e-3"],
+     "did you mean --config.optim.learning_rate?"),
+    (["train", "--config=configs/dmeo.py", f"--workdir={new}"], "configs/dmeo.py' does not exist"),
+    (["train", f"--config={demo}", f"--workdir={new}", "--config.total_steps=many"], "total_steps"),
+    (["evaluate", f"--workdir={new}"], "does not exist"),
+    (["predict", f"--workdir={tmp_path}", "--input=x.jpg", "--output=out"], "holds no checkpoint"),
+    (["evaluate", f"--workdir={workdir}", "--config.eval.num_step=3"], "--config.eval.num_steps"),
+    (["predict", f"--workdir={workdir}", f"--input={tmp_path / 'nope'}", f"--output={new}"],
+     "neither an image file nor a folder"),
+  ]  # fmt: skip
+  for argv, message in cases:
+    assert main.run(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, (argv, err)
+    assert not new.exists() and not (tmp_path / "checkpoints").exists()
+  assert main.run(["train", "--workdir=x"]) == 2  # argparse: --config missing
+  assert "--config" in capsys.readouterr().err
+
+
+def test_overrides_parse_as_the_field_type():
+  config = tiny_config()
+  main.apply_overrides(
+    config,
+    [
+      ("input.image_size", "64,48"),
+      ("eval.slide_stride", "(16, 8)"),
+      ("input.random_flip", "false"),
+      ("input.data_dir", "/data"),
+      ("optim.learning_rate", "3e-4"),
+      ("eval.max_examples", "5"),
+    ],
+  )
+  assert config.input.image_size == (64, 48) and config.eval.slide_stride == (16, 8)
+  assert config.input.random_flip is False and config.input.data_dir == "/data"
+  assert config.optim.learning_rate == 3e-4 and config.eval.max_examples == 5
+
+
+def test_evaluate_command_never_overwrites_training_results(workdir, capsys):
+  training = os.path.join(workdir, "eval", "step_6.json")
+  with open(training) as f:
+    before = f.read()
+  assert main.run(["evaluate", f"--workdir={workdir}", "--config.eval.num_steps=1"]) == 0
+  assert "step_6_steps1_whole.json" in capsys.readouterr().out
+  with open(training) as f:
+    assert f.read() == before
+  with open(os.path.join(workdir, "eval", "step_6_steps1_whole.json")) as f:
+    saved = json.load(f)
+  assert saved["num_steps"] == 1 and saved["step"] == 6
+  assert os.listdir(os.path.join(workdir, "pictures", "step_6_steps1_whole"))
+  assert os.listdir(os.path.join(workdir, "pictures", "step_6"))
+
+
+def test_predict_skips_unreadable_files(workdir, tmp_path, capsys):
+  src = tmp_path / "images"
+  src.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(src / "a.png")
+  (src / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  Image.fromarray(rng.integers(0, 255, (17, 23), dtype=np.uint8)).save(src / "c.png")
+  out = tmp_path / "out"
+  assert main.run(["predict", f"--workdir={workdir}", f"--input={src}", f"--output={out}"]) == 1
+  captured = capsys.readouterr()
+  assert "wrote 2 image(s)" in captured.out and "1 failed" in captured.out
+  assert "broken.jpg" in captured.err
+  assert sorted(os.listdir(out)) == sorted(
+    f"{n}_{k}.png" for n in ("a", "c") for k in ("label", "mask", "overlay")
+  )
+  assert np.asarray(Image.open(out / "c_label.png")).shape == (17, 23)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training's TensorBoard logs (written without TensorFlow).
+# ------------------------------------------------------------------------------------------------
+
+
+def _events(workdir):
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+
+  scalars, hparams = {}, {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    for event in event_file_loader.EventFileLoader(os.path.join(workdir, name)).Load():
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "hparams":
+          data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+          if data.HasField("session_start_info"):
+            hparams.update(data.session_start_info.hparams)
+        elif value.HasField("simple_value"):
+          scalars[(value.tag, event.step)] = value.simple_value
+        elif value.HasField("tensor") and value.tensor.dtype == 1:  # DT_FLOAT scalars
+          scalars[(value.tag, event.step)] = float(tensor_util.make_ndarray(value.tensor))
+  return scalars, hparams
+
+
+def test_tensorboard_gets_flat_hparams_per_class_iou_and_lr(workdir):
+  scalars, hparams = _events(workdir)
+  config = tiny_config()
+  assert hparams["optim.learning_rate"].number_value == pytest.approx(config.optim.learning_rate)
+  assert hparams["objective.transform"].string_value == "log"
+  assert hparams["input.image_size"].string_value == "(32, 32)"
+  with open(os.path.join(workdir, "eval", "step_6.json")) as f:
+    ious = json.load(f)["per_class_IoU"]
+  logged = {
+    tag.split("/", 1)[1]: v for (tag, step), v in scalars.items() if tag.startswith("eval_IoU/")
+  }
+  assert logged == pytest.approx({k: v for k, v in ious.items() if v is not None}, abs=1e-6)
+  assert ("eval/mIoU", 6) in scalars
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, f)}
+  for step, lr in lrs.items():
+    assert scalars[("train/learning_rate", step)] == pytest.approx(lr, rel=1e-6)
+
+
+def test_logged_learning_rate_is_the_applied_one():
+  """After a skipped (non-finite) update the optimiser's count lags the step: the learning rate logged
+  is the schedule at the count of applied updates."""
+  config = tiny_config(**{"optim.warmup_steps": 4})  # lr(k) = k / 4 * peak for k < 4
+  setup = train.Setup(config)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
+  step_fn = train.compile_train_step(setup, mesh, shardings)
+  it = pipeline.create_train_iterator(config.input, seed=0)
+  good = next(it)
+  good.pop("num_skipped")
+  bad = {**good, "image": good["image"].copy()}
+  bad["image"][0, 0, 0, 0] = np.nan
+  logged = []
+  with jax.set_mesh(mesh):
+    for batch in (good, bad, good, good):
+      state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), None)
+      logged.append((int(metrics["skipped"]), float(metrics["learning_rate"])))
+  peak = config.optim.learning_rate
+  # steps 0..3; step 1 skipped, so steps 2 and 3 apply updates number 1 and 2.
+  assert logged == [(0, 0.0), (1, pytest.approx(peak / 4)), (0, pytest.approx(peak / 4)),
+                    (0, pytest.approx(peak / 2))]  # fmt: skip
+  assert int(state.step) == 4 and int(state.num_skipped) == 1
+
+
+def test_progress_lines_carry_an_eta(monkeypatch):
+  lines = []
+  monkeypatch.setattr(inference.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  progress = inference.Progress("evaluate", 10, 4)
+  for _ in range(10):
+    progress.update()
+  assert len(lines) == 2 and lines[0].startswith("evaluate: 4/10 (") and "ETA 0:00:0" in lines[0]
+  assert inference.progress_every(8) == 0  # a handful of images: quiet
+  assert inference.progress_every(2000) == 100
+
+
+def test_readme_quick_start_shows_the_three_lines():
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  quick = readme[readme.index("## Quick start") :]
+  for line in (
+    "from flowseg_jax import Segmenter",
+    'seg = Segmenter.from_workdir("/tmp/flowseg_demo")',
+    'labels = seg("photo.jpg")',
+  ):
+    assert line in quick, line
