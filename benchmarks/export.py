@@ -118,7 +118,7 @@ def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   rules = sharding.rules_from_config(config.sharding_rules)
   setup, state, shardings, batch, teacher = abstract_inputs(config, mesh, rules)
   images = jax.ShapeDtypeStruct(
-    (config.input.eval_batch_size, *config.input.image_size, 3),
+    (config.eval.batch_per_device * mesh.size, *config.input.image_size, 3),
     jnp.float32,
     sharding=sharding.batch_sharding(mesh),
   )

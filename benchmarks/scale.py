@@ -207,7 +207,7 @@ def plan_train_step(config, mesh, rules) -> dict:
 
 
 def plan_sampler(config, setup, state, mesh, rules) -> dict:
-  """Compiles the Euler sampler on the EMA denoiser (sharded like training) for one eval batch."""
+  """Compiles the Euler sampler on the EMA denoiser (sharded like training), config.eval.batch_per_device images per device."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -216,8 +216,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   from flowseg_jax import inference, sharding
 
   n = mesh.size
-  b = max(config.input.eval_batch_size, n)
-  b = -(-b // n) * n  # the batch is split over every device
+  b = config.eval.batch_per_device * n  # what evaluation and Segmenter run per call
   h, w = tuple(config.input.image_size)
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

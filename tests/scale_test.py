@@ -60,7 +60,10 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
   coll = row["train"]["collective_bytes"]
   assert coll.get("all-gather", 0) + coll.get("all-reduce", 0) > 0
   assert row["train"]["model_flops"] > 0 and row["fits"]["v5e"] == "yes"
-  assert row["sampler"]["batch"] == 8 and row["sampler"]["memory"]["peak_bytes"] > 0
+  assert (
+    row["sampler"]["batch"] == 8 * config.eval.batch_per_device
+    and row["sampler"]["memory"]["peak_bytes"] > 0
+  )
   assert (tmp_path / "p.json").exists()
 
 
