@@ -267,6 +267,14 @@ class TorchTrainStep:
     return int(self.torch.cuda.max_memory_allocated())
 
 
+def official_source(src: str) -> str:
+  """The official class-to-image model file inside a checkout of MCG-NJU/PixNerd."""
+  path = os.path.join(src, "src", "models", "transformer", "pixnerd_c2i.py")
+  if not os.path.isfile(path):
+    raise ValueError(f"--official-src {src!r}: {path} not found (a checkout of MCG-NJU/PixNerd)")
+  return path
+
+
 def official_model(src: str, setup: train.Setup):
   """The official PixNerd class-to-image network, from a local checkout, with JAX's initial weights.
 
@@ -280,9 +288,7 @@ def official_model(src: str, setup: train.Setup):
 
   from flowseg_jax.convert import pixnerd as pixnerd_convert
 
-  path = os.path.join(src, "src", "models", "transformer", "pixnerd_c2i.py")
-  if not os.path.isfile(path):
-    raise ValueError(f"--official-src {src!r}: {path} not found (a checkout of MCG-NJU/PixNerd)")
+  path = official_source(src)
   spec = importlib.util.spec_from_file_location("pixnerd_official_c2i", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -464,6 +470,8 @@ def _ratio_text(row: dict, key: str) -> str:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.official_src:
+    official_source(args.official_src)  # fail before compiling anything
   cases, dtype, threads = setup_run(args)
   base = common.load_config(args.config)
   peak, peak_source = peak_flops(args, dtype)
