@@ -56,12 +56,12 @@ def _preset(data: int, fsdp: int, remat: str = "nothing_saveable", grad_accum_st
 
 
 TARGETS = {
-  "h100-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
+  "h100-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
   "a100-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
   "v4-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
   "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
   "v5e-64": {"1": _preset(8, 8)},
-  "v5p-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
+  "v5p-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
   "v6e-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
 }
 
