@@ -89,6 +89,12 @@ def parse_args(argv=None):
     help="input pipeline compared with the step's consumption: fake ADE20K JPEG/PNG files "
     "(random scale, crop, flip), the built-in synthetic set, or none",
   )
+  p.add_argument(
+    "--official-src",
+    default=None,
+    help="a local checkout of github.com/MCG-NJU/PixNerd: also time the step with the official "
+    "PixNerDiT (same initial weights as JAX, same loss, optimiser and EMA) in the same rounds",
+  )
   p.add_argument("--data-workers", type=int, default=0, help="grain worker processes")
   p.add_argument("--data-batches", type=int, default=10)
   p.add_argument(
@@ -105,7 +111,7 @@ def setup_run(args) -> tuple[list[common.Case], str, int]:
   )
   dtype = common.resolve_dtype(args.dtype)
   threads = args.torch_threads or common.cpu_info()["cores"]
-  if args.torch:
+  if args.torch or getattr(args, "official_src", None):
     import torch
 
     torch.set_num_threads(threads)
@@ -178,7 +184,9 @@ class JaxTrainStep:
 class TorchTrainStep:
   """Eager PyTorch: reference PixNerDiT + reference FlowSeg loss + AdamW + clipping + EMA."""
 
-  def __init__(self, setup: train.Setup, batch: dict[str, np.ndarray], device, *, bf16: bool):
+  def __init__(
+    self, setup: train.Setup, batch: dict[str, np.ndarray], device, *, bf16: bool, model=None
+  ):
     import torch
 
     from tests.torch_reference import pixnerd as torch_pixnerd
@@ -186,7 +194,9 @@ class TorchTrainStep:
     cfg = setup.config
     self.torch, self.device, self.cfg = torch, device, cfg
     torch.manual_seed(cfg.seed)
-    self.model = torch_pixnerd.PixNerDiT(**setup.model.arch_config()).to(device)
+    if model is None:
+      model = torch_pixnerd.PixNerDiT(**setup.model.arch_config())
+    self.model = model.to(device)
     self.params = [p for p in self.model.parameters() if p.requires_grad]
     self.ema = [p.detach().clone() for p in self.params]
     self.opt = torch.optim.AdamW(
@@ -257,6 +267,49 @@ class TorchTrainStep:
     return int(self.torch.cuda.max_memory_allocated())
 
 
+def official_source(src: str) -> str:
+  """The official class-to-image model file inside a checkout of MCG-NJU/PixNerd."""
+  path = os.path.join(src, "src", "models", "transformer", "pixnerd_c2i.py")
+  if not os.path.isfile(path):
+    raise ValueError(f"--official-src {src!r}: {path} not found (a checkout of MCG-NJU/PixNerd)")
+  return path
+
+
+def official_model(src: str, setup: train.Setup):
+  """The official PixNerd class-to-image network, from a local checkout, with JAX's initial weights.
+
+  Imports `src/models/transformer/pixnerd_c2i.py` of the checkout by path (it needs only torch)
+  and loads the parameters `train.create_train_state` starts from (the same seed), converted by
+  `convert.pixnerd.flax_to_torch`, so both frameworks train the same network from the same point.
+  """
+  import importlib.util
+
+  import torch
+
+  from flowseg_jax.convert import pixnerd as pixnerd_convert
+
+  path = official_source(src)
+  spec = importlib.util.spec_from_file_location("pixnerd_official_c2i", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  arch = setup.model.arch_config()
+  model = module.PixNerDiT(
+    in_channels=arch["in_channels"],
+    num_groups=arch["num_heads"],
+    hidden_size=arch["hidden_size"],
+    hidden_size_x=arch["nerf_hidden_size"],
+    nerf_mlpratio=arch["nerf_mlp_ratio"],
+    num_blocks=arch["num_blocks"],
+    num_cond_blocks=arch["num_cond_blocks"],
+    patch_size=arch["patch_size"],
+    num_classes=arch["num_classes"],
+  )
+  params = nn.unbox(jax.jit(setup.init_params)(jax.random.key(setup.config.seed)))["denoiser"]
+  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.model)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  return model
+
+
 # ------------------------------------------------------------------------------------------------
 # Input pipeline.
 # ------------------------------------------------------------------------------------------------
@@ -324,12 +377,30 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
       import torch
 
       torch.cuda.empty_cache()
+  official_times, ostep = None, None
+  if args.official_src and not interleave:
+    ostep = TorchTrainStep(
+      setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
+    )
+    official_times = common.interleaved_rounds(
+      {"official": ostep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
+    )["official"]
+    del ostep
+    ostep = None
+    gc.collect()
   jstep = JaxTrainStep(setup, batch)
   fns["jax"] = jstep.run
   if args.torch and interleave:
     tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
     fns["torch"] = tstep.run
+  if args.official_src and interleave:
+    ostep = TorchTrainStep(
+      setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
+    )
+    fns["official"] = ostep.run
   times = common.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+  if official_times is None and "official" in times:
+    official_times = times["official"]
   if torch_times is None and "torch" in times:
     torch_times = times["torch"]
     torch_peak = tstep.peak_bytes()
@@ -373,17 +444,38 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     if interleave:  # per-round ratios: each pair ran back to back under the same load
       ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
       row["speedup_per_round"] = common.summarize(ratios)
-  del jstep, tstep
+  if official_times is not None:
+    ot = common.summarize(official_times)
+    row.update(
+      official_step_s=ot,
+      official_loss=None if ostep is None else float(ostep.loss.detach()),
+      official_speedup=ot["median"] / jt["median"],
+    )
+    if interleave:
+      ratios = [o / j for o, j in zip(times["official"], times["jax"])]
+      row["official_speedup_per_round"] = common.summarize(ratios)
+  del jstep, tstep, ostep
   gc.collect()
   return row
 
 
+def _ratio_text(row: dict, key: str) -> str:
+  """'1.07 (1.02-1.10)': the median ratio and the range of the per-round ratios."""
+  if row.get(key) is None:
+    return "n/a"
+  rounds = row.get(key + "_per_round")
+  spread = f" ({rounds['min']:.2f}-{rounds['max']:.2f})" if rounds else ""
+  return f"{row[key]:.2f}{spread}"
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.official_src:
+    official_source(args.official_src)  # fail before compiling anything
   cases, dtype, threads = setup_run(args)
   base = common.load_config(args.config)
   peak, peak_source = peak_flops(args, dtype)
-  device = common.torch_device() if args.torch else None
+  device = common.torch_device() if args.torch or args.official_src else None
   interleave = args.interleave == "on" or (
     args.interleave == "auto" and (device is None or device.type == "cpu")
   )
@@ -428,6 +520,8 @@ def main(argv=None) -> dict:
         "compile": f"{r['compile_s']:.1f}",
         "torch_ms": common.fmt(r.get("torch_step_s", {}).get("median"), ".1f", 1e3),
         "speedup": common.fmt(r.get("speedup"), ".2f"),
+        "official_ms": common.fmt(r.get("official_step_s", {}).get("median"), ".1f", 1e3),
+        "official": _ratio_text(r, "official_speedup"),
         "data_img_s": common.fmt(r.get("data_images_per_s"), ".0f"),
         "data_ratio": common.fmt(r.get("data_over_consumption"), ".1f"),
       }
@@ -447,6 +541,8 @@ def main(argv=None) -> dict:
       ("compile", "compile s"),
       ("torch_ms", "torch ms/step"),
       ("speedup", "JAX/torch"),
+      ("official_ms", "official ms/step"),
+      ("official", "official/JAX (rounds)"),
       ("data_img_s", "data img/s"),
       ("data_ratio", "data/consumed"),
     ],

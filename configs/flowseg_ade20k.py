@@ -13,7 +13,9 @@ Evaluate (10 Euler steps, whole image at 512x512):
 
 Convert the weights first: `flowseg convert pixnerd --ckpt epoch=319-step=1600000_emainit.ckpt --out
 $CKPT/pixnerd_xl16` and `flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out $CKPT/dinov2_vitb14`.
-Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`).
+Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`), or pick a measured
+preset for your hardware with `,target=NAME` (mesh, remat and gradient accumulation from the AOT
+memory plans in benchmarks/RESULTS.md, "Memory plans"), e.g. `:stage=1,target=v5e-64`.
 """
 
 from flowseg_jax import defaults
@@ -44,6 +46,41 @@ def apply_stage(config, stage: str) -> None:
     raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
 
+# Presets per target (accelerator kind - number of chips): the mesh, remat policy and gradient
+# accumulation that `benchmarks/scale.py` found to fit with 15% headroom (XL/16, REPA on, bf16;
+# table in benchmarks/RESULTS.md). Preference: the least parameter traffic (data parallelism
+# before FSDP) and no recomputation where the memory allows. Stage 2's global batch of 16 cannot
+# be split over more than 16 devices.
+def _preset(data: int, fsdp: int, remat: str = "nothing_saveable", grad_accum_steps: int = 1):
+  return dict(data=data, fsdp=fsdp, remat=remat, grad_accum_steps=grad_accum_steps)
+
+
+TARGETS = {
+  "h100-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
+  "a100-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+  "v4-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+  "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
+  "v5e-64": {"1": _preset(8, 8)},
+  "v5p-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
+  "v6e-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+}
+
+
+def apply_target(config, target: str, stage: str) -> None:
+  """Sets config.mesh, config.model.remat_policy and config.optim.grad_accum_steps from TARGETS."""
+  if target not in TARGETS:
+    raise ValueError(f"target={target!r} is not one of {sorted(TARGETS)}")
+  if stage not in TARGETS[target]:
+    raise ValueError(
+      f"target={target} has no stage {stage} preset: stage {stage}'s global batch of "
+      f"{config.input.batch_size} cannot be split over its devices (benchmarks/RESULTS.md)"
+    )
+  preset = TARGETS[target][stage]
+  config.mesh.data, config.mesh.fsdp = preset["data"], preset["fsdp"]
+  config.model.remat_policy = preset["remat"]
+  config.optim.grad_accum_steps = preset["grad_accum_steps"]
+
+
 def get_config(arg: str | None = None):
   args = parse_arg(arg)
   config = defaults.get_base_config()
@@ -52,13 +89,16 @@ def get_config(arg: str | None = None):
   config.input.eval_split = "validation"
   config.input.random_flip = True
   config.input.num_workers = 8
-  apply_stage(config, args.pop("stage", "1"))
+  stage = args.pop("stage", "1")
+  apply_stage(config, stage)
   config.mesh.fsdp = int(args.pop("fsdp", 1))
   config.model.variant = "XL/16"
   config.model.dtype = "bfloat16"
   config.model.remat_policy = "nothing_saveable"
   config.repa.enabled = True
   config.repa.teacher_dtype = "bfloat16"
+  if "target" in args:
+    apply_target(config, args.pop("target"), stage)
   if args:
     raise ValueError(f"configs/flowseg_ade20k.py: unknown arguments {sorted(args)}")
   return config

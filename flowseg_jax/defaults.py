@@ -103,7 +103,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim = optim_config()
   config.eval = eval_config()
 
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  # Device mesh ('data', 'fsdp'): data x fsdp = all devices, one of them -1 (fill). dcn_data > 1 runs
+  # over that many TPU slices (or GPU hosts): 'data' spans them over the data-centre network,
+  # 'fsdp' stays within a slice (sharding.device_grid).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "dcn_data": 1})
   config.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
   return config
 

@@ -7,7 +7,8 @@ import logging
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -25,25 +26,94 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp') mesh over all devices; one of the two sizes may be -1 (fill the rest)."""
-  devices = jax.devices() if devices is None else devices
-  n = len(devices)
+def _resolve_sizes(data: int, fsdp: int, n: int) -> tuple[int, int]:
   if data == -1 and fsdp == -1:
     raise ValueError("config.mesh: at most one of data, fsdp may be -1")
   if data == -1:
-    if n % fsdp:
+    if fsdp < 1 or n % fsdp:
       raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {n} devices")
     data = n // fsdp
   if fsdp == -1:
-    if n % data:
+    if data < 1 or n % data:
       raise ValueError(f"config.mesh.data={data} does not divide the {n} devices")
     fsdp = n // data
   if data * fsdp != n or data < 1 or fsdp < 1:
     raise ValueError(f"config.mesh: data={data} x fsdp={fsdp} must equal the {n} devices")
-  grid = np.asarray(devices).reshape(data, fsdp)
+  return data, fsdp
+
+
+def _granules(devices, attr: str) -> int:
+  """Number of distinct `attr` values (slice_index / process_index) over the devices; 0 if absent."""
+  values = {getattr(d, attr, None) for d in devices}
+  return 0 if None in values else len(values)
+
+
+def device_grid(data: int = -1, fsdp: int = 1, devices=None, *, dcn_data: int = 1) -> np.ndarray:
+  """The (data, fsdp) array of devices, laid out along the physical topology.
+
+  Within a slice (a TPU slice, a GPU host or an NVLink domain) `mesh_utils.create_device_mesh`
+  puts 'fsdp', the axis with the most traffic (per-layer all-gathers and reduce-scatters), on the
+  fastest links (neighbours on the TPU torus, ids sorted on GPUs). Across slices
+  (`dcn_data` > 1) `mesh_utils.create_hybrid_device_mesh` splits 'data' as `dcn_data` slices x
+  `data / dcn_data` devices per slice, so the only traffic over the data-centre network is the
+  once-per-step gradient all-reduce. Slices are `device.slice_index` (multi-slice TPU) or, where
+  devices have none (GPU clusters), processes (one granule per host).
+
+  Args:
+    data: size of 'data' (all slices together); -1 fills the devices left by `fsdp`.
+    fsdp: size of 'fsdp' (within one slice); -1 fills the devices left by `data`.
+    devices: the devices (default `jax.devices()`).
+    dcn_data: how many slices 'data' spans; 1 = a single slice.
+
+  Returns:
+    np.ndarray of devices, shape (data, fsdp); row-block i // (data / dcn_data) is slice i.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  data, fsdp = _resolve_sizes(data, fsdp, n)
+  if dcn_data < 1 or data % dcn_data:
+    raise ValueError(f"config.mesh.dcn_data={dcn_data} must divide config.mesh data size {data}")
+  slices = _granules(devices, "slice_index")
+  if dcn_data == 1:
+    if slices > 1:
+      raise ValueError(
+        f"the {n} devices span {slices} slices: set config.mesh.dcn_data={slices} (the data "
+        "axis over the data-centre network)"
+      )
+    return mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+  if slices == dcn_data:
+    by_process = False
+  elif _granules(devices, "process_index") == dcn_data:
+    by_process = True
+  else:
+    raise ValueError(
+      f"config.mesh.dcn_data={dcn_data} must equal the number of slices ({slices or 'none'}) or "
+      f"of processes ({_granules(devices, 'process_index')}) the {n} devices span"
+    )
+  return mesh_utils.create_hybrid_device_mesh(
+    (data // dcn_data, fsdp),
+    (dcn_data, 1),
+    devices,
+    process_is_granule=by_process,
+    allow_split_physical_axes=True,
+  )
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None, *, dcn_data: int = 1) -> Mesh:
+  """A topology-aware ('data', 'fsdp') mesh; one of the two sizes may be -1 (fill the rest).
+
+  See `device_grid` for the layout and `dcn_data` (multi-slice / multi-host data parallelism).
+  """
+  grid = device_grid(data, fsdp, devices, dcn_data=dcn_data)
   auto = (jax.sharding.AxisType.Auto,) * 2  # linen logical constraints want Auto axes
-  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(mesh_config, devices=None) -> Mesh:
+  """`make_mesh` from `config.mesh` (data, fsdp and, if present, dcn_data)."""
+  return make_mesh(
+    mesh_config.data, mesh_config.fsdp, devices, dcn_data=int(mesh_config.get("dcn_data", 1))
+  )
 
 
 def rules_from_config(rules) -> tuple:

@@ -49,19 +49,21 @@ class Setup(inference.InferenceSetup):
   """Everything the step closes over: built once, from the config (the model, centroids and
   conditioning label as inference builds them, plus the optimiser and the REPA teacher)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, *, teacher=None):
+    """teacher: optional REPA (DinoViT, params) used instead of loading config.repa.teacher_dir;
+    the params may be `jax.ShapeDtypeStruct`s (AOT planning, benchmarks/scale.py)."""
     validate_config(config)
     super().__init__(config)
     self.tx = optim.create_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     self.projector = self.teacher = self.teacher_params = None
     if config.repa.enabled:
-      self._setup_repa(config.repa)
+      self._setup_repa(config.repa, teacher)
 
-  def _setup_repa(self, cfg):
+  def _setup_repa(self, cfg, teacher):
     from flowseg_jax.convert import dinov2 as dinov2_convert
 
-    if not cfg.teacher_dir:
+    if teacher is None and not cfg.teacher_dir:
       raise ValueError(
         "config.repa.enabled needs config.repa.teacher_dir: convert DINOv2 weights with "
         "`flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out DIR` (or set "
@@ -71,8 +73,10 @@ class Setup(inference.InferenceSetup):
       raise ValueError(
         f"config.repa.align_layer={cfg.align_layer} must lie in [1, {self.model.num_cond_blocks}]"
       )
-    dtype = models.DTYPES[cfg.teacher_dtype]
-    self.teacher, self.teacher_params = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
+    if teacher is None:
+      dtype = models.DTYPES[cfg.teacher_dtype]
+      teacher = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
+    self.teacher, self.teacher_params = teacher
     self.projector = repa.Projector(
       hidden_dim=cfg.proj_hidden_dim or self.model.hidden_size,
       out_dim=self.teacher.embed_dim,
@@ -522,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   os.makedirs(workdir, exist_ok=True)
   setup = Setup(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   check_batch_fits_mesh(config, mesh)
   with WorkdirLock(workdir):
     return _train_locked(config, workdir, setup, mesh)
@@ -676,7 +680,7 @@ def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
   """(setup, mesh, state, step) of the newest readable checkpoint of workdir: the whole TrainState
   (online and EMA parameters, optimiser), e.g. to compare runs. Inference uses `Segmenter`."""
   setup = Setup(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
   manager = checkpointing.create_manager(

@@ -146,3 +146,47 @@ def test_sampling_main_smoke():
   for row in (one, two):  # the compiled sampler really runs num_steps network evaluations
     assert row["jaxpr_matmul_flops"] == row["model_flops"]
   assert one["jax_images_per_s"] > 0 and one["torch_images_per_s"] > 0
+
+
+def test_accelerator_check_script_tiny(tmp_path):
+  """benchmarks/accelerator_check.sh end to end on a tiny model (CPU: the cuDNN stage is skipped)."""
+  import subprocess
+
+  env = {**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  cmd = ["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"), "--tiny"]
+  cmd += ["--rounds", "1", "--steps", "1"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  log = (tmp_path / "accelerator_check.log").read_text()
+  assert "loss_ok: True" in log and "== agreement OK" in log
+  assert "skipped: cuDNN attention needs a GPU" in log
+  for name in ("train_step", "objective", "sampling"):
+    assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+  sampled = json.loads((tmp_path / "sampling.json").read_text())["rows"]
+  assert [r["num_steps"] for r in sampled] == [1, 10]
+
+
+FAKE_OFFICIAL = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.torch_reference import pixnerd as reference
+
+
+def PixNerDiT(in_channels, num_groups, hidden_size, hidden_size_x, nerf_mlpratio, num_blocks,
+              num_cond_blocks, patch_size, num_classes):
+  return reference.PixNerDiT(patch_size, hidden_size, num_groups, num_blocks, num_cond_blocks,
+                             hidden_size_x, nerf_mlpratio, num_classes, in_channels)
+"""
+
+
+def test_train_step_official_src(tmp_path):
+  """--official-src: the official constructor's signature, JAX's initial weights (strict load)."""
+  module = tmp_path / "src" / "models" / "transformer" / "pixnerd_c2i.py"
+  module.parent.mkdir(parents=True)
+  module.write_text(FAKE_OFFICIAL.format(repo=REPO))
+  result = train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path)])
+  (row,) = result["rows"]
+  assert row["official_step_s"]["median"] > 0 and np.isfinite(row["official_loss"])
+  assert row["official_speedup"] > 0 and row["official_speedup_per_round"]["n"] == 1
+  with pytest.raises(ValueError, match="not found"):
+    train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path / "x")])

@@ -260,3 +260,92 @@ def test_orbax_conversion_cli_and_variant_check(torch_models, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "o2" / "checkpoint")
   assert convert.cli(["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o3")]) == 1
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monkeypatch):
+  """convert_to_orbax reads each chosen tensor once, never the other copy or the Adam moments,
+  and drops each source tensor's mapped pages after copying it, without changing what it reads."""
+  ckpt, ema, online = _lightning_checkpoint(torch_models)
+  names = [k for k in ckpt["state_dict"] if k.startswith("denoiser.")]
+  ckpt["optimizer_states"] = [
+    {
+      "state": {
+        i: {"exp_avg": ckpt["state_dict"][k] * 2, "exp_avg_sq": ckpt["state_dict"][k] ** 2}
+        for i, k in enumerate(names)
+      },
+      "param_groups": [{"lr": 1e-4, "params": list(range(len(names)))}],
+    }
+  ]
+  path = tmp_path / "last.ckpt"
+  torch.save(ckpt, path)
+
+  loaded, read, released = {}, [], []
+  read_checkpoint, to_numpy = convert._read_checkpoint, convert._to_numpy
+  release = convert._release_mapped_pages
+
+  def spy_read(p):
+    loaded["raw"], loaded["mapped"] = read_checkpoint(p)
+    return loaded["raw"], loaded["mapped"]
+
+  def spy_to_numpy(value, name):
+    read.append(value.data_ptr())
+    return to_numpy(value, name)
+
+  def spy_release(tensor):
+    released.append(tensor.data_ptr())
+    before = tensor.numpy().copy()
+    release(tensor)
+    np.testing.assert_array_equal(tensor.numpy(), before)  # re-read from the file, not zeroed
+
+  monkeypatch.setattr(convert, "_read_checkpoint", spy_read)
+  monkeypatch.setattr(convert, "_to_numpy", spy_to_numpy)
+  monkeypatch.setattr(convert, "_release_mapped_pages", spy_release)
+  convert.convert_to_orbax(path, tmp_path / "out", weights="ema")
+
+  assert loaded["mapped"]  # the zip format is memory-mapped, so tensors are read on use
+  sd = loaded["raw"]["state_dict"]
+  chosen = {sd[f"ema_denoiser.{k}"].data_ptr() for k in ema}
+  others = {v.data_ptr() for k, v in sd.items() if not k.startswith("ema_denoiser.")}
+  for state in loaded["raw"]["optimizer_states"][0]["state"].values():
+    others |= {state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()}
+  assert sorted(read) == sorted(chosen) and not others & set(read), "read outside the EMA copy"
+  assert sorted(released) == sorted(chosen)
+  model, params = convert.load_converted(tmp_path / "out")
+  back = convert.flax_to_torch(params, model)
+  for key in ema:
+    np.testing.assert_array_equal(back[key], ema[key], err_msg=key)
+  # A legacy (non-zip) file cannot be memory-mapped: it is read whole and never released.
+  legacy = tmp_path / "legacy.ckpt"
+  torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+  released.clear()
+  convert.convert_to_orbax(legacy, tmp_path / "out_legacy", weights="online")
+  assert not loaded["mapped"] and not released
+  model, params = convert.load_converted(tmp_path / "out_legacy")
+  back = convert.flax_to_torch(params, model)
+  for key in online:
+    np.testing.assert_array_equal(back[key], online[key], err_msg=key)
+
+
+def test_convert_memory_benchmark_writes_the_official_layout(tmp_path, capsys):
+  """benchmarks/convert_memory.py on tiny/4: the random file has PixNerd's Lightning layout (two
+  different copies, the REPA projector, Adam moments for every trained tensor) and converts."""
+  import sys
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import convert_memory
+
+  path = str(tmp_path / "random.ckpt")
+  size = convert_memory.write_random_checkpoint(path, "tiny/4", optimizer=True)
+  ckpt = torch.load(path, weights_only=True, mmap=True)
+  sd = ckpt["state_dict"]
+  names = convert.expected_torch_shapes(pixnerd.make_model("tiny/4"))
+  assert {k for k in sd if k.startswith("ema_denoiser.")} == {f"ema_denoiser.{k}" for k in names}
+  assert {k for k in sd if k.startswith("denoiser.")} == {f"denoiser.{k}" for k in names}
+  assert sum(k.startswith("diffusion_trainer.proj.") for k in sd) == 6
+  for k in names:
+    assert not torch.equal(sd[f"denoiser.{k}"], sd[f"ema_denoiser.{k}"]), k
+  (opt,) = ckpt["optimizer_states"]
+  assert len(opt["state"]) == len(names) + 6 and len(opt["param_groups"]) == 3
+  assert size == os.path.getsize(path) and not os.path.exists(path + ".pool")
+  assert convert_memory.main(["--model", "tiny/4", "--dir", str(tmp_path)]) == 0
+  assert "x the converted copy" in capsys.readouterr().out

@@ -17,8 +17,11 @@ writes `DIR/checkpoint` (orbax, pytree `{'params': params}`), `DIR/model_config.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import math
+import mmap
 import os
 import re
 import sys
@@ -36,6 +39,7 @@ WEIGHT_PREFIXES = {"ema": "ema_denoiser.", "online": "denoiser."}
 CHECKPOINT_SUBDIR = "checkpoint"
 MODEL_CONFIG_FILE = "model_config.json"
 CONVERSION_INFO_FILE = "conversion.json"
+_PAGE = mmap.PAGESIZE
 
 # (torch name, flax path, transform). "linear": weight.T; "patch": weight.T with the input axis
 # permuted from (C, p, p) to (p, p, C); "copy": as is.
@@ -204,18 +208,34 @@ def torch_to_flax(
   Raises:
     ValueError: listing every missing / unexpected / mis-shaped key.
   """
+  return _convert_tensors(state_dict, model, source=source)
+
+
+def _convert_tensors(state_dict, model, *, source, release=None, place=None) -> dict:
+  """`torch_to_flax`, one tensor at a time: each is copied into its own output array, then
+  `release(tensor)` lets go of the source's memory; `place(array)` moves each finished leaf
+  (e.g. to a jax CPU array). Peak memory: the output plus one tensor (plus one block stack)."""
   check_state_dict(state_dict, model, source=source)
   dtype = np.dtype(model.param_dtype)
+  place = place or (lambda a: a)
   params: dict = {}
-  stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
+  stacks: dict[tuple[str, ...], np.ndarray] = {}
+  depth = {"cond_blocks": model.num_cond_blocks}
+  depth["nerf_blocks"] = model.num_blocks - model.num_cond_blocks
   for name, path, index, kind in _entries(model):
-    value = _to_flax_layout(_to_numpy(state_dict[name], name), kind, model).astype(dtype)
-    if index is None:
-      _set(params, path, np.ascontiguousarray(value))
+    tensor = state_dict[name]
+    value = _to_flax_layout(_to_numpy(tensor, name), kind, model)
+    if index is None:  # a copy (never a view of the source), so that the source can be released
+      _set(params, path, place(np.array(value, dtype=dtype, order="C", copy=True)))
     else:
-      stacks.setdefault(path, {})[index] = value
-  for path, layers in stacks.items():
-    _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+      if path not in stacks:
+        stacks[path] = np.empty((depth[path[0]],) + value.shape, dtype)
+      stacks[path][index] = value
+    if release is not None:
+      release(tensor)
+    del tensor, value
+  for path in list(stacks):
+    _set(params, path, place(stacks.pop(path)))
   return params
 
 
@@ -305,25 +325,57 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> Mapping[str, Any]:
-  """Loads a `.safetensors` file or a torch pickle (Lightning `.ckpt`, `.pt`) as a mapping."""
+  """Loads a `.safetensors` file or a torch pickle (Lightning `.ckpt`, `.pt`) as a mapping.
+
+  Torch files are memory-mapped when their format allows: no tensor is read until it is used.
+  """
+  return _read_checkpoint(path)[0]
+
+
+def _read_checkpoint(path) -> tuple[Mapping[str, Any], bool]:
+  """(the checkpoint, whether its tensors are views of a private memory map of the file)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PixNerd checkpoint {path!r} does not exist.")
   if path.endswith(".safetensors"):
     from safetensors.torch import load_file
 
-    return load_file(path, device="cpu")
+    return load_file(path, device="cpu"), False
   import torch
 
   try:  # memory-mapped: only the tensors actually converted are read (XL .ckpt files are ~11 GB)
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    obj, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
   except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
   if not isinstance(obj, Mapping):
     raise ValueError(
       f"{path}: expected a dict (state dict or Lightning checkpoint), got {type(obj)}."
     )
-  return obj
+  return obj, mapped
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _release_mapped_pages(tensor) -> None:
+  """Drops the pages of a memory-mapped tensor from this process's memory (Linux).
+
+  Only for tensors of a private, read-only-used file mapping (`torch.load(mmap=True)`): their
+  pages are clean copies of the file, so dropping them loses nothing (a later read maps them in
+  again). Without this, every tensor converted would stay resident next to its converted copy.
+  """
+  if not sys.platform.startswith("linux") or not hasattr(tensor, "data_ptr"):
+    return
+  start = tensor.data_ptr()
+  end = start + tensor.numel() * tensor.element_size()
+  first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor
+  if last > first:
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc():
+  return ctypes.CDLL(None, use_errno=True)
 
 
 def select_weights(
@@ -376,7 +428,7 @@ def load_torch_checkpoint(
   return _from_checkpoint(read_checkpoint_file(path), weights, source, scan_blocks, model_overrides)
 
 
-def _from_checkpoint(raw, weights, source, scan_blocks, model_overrides):
+def _from_checkpoint(raw, weights, source, scan_blocks, model_overrides, **convert_options):
   state_dict = select_weights(raw, weights, source=source)
   config = infer_model_config(state_dict)
   clash = sorted(set(model_overrides) & set(config))
@@ -384,7 +436,8 @@ def _from_checkpoint(raw, weights, source, scan_blocks, model_overrides):
     raise ValueError(f"Architecture fields {clash} come from the checkpoint; do not override them.")
   model = PixNerDiT(**config, scan_blocks=scan_blocks, **model_overrides)
   model.check_config()
-  return model, torch_to_flax(state_dict, model, source=f"{source} ({weights} weights)")
+  source = f"{source} ({weights} weights)"
+  return model, _convert_tensors(state_dict, model, source=source, **convert_options)
 
 
 def _check_variant(model: PixNerDiT, variant: str) -> None:
@@ -418,18 +471,32 @@ def convert_to_orbax(
   import orbax.checkpoint as ocp
 
   source = os.fspath(ckpt_path)
-  raw = read_checkpoint_file(source)
-  model, params = _from_checkpoint(raw, weights, source, scan_blocks, {})
-  if variant is not None:
-    _check_variant(model, variant)
   out_dir = os.path.abspath(os.fspath(out_dir))
   ckpt_dir = os.path.join(out_dir, CHECKPOINT_SUBDIR)
   if os.path.exists(ckpt_dir) and not overwrite:
     raise ValueError(f"{ckpt_dir} already exists; pass overwrite=True (--overwrite) to replace.")
+  # Memory: only the chosen copy is read, tensor by tensor; each source tensor's pages are dropped
+  # once copied, and each converted leaf becomes a jax CPU array, which orbax writes without
+  # another host copy. Peak: about the chosen weights plus the imports (benchmarks/convert_memory.py).
+  raw, mapped = _read_checkpoint(source)
+  cpu = jax.devices("cpu")[0]
+  model, params = _from_checkpoint(
+    raw,
+    weights,
+    source,
+    scan_blocks,
+    {},
+    release=_release_mapped_pages if mapped else None,
+    place=lambda a: jax.device_put(a, cpu),
+  )
+  if variant is not None:
+    _check_variant(model, variant)
   os.makedirs(out_dir, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(ckpt_dir, {"params": params}, force=overwrite)
-    ckptr.wait_until_finished()
+  # Uncompressed (float weights hardly compress) and at most 1 GB in flight: compression buffers
+  # would hold another copy of the weights. StandardCheckpointer restores it like any other.
+  handler = ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=1)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(ckpt_dir, args=ocp.args.PyTreeSave({"params": params}), force=overwrite)
   config = {**model.arch_config(), "scan_blocks": scan_blocks}
   with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)

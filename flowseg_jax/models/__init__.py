@@ -27,6 +27,8 @@ def default_model_config(variant: str = "XL/16") -> ml_collections.ConfigDict:
   c.remat_policy = "none"
   # nn.scan over identical blocks (fast compiles for deep models).
   c.scan_blocks = True
+  # Blocks per iteration of the scanned loops (nn.scan's unroll); only with scan_blocks.
+  c.scan_unroll = 1
   return c
 
 
@@ -42,4 +44,5 @@ def create_model(cfg: ml_collections.ConfigDict):
     attention_impl=cfg.attention_impl,
     remat_policy=cfg.remat_policy,
     scan_blocks=bool(cfg.scan_blocks),
+    scan_unroll=int(cfg.get("scan_unroll", 1)),
   )

@@ -88,6 +88,17 @@ def dense(
   )
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Shards an activation's leading (batch) axis by the logical rule 'batch', the rest replicated.
+
+  Without it, XLA's sharding propagation lets activations follow the FSDP-sharded weights (embed
+  axis split over 'fsdp') and all-reduces them after every matmul, instead of all-gathering the
+  weights: XL/16 at 256², 8-way FSDP, moved ~45 GiB per device and step that way. A no-op
+  outside `nn.logical_axis_rules` (single-device code, tests).
+  """
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * scale (no centring, no bias).
 

@@ -113,6 +113,7 @@ class CondBlock(nn.Module):
   def __call__(self, s: jax.Array, c: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """s (B, L, D) tokens, c (B, 1, D) conditioning, cos/sin (L, hd/2) -> (B, L, D)."""
     dim = s.shape[-1]
+    s = layers.constrain_batch(s)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     mod = dense(6 * dim, dim, ("embed", "mlp"), name="adaLN_modulation", **kw)(c)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
@@ -121,7 +122,7 @@ class CondBlock(nn.Module):
     s = s + gate_msa * attn(h, cos, sin)
     h = RMSNorm(name="norm2", **kw)(s) * (1 + scale_mlp) + shift_mlp
     mlp = layers.SwiGLU(layers.swiglu_hidden_width(dim, DIT_MLP_RATIO), name="mlp", **kw)
-    return s + gate_mlp * mlp(h)
+    return layers.constrain_batch(s + gate_mlp * mlp(h))
 
 
 class NerfBlock(nn.Module):
@@ -147,7 +148,9 @@ class NerfBlock(nn.Module):
     """x (N, P, hx) pixel features, s (N, D) per-patch conditioning -> (N, P, hx)."""
     n, hx, hr = s.shape[0], self.nerf_hidden_size, self.nerf_hidden_size * self.mlp_ratio
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.constrain_batch(x)
     g = dense(2 * hx * hr, s.shape[-1], ("embed", "mlp"), name="param_generator1", **kw)(s)
+    g = layers.constrain_batch(g)
     fc1 = g[:, : hx * hr].reshape(n, hx, hr)
     fc2 = g[:, hx * hr :].reshape(n, hr, hx)
     # The official model L2-normalises each generated matrix over its input axis. Scaling the
@@ -159,7 +162,7 @@ class NerfBlock(nn.Module):
     v = jnp.einsum("npj,njk->npk", u, fc2, preferred_element_type=jnp.float32)
     if self.normalize_fc2:
       v = v * _inverse_column_norms(fc2)
-    return x + v.astype(x.dtype)
+    return layers.constrain_batch(x + v.astype(x.dtype))
 
 
 class FinalLayer(nn.Module):
@@ -217,6 +220,7 @@ class PixNerDiT(nn.Module):
     remat_policy: 'none', 'full' (save nothing) or a `jax.checkpoint_policies` name, applied
       per block.
     scan_blocks: stack identical blocks and run them with `nn.scan` (fast compilation).
+    scan_unroll: blocks per loop iteration of the scans (`nn.scan(unroll=)`).
   """
 
   patch_size: int
@@ -233,6 +237,7 @@ class PixNerDiT(nn.Module):
   attention_impl: str | None = None
   remat_policy: str = "none"
   scan_blocks: bool = False
+  scan_unroll: int = 1
 
   @property
   def head_dim(self) -> int:
@@ -304,6 +309,7 @@ class PixNerDiT(nn.Module):
       split_rngs={"params": True},
       in_axes=(0,) + (nn.broadcast,) * num_broadcast,
       length=length,
+      unroll=max(1, min(self.scan_unroll, length)),
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -413,12 +419,13 @@ class PixNerDiT(nn.Module):
 
     cos, sin = layers.rope_2d_table(gh, gw, self.head_dim)
     s, feat = self._trunk(s, c, cos, sin, return_block_tokens)
-    s = nn.silu(temb + s).reshape(b * seq, d)
+    s = layers.constrain_batch(nn.silu(temb + s).reshape(b * seq, d))
 
     pixels = patches.reshape(b * seq, p * p, ch).astype(self.dtype)
     dct = jnp.broadcast_to(jnp.asarray(dct_features(p), self.dtype), (b * seq, p * p, 64))
     xin = jnp.concatenate([pixels, dct], axis=-1)
     xe = dense(self.nerf_hidden_size, ch + 64, (None, None), name="x_embedder", **kw)(xin)
+    xe = layers.constrain_batch(xe)
     xe = self._decoder(xe, s)
     out = FinalLayer(ch, name="final_layer", **kw)(xe)  # (B*L, P, C)
     out = out.reshape(b, gh, gw, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, ch)

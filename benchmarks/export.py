@@ -1,0 +1,199 @@
+"""Lower the train step and the sampler for TPU and CUDA on any machine (`jax.export`), and check them.
+
+`jax.export` lowers a jitted function to StableHLO for platforms other than the one it runs on:
+nothing is compiled or run for the target, so a CPU-only box proves that the real programs lower
+for 'tpu' and 'cuda' with the configured shardings. For each platform this exports the train step
+(`train.compile_train_step` on `train.abstract_train_state`, over a `--mesh DATAxFSDP` of this
+machine's devices) and the Euler sampler (`inference.make_sample_fn`), and reports the StableHLO
+size, the custom calls (the cuDNN fused attention with `attention_impl='cudnn'` on CUDA), and the
+checks that the bfloat16 paths stay clean: no float64 value and no host callback.
+
+cuDNN attention: jax checks the cuDNN version of the CUDA plugin while tracing
+(`jax._src.cudnn.fused_attention_stablehlo.check_cudnn_version`); a CPU-only jaxlib has none and
+raises `RuntimeError: cuDNN is not detected.`. `--assume-cudnn 90800` lets that check pass (the
+version only gates features of newer GPUs), so the CUDA program can be lowered here. cuDNN's custom
+calls carry no serialization-compatibility guarantee, so the export allows them explicitly.
+
+  python benchmarks/export.py --config configs/flowseg_ade20k.py:stage=1 --platforms tpu,cuda
+  python benchmarks/export.py --config configs/demo.py --set model.attention_impl=cudnn \\
+      --set model.dtype=bfloat16 --platforms cuda --assume-cudnn 90800 --out /tmp/exports
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common, scale  # noqa: E402
+from flowseg_jax import inference, sharding, train  # noqa: E402
+
+CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+_CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.\-]+)")
+_CALLBACK = re.compile(r"callback", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def assume_cudnn(version: int | None):
+  """Lets `implementation='cudnn'` trace without a CUDA plugin (see the module docstring)."""
+  if version is None:
+    yield
+    return
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+
+  saved = fused.check_cudnn_version
+  fused.check_cudnn_version = lambda: version
+  try:
+    yield
+  finally:
+    fused.check_cudnn_version = saved
+
+
+def inspect_module(text: str) -> dict:
+  """Custom-call targets, float64 and host-callback findings of a StableHLO module's text."""
+  targets = sorted(set(_CUSTOM_CALL.findall(text)))
+  return {
+    "stablehlo_chars": len(text),
+    "custom_calls": targets,
+    "has_f64": bool(re.search(r"\bf64\b", text)),
+    "host_callbacks": [t for t in targets if _CALLBACK.search(t)],
+    "cudnn_attention": [t for t in targets if t in CUDNN_TARGETS],
+  }
+
+
+def _export(jitted, platform: str, args) -> jax.export.Exported:
+  """Exports `jitted(*args)` with flat inputs and outputs (the leaves, in `jax.tree` order).
+
+  Flat, because serialization needs every pytree node type registered with jax.export, and the
+  train state holds optax's state classes.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+
+  def flat_fn(*flat):
+    return jax.tree.leaves(jitted(*jax.tree.unflatten(treedef, flat)))
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in CUDNN_TARGETS]
+  return jax.export.export(jax.jit(flat_fn), platforms=(platform,), disabled_checks=checks)(*leaves)
+
+
+def abstract_inputs(config, mesh, rules):
+  """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
+  teacher = scale.abstract_teacher(config) if config.repa.enabled else None
+  setup = train.Setup(config, teacher=teacher)
+  state, shardings = train.abstract_train_state(setup, mesh, rules, config.seed)
+  data = sharding.batch_sharding(mesh)
+  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
+  batch = {
+    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
+    "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
+  }
+  teacher_params = None
+  if teacher is not None:
+    repl = sharding.replicated(mesh)
+    teacher_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
+    )
+  return setup, state, shardings, batch, teacher_params
+
+
+def export_programs(
+  config, platforms, *, mesh=None, assume_cudnn_version=None, out_dir=None
+) -> dict:
+  """{platform: {'train_step': report, 'sampler': report}}; serialized exports go to out_dir."""
+  with assume_cudnn(assume_cudnn_version):
+    return _export_programs(config, platforms, mesh=mesh, out_dir=out_dir)
+
+
+def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
+  mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  setup, state, shardings, batch, teacher = abstract_inputs(config, mesh, rules)
+  images = jax.ShapeDtypeStruct(
+    (config.eval.batch_per_device * mesh.size, *config.input.image_size, 3),
+    jnp.float32,
+    sharding=sharding.batch_sharding(mesh),
+  )
+  programs = {
+    "train_step": (train.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
+    "sampler": (inference.make_sample_fn(setup, mesh), (state.ema_params["denoiser"], images)),
+  }
+  results = {}
+  for platform in platforms:
+    results[platform] = {}
+    for name, (jitted, args) in programs.items():
+      start = time.perf_counter()
+      try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+          exported = _export(jitted, platform, args)
+      except (NotImplementedError, RuntimeError, ValueError) as e:
+        # Known: cuDNN attention over a multi-device mesh partitions itself with
+        # `custom_partitioning`, a Python callback at compile time that jax.export cannot serialize.
+        results[platform][name] = {"error": f"{type(e).__name__}: {e}"}
+        continue
+      report = inspect_module(exported.mlir_module())
+      report.update(
+        lower_s=time.perf_counter() - start,
+        nr_devices=exported.nr_devices,
+        platforms=list(exported.platforms),
+      )
+      if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{name}.{platform}.jax_exported")
+        with open(path, "wb") as f:
+          f.write(exported.serialize())
+        report["path"] = path
+      results[platform][name] = report
+  return results
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", default="configs/flowseg_ade20k.py:stage=1")
+  p.add_argument("--platforms", default="tpu,cuda")
+  p.add_argument("--mesh", default="1x1", help="DATAxFSDP over this machine's devices")
+  p.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
+  p.add_argument("--assume-cudnn", type=int, default=None, help="cuDNN version to assume")
+  p.add_argument("--out", default=None, help="write the serialized exports here")
+  p.add_argument("--json", default=None)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  config = common.load_config(args.config)
+  scale.apply_overrides(config, dict(scale.parse_override(s) for s in args.set))
+  data, fsdp = (int(x) for x in args.mesh.split("x"))
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  mesh = sharding.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+  results = export_programs(
+    config,
+    args.platforms.split(","),
+    mesh=mesh,
+    assume_cudnn_version=args.assume_cudnn,
+    out_dir=args.out,
+  )
+  for platform, programs in results.items():
+    for name, r in programs.items():
+      if "error" in r:
+        print(f"{platform:5s} {name:10s} NOT lowered: {r['error']}")
+        continue
+      print(
+        f"{platform:5s} {name:10s} lowered in {r['lower_s']:.1f} s for {r['nr_devices']} "
+        f"device(s): {r['stablehlo_chars'] / 1e6:.2f} M chars StableHLO, f64: {r['has_f64']}, "
+        f"host callbacks: {r['host_callbacks'] or 'none'}, custom calls: {r['custom_calls']}"
+      )
+  common.write_json(args.json, {"benchmark": "export", "args": vars(args), "results": results})
+  return results
+
+
+if __name__ == "__main__":
+  main()

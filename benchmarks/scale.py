@@ -1,0 +1,470 @@
+"""Memory plan at paper scale without the hardware: AOT-compile the real programs for N devices.
+
+For a config and each device count N (host-platform CPU devices, one subprocess per N with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`, since the count is fixed when JAX starts)
+and each mesh shape (data x fsdp = N, fsdp a power of two) and remat policy, this lowers and
+compiles the train step (`train.compile_train_step` on `train.abstract_train_state`, with the
+REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is allocated) and
+the Euler sampler (`inference.make_sample_fn`, `config.eval.num_steps` steps), and prints per
+device: argument, output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments
++ non-aliased outputs + temporaries), XLA's FLOPs (`cost_analysis()`, a while-loop body counted
+once) next to the model FLOPs / N, the bytes of every all-gather / reduce-scatter / all-reduce /
+all-to-all / collective-permute result in the optimised HLO (loop bodies multiplied by their
+known trip counts), and whether the step fits each target:
+
+  fit rule: peak <= 85% of the device's memory -> "yes"; <= 100% -> "tight"; else "no".
+
+The 15% is headroom for what the compiled program does not count: the runtime and its allocator
+fragmentation, collective buffers (NCCL), cuDNN workspaces, the input pipeline's device buffers,
+and the difference between XLA:CPU's fusion and layout decisions and XLA:TPU/GPU's. On GPUs, JAX
+reserves 75% of the memory by default: use `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the plans
+marked "yes". Capacities (GiB, usable): H100 80, A100 40, TPU v4 32, v5e 16, v5p 95, v6e 32.
+
+  python benchmarks/scale.py --config configs/flowseg_ade20k.py:stage=1 --devices 8,16,64
+  python benchmarks/scale.py --config configs/flowseg_ade20k.py:stage=2 --devices 8,16 \\
+      --remat none,dots_with_no_batch_dims_saveable,nothing_saveable --markdown plan.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GIB = 2**30
+HEADROOM = 0.85
+# Usable device memory, GiB (H100 SXM: 80 GB HBM3; A100: the 40 GB model).
+TARGETS = {
+  "H100-80G": 80.0,
+  "A100-40G": 40.0,
+  "v4": 32.0,
+  "v5e": 16.0,
+  "v5p": 95.0,
+  "v6e": 32.0,
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def fit(peak_bytes: int | None, capacity_gib: float) -> str:
+  """'yes' when the peak leaves the headroom free, 'tight' when it merely fits, else 'no'."""
+  if peak_bytes is None:
+    return "?"
+  if peak_bytes <= HEADROOM * capacity_gib * GIB:
+    return "yes"
+  return "tight" if peak_bytes <= capacity_gib * GIB else "no"
+
+
+# ------------------------------------------------------------------------------------------------
+# Collectives in the optimised HLO.
+# ------------------------------------------------------------------------------------------------
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
+_CALL = re.compile(
+  r"\b(?:body|to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?"
+)
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _shape_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of the results of each collective kind per device and step.
+
+  A collective inside a while loop counts its known trip count times (loops nest); one inside a
+  conditional branch counts once. Asynchronous pairs are counted at their `-start` (the result
+  shape of a start op is a tuple holding the operand and the result: the larger half is taken).
+  """
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    m = _HEADER.match(line)
+    if m and not line.startswith(" "):
+      current = m.group(1)
+      computations[current] = []
+      if line.startswith("ENTRY"):
+        entry = current
+    elif current is not None and line.startswith(" "):
+      computations[current].append(line)
+  if entry is None:
+    return {}
+  multiplier = collections.Counter({entry: 1})
+  order, seen = [entry], {entry}
+  while order:  # breadth-first over the call graph: callers before callees
+    name = order.pop(0)
+    for line in computations.get(name, []):
+      trip = 1
+      if " while(" in line:
+        t = _TRIP.search(line)
+        trip = int(t.group(1)) if t else 1
+      for group in _CALL.findall(line):
+        for callee in (c.strip().lstrip("%") for c in group.split(",")):
+          if callee in computations:
+            multiplier[callee] += multiplier[name] * trip
+            if callee not in seen:
+              seen.add(callee)
+              order.append(callee)
+  out: dict[str, int] = collections.Counter()
+  for name, lines in computations.items():
+    for line in lines:
+      for kind in COLLECTIVES:
+        if re.search(rf"\s{kind}(-start)?\(", line):
+          lhs = line.split("=", 1)[1].split(kind, 1)[0]
+          nbytes = _shape_bytes(lhs)
+          if f"{kind}-start(" in line:
+            halves = [_shape_bytes(m.group(0)) for m in _SHAPE.finditer(lhs)]
+            nbytes = max(halves) if halves else nbytes
+          out[kind] += nbytes * max(multiplier[name], 1)
+          break
+  return dict(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# One device count (runs inside the process that owns N devices).
+# ------------------------------------------------------------------------------------------------
+
+
+def abstract_teacher(config):
+  """(DinoViT, params as ShapeDtypeStructs) of `config.repa.teacher_variant`: no weights."""
+  from flowseg_jax import models
+  from flowseg_jax.models import dinov2
+
+  teacher = dinov2.make_model(
+    config.repa.teacher_variant, dtype=models.DTYPES[config.repa.teacher_dtype]
+  )
+  return teacher, dinov2.abstract_params(teacher)
+
+
+def fsdp_sizes(n: int) -> list[int]:
+  return [f for f in (2**i for i in range(n.bit_length())) if n % f == 0]
+
+
+def _memory(compiled) -> dict:
+  from benchmarks import common
+
+  return common.memory_summary(compiled)
+
+
+def plan_train_step(config, mesh, rules) -> dict:
+  """Compiles the train step for `mesh` from abstract state: memory, FLOPs, collectives."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import common
+  from flowseg_jax import sharding, train
+
+  teacher = abstract_teacher(config) if config.repa.enabled else None
+  setup = train.Setup(config, teacher=teacher)
+  state, shardings = train.abstract_train_state(setup, mesh, rules, config.seed)
+  data = sharding.batch_sharding(mesh)
+  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
+  batch = {
+    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
+    "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
+  }
+  teacher_params = None
+  if teacher is not None:
+    repl = sharding.replicated(mesh)
+    teacher_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
+    )
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = train.compile_train_step(setup, mesh, shardings)
+    start = time.perf_counter()
+    compiled = jitted.lower(state, batch, teacher_params).compile()
+    compile_s = time.perf_counter() - start
+  arch = setup.model.arch_config()
+  return (
+    {
+      "compile_s": compile_s,
+      "memory": _memory(compiled),
+      "xla_flops": common.xla_flops(compiled),
+      "model_flops": common.train_step_flops(arch, b, h, w) / mesh.size,
+      "collective_bytes": collective_bytes(compiled.as_text()),
+      "num_params": sum(int(a.size) for a in jax.tree.leaves(state.params)),
+    },
+    setup,
+    state,
+  )
+
+
+def plan_sampler(config, setup, state, mesh, rules) -> dict:
+  """Compiles the Euler sampler on the EMA denoiser (sharded like training), config.eval.batch_per_device images per device."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import common
+  from flowseg_jax import inference, sharding
+
+  n = mesh.size
+  b = config.eval.batch_per_device * n  # what evaluation and Segmenter run per call
+  h, w = tuple(config.input.image_size)
+  images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fn = inference.make_sample_fn(setup, mesh)
+    start = time.perf_counter()
+    compiled = fn.lower(state.ema_params["denoiser"], images).compile()
+    compile_s = time.perf_counter() - start
+  arch = setup.model.arch_config()
+  steps = config.eval.num_steps
+  return {
+    "batch": b,
+    "num_steps": steps,
+    "compile_s": compile_s,
+    "memory": _memory(compiled),
+    "xla_flops": common.xla_flops(compiled),
+    "model_flops": steps * common.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
+    "collective_bytes": collective_bytes(compiled.as_text()),
+  }
+
+
+def plan_devices(
+  config_spec: str,
+  n: int,
+  *,
+  remats: list[str] | None,
+  fsdps: list[int] | None,
+  sampler: bool,
+  overrides: dict | None = None,
+) -> list[dict]:
+  """Rows for N devices of this process: one per (remat, mesh); errors are rows, not crashes."""
+  import jax
+  import ml_collections
+
+  from benchmarks import common
+  from flowseg_jax import sharding, train
+
+  if jax.device_count() < n:
+    raise ValueError(f"this process has {jax.device_count()} devices, the plan needs {n}")
+  devices = jax.devices()[:n]
+  base = common.load_config(config_spec)
+  apply_overrides(base, overrides or {})
+  rows = []
+  for remat in remats or [base.model.remat_policy]:
+    for fsdp in fsdps or fsdp_sizes(n):
+      row = {"config": config_spec, "devices": n, "data": n // fsdp, "fsdp": fsdp, "remat": remat}
+      rows.append(row)
+      if n % fsdp:
+        row["error"] = f"fsdp={fsdp} does not divide {n} devices"
+        continue
+      config = ml_collections.ConfigDict(base.to_dict())
+      config.model.remat_policy = remat
+      config.mesh.data, config.mesh.fsdp = n // fsdp, fsdp
+      row.update(
+        batch=config.input.batch_size,
+        image_size=list(config.input.image_size),
+        grad_accum_steps=config.optim.grad_accum_steps,
+        repa=bool(config.repa.enabled),
+        variant=config.model.variant,
+        dtype=config.model.dtype,
+      )
+      mesh = sharding.make_mesh(n // fsdp, fsdp, devices)
+      try:
+        train.check_batch_fits_mesh(config, mesh)
+      except ValueError as e:
+        row["error"] = str(e)
+        continue
+      rules = sharding.rules_from_config(config.sharding_rules)
+      row["train"], setup, state = plan_train_step(config, mesh, rules)
+      row["fits"] = {t: fit(row["train"]["memory"]["peak_bytes"], c) for t, c in TARGETS.items()}
+      if sampler:
+        row["sampler"] = plan_sampler(config, setup, state, mesh, rules)
+      print(json.dumps({"progress": _short(row)}), file=sys.stderr, flush=True)
+  return rows
+
+
+def _short(row: dict) -> str:
+  t = row.get("train", {})
+  peak = t.get("memory", {}).get("peak_bytes")
+  return (
+    f"{row['config']} N={row['devices']} data={row['data']} fsdp={row['fsdp']} "
+    f"remat={row['remat']}: peak {peak / GIB if peak else float('nan'):.2f} GiB, "
+    f"compile {t.get('compile_s', float('nan')):.0f} s"
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver: one subprocess per device count.
+# ------------------------------------------------------------------------------------------------
+
+
+def run_device_count(args, n: int) -> list[dict]:
+  """In this process when it already has N host devices (tests), else in a fresh subprocess."""
+  in_process = False
+  if "jax" in sys.modules:
+    import jax
+
+    in_process = jax.device_count() == n
+  options = dict(remats=args.remat, fsdps=args.fsdp, sampler=args.sampler, overrides=args.set)
+  if in_process:
+    return plan_devices(args.config, n, **options)
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--worker",
+    json.dumps([args.config, n, options]),
+  ]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, timeout=args.timeout)
+  if proc.returncode:
+    return [{"config": args.config, "devices": n, "error": f"worker exit {proc.returncode}"}]
+  rows = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+  for row in rows:
+    row["worker_s"] = time.perf_counter() - start
+  return rows
+
+
+def _gib(value) -> str:
+  return "–" if value is None else f"{value / GIB:.2f}"
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+  out = []
+  for r in rows:
+    base = {
+      "config": r["config"].split("/")[-1],
+      "N": r["devices"],
+      "mesh": f"{r.get('data', '?')}x{r.get('fsdp', '?')}",
+      "remat": r.get("remat", ""),
+    }
+    if "error" in r:
+      out.append({**base, "note": r["error"]})
+      continue
+    t, m = r["train"], r["train"]["memory"]
+    coll = t["collective_bytes"]
+    row = {
+      **base,
+      "args": _gib(m["argument_bytes"]),
+      "out": _gib(m["output_bytes"] - (m["alias_bytes"] or 0)),
+      "temp": _gib(m["temp_bytes"]),
+      "peak": _gib(m["peak_bytes"]),
+      "tflop": f"{t['model_flops'] / 1e12:.2f}",
+      "xla_tflop": "–" if t["xla_flops"] is None else f"{t['xla_flops'] / 1e12:.2f}",
+      "ag": _gib(coll.get("all-gather", 0)),
+      "rs": _gib(coll.get("reduce-scatter", 0)),
+      "ar": _gib(coll.get("all-reduce", 0)),
+      "compile": f"{t['compile_s']:.0f}",
+      **{k: v for k, v in r["fits"].items()},
+    }
+    if "sampler" in r:
+      s = r["sampler"]
+      row["sampler"] = f"{_gib(s['memory']['peak_bytes'])} (b{s['batch']}, {s['compile_s']:.0f} s)"
+    out.append(row)
+  return out
+
+
+COLUMNS = [
+  ("config", "config"),
+  ("N", "N"),
+  ("mesh", "data x fsdp"),
+  ("remat", "remat"),
+  ("args", "args GiB"),
+  ("out", "out GiB"),
+  ("temp", "temp GiB"),
+  ("peak", "peak GiB"),
+  ("tflop", "model TFLOP/dev"),
+  ("xla_tflop", "XLA TFLOP/dev"),
+  ("ag", "all-gather GiB"),
+  ("rs", "reduce-scatter GiB"),
+  ("ar", "all-reduce GiB"),
+  ("compile", "compile s"),
+  *[(t, t) for t in TARGETS],
+  ("sampler", "sampler peak GiB"),
+  ("note", "note"),
+]
+
+
+def markdown(rows: list[dict]) -> str:
+  cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+  lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |")
+  return "\n".join(lines)
+
+
+def parse_override(text: str):
+  """'model.dtype=bfloat16' -> ('model.dtype', 'bfloat16'); values are JSON when they parse."""
+  key, _, value = text.partition("=")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets dotted config leaves in place: {'repa.enabled': True}."""
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", default="configs/flowseg_ade20k.py:stage=1")
+  p.add_argument("--devices", default="8,16,64", help="device counts, e.g. 8,16,64,256")
+  p.add_argument("--fsdp", default=None, help="fsdp sizes to try (default: every power of 2)")
+  p.add_argument("--remat", default=None, help="remat policies to try (default: the config's)")
+  p.add_argument(
+    "--set", action="append", default=[], help="config override KEY=VALUE (JSON value)"
+  )
+  p.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--timeout", type=float, default=3600, help="seconds per device count")
+  p.add_argument("--json", default=None)
+  p.add_argument("--markdown", default=None, help="append the table to this file")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  args.devices = [int(x) for x in args.devices.split(",")]
+  args.fsdp = [int(x) for x in args.fsdp.split(",")] if args.fsdp else None
+  args.remat = args.remat.split(",") if args.remat else None
+  args.set = dict(parse_override(s) for s in args.set)
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  if args.worker:  # a subprocess that owns N devices: rows as one JSON line on stdout
+    config_spec, n, options = json.loads(args.worker)
+    print(json.dumps(plan_devices(config_spec, n, **options)))
+    return []
+  rows = []
+  for n in args.devices:
+    rows.extend(run_device_count(args, n))
+  from benchmarks import common
+
+  table = table_rows(rows)
+  common.print_table(table, [c for c in COLUMNS if any(c[0] in r for r in table)])
+  if args.markdown:
+    with open(args.markdown, "a") as f:
+      f.write(f"\n`{args.config}`\n\n" + markdown(table) + "\n")
+  common.write_json(args.json, {"benchmark": "scale", "args": vars(args), "rows": rows})
+  return rows
+
+
+if __name__ == "__main__":
+  main()
