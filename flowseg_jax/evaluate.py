@@ -174,7 +174,14 @@ def _log(step: int, result: dict, name: str = "eval") -> None:
 
 def evaluate_state(config, setup, state, mesh, *, workdir: str, step: int, writer=None) -> dict:
   """Evaluates a TrainState (EMA parameters unless config.eval.use_ema is False) and writes
-  training's eval/step_<k>.json and pictures."""
+  training's eval/step_<k>.json and pictures (gIoU / cIoU for a prompted run)."""
+  if setup.task.name == "prompted":
+    from flowseg_jax import prompted_inference
+
+    params = inference_params(config, state)
+    return prompted_inference.evaluate_state(
+      config, setup, params, mesh, workdir=workdir, step=step, writer=writer
+    )
   result, scorer = evaluate_params(config, setup, inference_params(config, state), mesh, step=step)
   write_outputs(config, result, scorer, workdir, step, writer)
   _log(step, result)
@@ -200,6 +207,17 @@ def evaluate(
   """
   seg = segmenter or inference.Segmenter.from_workdir(workdir, config, step=step)
   cfg = seg.config
+  if seg.setup.task.name == "prompted":
+    from flowseg_jax import prompted_inference
+
+    result = prompted_inference.evaluate_segmenter(seg)
+    settings = prompted_inference.settings(cfg)
+    name = f"step_{seg.step}_steps{settings['num_steps']}" + (
+      "_adaptive" if settings["adaptive_one_step"] else ""
+    )
+    path = prompted_inference.write_result(workdir, name, {"step": seg.step, **result, **settings})
+    prompted_inference.log(seg.step, result, "evaluate")
+    return {**result, "step": seg.step, "path": path}
   name = output_name(seg.step, cfg.eval.num_steps, cfg.eval.mode)
   result, scorer = evaluate_segmenter(seg)
   settings = {"num_steps": cfg.eval.num_steps, "mode": cfg.eval.mode}

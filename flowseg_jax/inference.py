@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import models, sampling, sharding
+from flowseg_jax import sampling, sharding, tasks
 from flowseg_jax import workdir as workdir_lib
 from flowseg_jax.data import classes, pipeline, transforms
 
@@ -54,21 +54,18 @@ class InferenceSetup:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.model = models.create_model(config.model)
-    self.num_classes = pipeline.num_classes(config.input)
-    self.centroids = jnp.asarray(
-      centroids_lib.class_centroids(
-        self.num_classes, ignore_as_class=not config.objective.mask_ignored
-      )
-    )
-    self.cond_label = self.model.num_classes if config.cond_label < 0 else int(config.cond_label)
+    if tasks.task_name(config) == "semantic":
+      self.task = tasks.SemanticTask(config, pipeline.num_classes(config.input))
+    else:
+      self.task = tasks.PromptedTask(config, pipeline.prompt_list(config.input))
+    self.model = self.task.model
+    self.num_classes = self.task.num_classes
+    self.centroids = self.task.centroids
+    self.cond_label = self.task.cond_label
 
   def abstract_params(self, mesh, rules):
     """The denoiser's parameters as ShapeDtypeStructs laid out by the logical-axis rules on mesh."""
-    size = tuple(self.config.input.image_size)
-    x = jnp.zeros((1, *size, 3), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32)
+    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       boxed = jax.eval_shape(self.model.init, jax.random.key(0), x, t, y)["params"]
       shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -329,7 +326,11 @@ class Segmenter:
     logging.info(
       "Segmenter: %s step %d (%s weights).", workdir, restored_step, "EMA" if use_ema else "online"
     )
-    return cls(config, params, mesh=mesh, step=restored_step, **kwargs)
+    if setup.task.name == "prompted":
+      from flowseg_jax.prompted_inference import PromptedSegmenter
+
+      cls = PromptedSegmenter
+    return cls(config, params, mesh=mesh, step=restored_step, setup=setup, **kwargs)
 
   # -- public API --------------------------------------------------------------------------------
 

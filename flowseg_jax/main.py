@@ -2,7 +2,7 @@
 
 flowseg train    --config configs/demo.py --workdir DIR [--config.FIELD=VALUE ...]
 flowseg evaluate --workdir DIR [--config.eval.num_steps=25] [--config.eval.mode=slide]
-flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR
+flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR [--prompt TEXT (prompted runs)]
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR
 
@@ -196,6 +196,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
   if command == "predict":
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="folder for label PNGs, masks and overlays")
+    p.add_argument(
+      "--prompt",
+      default=None,
+      help="prompted (RLFSeg) runs: the text prompt, one of the model's prompts (required there)",
+    )
   if command != "train":
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument(
@@ -248,7 +253,14 @@ def _run_command(command: str, argv: list[str]) -> int:
     from flowseg_jax import evaluate
 
     result = evaluate.evaluate(config, args.workdir, step=args.step)
-    print(f"step {result['step']}: mIoU {100 * result['mIoU']:.2f}% -> {result['path']}")
+    if "giou" in result:
+      print(
+        f"step {result['step']}: gIoU {100 * result['giou']:.2f}% cIoU {100 * result['ciou']:.2f}% "
+        f"(all-background: gIoU {100 * result['baseline_giou']:.2f}% cIoU "
+        f"{100 * result['baseline_ciou']:.2f}%) -> {result['path']}"
+      )
+    else:
+      print(f"step {result['step']}: mIoU {100 * result['mIoU']:.2f}% -> {result['path']}")
     return 0
   from flowseg_jax import inference, predict
 
@@ -258,7 +270,21 @@ def _run_command(command: str, argv: list[str]) -> int:
     raise UsageError(str(e)) from e
   del files
   segmenter = inference.Segmenter.from_workdir(args.workdir, config, step=args.step)
-  result = predict.predict(config, args.workdir, args.input, args.output, segmenter=segmenter)
+  prompted = segmenter.setup.task.name == "prompted"
+  if prompted != (args.prompt is not None):
+    raise UsageError(
+      "--prompt is required for a prompted (RLFSeg) run"
+      if prompted
+      else "--prompt is only for prompted (RLFSeg) runs; this run is semantic"
+    )
+  if prompted:
+    try:
+      segmenter.prompt_id(args.prompt)
+    except ValueError as e:
+      raise UsageError(str(e)) from e
+  result = predict.predict(
+    config, args.workdir, args.input, args.output, segmenter=segmenter, prompt=args.prompt
+  )
   print(
     f"predict: wrote {len(result.written)} image(s) to {args.output}; {len(result.failed)} failed"
   )

@@ -60,9 +60,11 @@ def predict(
   output_dir: str,
   *,
   segmenter: inference.Segmenter | None = None,
+  prompt: str | None = None,
 ) -> PredictResult:
   """Segments the images at input_path with workdir's newest checkpoint (config defaults to
-  workdir/config.json). Unreadable files are logged and skipped."""
+  workdir/config.json). Unreadable files are logged and skipped. A prompted run needs `prompt`
+  (labels 1 = the prompt's region)."""
   files = list_images(input_path)
   seg = segmenter or inference.Segmenter.from_workdir(workdir, config)
   # Every process segments its own share of the files.
@@ -82,7 +84,14 @@ def predict(
   os.makedirs(output_dir, exist_ok=True)
   written = []
   progress = inference.Progress("predict", len(mine), inference.progress_every(len(mine)))
-  for (path, rgb), _, pred in seg.segment_stream(readable(), len(mine), progress=progress):
+  if prompt is None:
+    stream = seg.segment_stream(readable(), len(mine), progress=progress)
+  else:
+    pid = seg.prompt_id(prompt)
+    keyed = list(readable())
+    masks = seg.stream([(rgb, pid) for _, rgb in keyed])
+    stream = ((key, colours, pred) for (key, _), (colours, pred, _) in zip(keyed, masks))
+  for (path, rgb), _, pred in stream:
     name = os.path.splitext(os.path.basename(path))[0]
     save_outputs(output_dir, name, rgb, pred, seg)
     written.append(name)

@@ -26,8 +26,11 @@ from flowseg_jax import (
   inference,
   models,
   optim,
+  prompted_flow,
   run_status,
+  sampling,
   sharding,
+  tasks,
   writers,
 )
 from flowseg_jax import run_records as records
@@ -82,10 +85,7 @@ class Setup(inference.InferenceSetup):
 
   def init_params(self, rng):
     """Boxed (logically partitioned) parameters {'denoiser': ..., ['projector': ...]}."""
-    size = tuple(self.config.input.image_size)
-    x = jnp.zeros((1, *size, 3), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    y = jnp.zeros((1,), jnp.int32)
+    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
     k1, k2 = jax.random.split(rng)
     params = {"denoiser": self.model.init(k1, x, t, y)["params"]}
     if self.projector is not None:
@@ -204,7 +204,10 @@ def abstract_with_shardings(state, shardings):
 
 
 def load_pretrained_denoiser(setup: Setup, model_init: str):
-  """PixNerd params from a converted export, re-laid-out for this model (scan or not)."""
+  """PixNerd params from a converted export, re-laid-out for this model (scan or not). Prompted
+  runs read the official PixNerd-T2I checkpoint itself (EMA weights)."""
+  if setup.task.name == "prompted":
+    return load_pretrained_t2i(setup, model_init)
   from flowseg_jax.convert import pixnerd as pixnerd_convert
 
   src_model, src_params = pixnerd_convert.load_converted(model_init)
@@ -215,6 +218,24 @@ def load_pretrained_denoiser(setup: Setup, model_init: str):
     )
   _, params = pixnerd_convert.relayout(src_params, src_model, scan_blocks=setup.model.scan_blocks)
   return params
+
+
+def load_pretrained_t2i(setup: Setup, path: str):
+  from flowseg_jax.convert import pixnerd_t2i as t2i_convert
+
+  t2i = setup.model.t2i
+  src_model, params = t2i_convert.load_torch_checkpoint(path, "ema", scan_blocks=t2i.scan_blocks)
+  if src_model.arch_config() != t2i.arch_config():
+    raise ValueError(
+      f"config.model_init={path!r} holds architecture {src_model.arch_config()}, but "
+      f"config.prompted builds {t2i.arch_config()}"
+    )
+  if setup.model.num_prompts:
+    raise ValueError(
+      "config.model_init with a learned prompt table (config.prompted.condition='table') would "
+      "leave the table untrained against pretrained text features; use condition='cache'"
+    )
+  return {"t2i": params}
 
 
 def initialise(setup, mesh, rules, shardings):
@@ -245,7 +266,7 @@ def initialise(setup, mesh, rules, shardings):
 # ------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params, teacher_params, images, labels, key, total_valid, *, setup: Setup):
+def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None, *, setup: Setup):
   """Loss of one micro-batch, scaled so that summing micro-batches gives the global-batch loss."""
   cfg = setup.config.objective
   b = images.shape[0]
@@ -258,17 +279,12 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, *, setup: 
     shift=cfg.t_shift,
   )
   x_t = flow.interpolant(images, labels, t, setup.centroids, mask_ignored=cfg.mask_ignored)
-  y = jnp.full((b,), setup.cond_label, jnp.int32)
   metrics = {}
   if setup.projector is None:
-    out = setup.model.apply({"params": params["denoiser"]}, x_t, t, y)
+    out = setup.task.apply(params["denoiser"], x_t, t, cond)
   else:
-    out, tokens = setup.model.apply(
-      {"params": params["denoiser"]},
-      x_t,
-      t,
-      y,
-      return_block_tokens=setup.config.repa.align_layer,
+    out, tokens = setup.task.apply(
+      params["denoiser"], x_t, t, cond, return_block_tokens=setup.config.repa.align_layer
     )
     projected = setup.projector.apply({"params": params["projector"]}, tokens)
     target_tokens = repa.teacher_tokens(
@@ -301,6 +317,10 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
   accum = config.optim.grad_accum_steps
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels = batch["image"], batch["label"]
+  cond = setup.task.condition(batch)
+  refine_metrics = {}
+  if setup.task.name == "prompted" and config.prompted.refine.enabled:
+    labels, refine_metrics = refine_targets(state, images, labels, cond, setup=setup)
   valid = labels != centroids_lib.IGNORE_LABEL if config.objective.mask_ignored else labels >= 0
   total_valid = jnp.sum(valid.astype(jnp.int32))
 
@@ -311,8 +331,8 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
 
   def accumulate(carry, xs):
     grads, metrics = carry
-    mb_images, mb_labels, mb_key = xs
-    g, m = grad_fn(state.params, teacher_params, mb_images, mb_labels, mb_key, total_valid)
+    mb_images, mb_labels, mb_key, mb_cond = xs
+    g, m = grad_fn(state.params, teacher_params, mb_images, mb_labels, mb_key, total_valid, mb_cond)
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
 
   keys = jax.random.split(key, accum)
@@ -325,10 +345,13 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
     micro(labels)[0],
     keys[0],
     total_valid,
+    jax.tree.map(lambda c: micro(c)[0], cond),
   )
   zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
   (grads, metrics), _ = jax.lax.scan(
-    accumulate, (zero_grads, zero_metrics), (micro(images), micro(labels), keys)
+    accumulate,
+    (zero_grads, zero_metrics),
+    (micro(images), micro(labels), keys, jax.tree.map(micro, cond)),
   )
 
   grad_norm = optax.tree.norm(grads)
@@ -358,8 +381,29 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
     learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
     skipped=(~finite).astype(jnp.int32),
     num_valid=total_valid,
+    **refine_metrics,
   )
   return new_state, metrics
+
+
+def refine_targets(state: TrainState, images, labels, cond, *, setup: Setup):
+  """Label refinement (`prompted_flow.refine_labels`): the EMA network's one-step prediction from
+  the clean image replaces confident, differing boundary targets after the warm-up."""
+  cfg = setup.config.prompted.refine
+  t0 = jnp.zeros((images.shape[0],), jnp.float32)
+  out = setup.task.apply(jax.lax.stop_gradient(state.ema_params["denoiser"]), images, t0, cond)
+  obj = setup.config.objective
+  v = sampling.velocity(out, images, t0, prediction=obj.prediction, t_eps=obj.t_eps)
+  refined, changed = prompted_flow.refine_labels(
+    labels,
+    images + v,
+    setup.centroids,
+    state.step,
+    warmup_steps=cfg.warmup_steps,
+    boundary_width=cfg.boundary_width,
+    margin=cfg.margin,
+  )
+  return refined, {"refined_pixels": changed}
 
 
 def compile_train_step(setup: Setup, mesh, state_shardings):
@@ -372,7 +416,7 @@ def compile_train_step(setup: Setup, mesh, state_shardings):
     functools.partial(train_step, setup=setup),
     in_shardings=(
       state_shardings,
-      {"image": data_sharding, "label": data_sharding},
+      {k: data_sharding for k in setup.task.batch_keys},
       teacher_sharding,
     ),
     out_shardings=(state_shardings, repl),
@@ -561,7 +605,9 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     result = evaluate.evaluate_state(
       config, setup, state, mesh, workdir=workdir, step=step, writer=writer
     )
-    checkpointing.record_metrics(manager, step, {checkpointing.BEST_METRIC: result["mIoU"]})
+    checkpointing.record_metrics(
+      manager, step, {checkpointing.BEST_METRIC: result[setup.task.best_metric]}
+    )
     return result
 
   try:

@@ -28,13 +28,14 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
 KERNEL_NAME = "flowseg-colab-test"
-NOTEBOOKS = ("flowseg_demo", "vector_field", "convert_and_finetune")
+NOTEBOOKS = ("flowseg_demo", "vector_field", "convert_and_finetune", "prompted_demo")
 
 # The figures each notebook must draw (saved as FIGURE_DIR/<name>.png by its `show` helper).
 FIGURES = {
   "flowseg_demo": ("training_log", "segmentations", "trajectory", "miou_vs_steps"),
   "vector_field": ("centroids", "fields", "grad_norm_profile", "convergence"),
   "convert_and_finetune": ("finetune", "finetune_pictures"),
+  "prompted_demo": ("training_log", "prompts", "steps"),
 }
 
 # Appended to the executed copy: asserts on the notebook's own variables. Reduced mode trains
@@ -42,6 +43,26 @@ FIGURES = {
 # the loss falls, and the held-out pixel accuracy beats chance (1/4) by a margin. (An untrained PixNerd
 # outputs v = 0: its x(1) is the image, whose random colours decode at chance.)
 CHECKS = {
+  "prompted_demo": """
+assert REDUCED and restored_step == config.total_steps == 6, restored_step
+assert len(masks) == len(prompts) >= 1
+for m in masks:
+  assert m.shape == label.shape and set(np.unique(m)) <= {0, 1}, m.shape
+# prompt= by text and by id agree; an unknown prompt is refused.
+np.testing.assert_array_equal(seg(image, prompt=present[0]), masks[0])
+try:
+  seg(image, prompt="a photo of a cat")
+  raise AssertionError("unknown prompt accepted")
+except ValueError:
+  pass
+assert sorted(by_steps) == STEP_COUNTS
+for r in [*by_steps.values(), adaptive]:
+  assert 0.0 <= r["giou"] <= 1.0 and 0.0 <= r["ciou"] <= 1.0, r
+  assert r["baseline_ciou"] == 0.0 and r["num_examples"] == by_steps[1]["num_examples"]
+cfg = config.prompted.adaptive
+assert cfg.dt_min <= adaptive["mean_dt"] <= cfg.dt_max and by_steps[1]["mean_dt"] == 1.0
+print("checks passed")
+""",
   "flowseg_demo": """
 assert REDUCED and config.total_steps == REDUCED_STEPS == restored_step, restored_step
 h, w = config.input.image_size

@@ -58,3 +58,20 @@ def test_demo_builds_and_is_small():
   assert models.create_model(config.model).scan_blocks
   optim.learning_rate_schedule(config.optim, config.total_steps)
   assert load("ablations", "tau=2,base=demo").objective.tau == 2.0
+
+
+def test_rlfseg_configs():
+  demo = load("rlfseg_demo")
+  setup = train.Setup(demo)
+  assert setup.task.name == "prompted" and setup.model.t2i.hidden_size <= 128
+  assert not demo.objective.reshape and not demo.prompted.refine.enabled
+  assert load("rlfseg_demo", "refine,reshape").prompted.refine.enabled
+  adaptive = load("rlfseg_demo", "adaptive")
+  assert adaptive.prompted.adaptive.enabled and adaptive.eval.num_steps == 1
+  with pytest.raises(ValueError, match="unknown variant"):
+    load("rlfseg_demo", "typo")
+  ref = load("rlfseg_refcoco")
+  assert ref.input.dataset == "refcoco" and ref.prompted.condition == "cache"
+  assert ref.prompted.variant == "released" and ref.eval.num_steps == 1
+  with pytest.raises(ValueError, match="refs_json"):
+    pipeline.prompt_list(ref.input)  # the paths are launch-time overrides

@@ -54,7 +54,7 @@ class LoadTrainExample(grain.transforms.RandomMap):
     try:
       label = sources.read_label(record["label"], name, self.label_map)
       opened = sources.open_image(record["image"], name)
-      return transforms.train_example(
+      ex = transforms.train_example(
         opened,
         label,
         image_size=self.image_size,
@@ -69,6 +69,14 @@ class LoadTrainExample(grain.transforms.RandomMap):
       if self.on_bad_example == "raise":
         raise
       return _skip(e)
+    return _with_prompt(ex, record)
+
+
+def _with_prompt(ex: dict, record: dict) -> dict:
+  """Prompted records carry the example's prompt id through (data.prompted)."""
+  if "prompt" in record:
+    ex["prompt"] = np.int32(record["prompt"])
+  return ex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +105,7 @@ class LoadEvalExample(grain.transforms.Map):
         raise
       return _skip(e)
     ex["name"] = name
-    return ex
+    return _with_prompt(ex, record)
 
 
 # ----------------------------------------------------------------------------------------------

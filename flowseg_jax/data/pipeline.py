@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from flowseg_jax.data import classes, sources, synthetic
+from flowseg_jax.data import classes, prompted, refcoco, refcoco_source, sources, synthetic
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
   LoadEvalExample,
@@ -45,7 +45,7 @@ from flowseg_jax.data.grain_ops import (
   TrainIterator,
 )
 
-DATASETS = ("synthetic", "ade20k", "coco_stuff", "tfds_ade20k", "tfds_coco_stuff")
+DATASETS = ("synthetic", "ade20k", "coco_stuff", "tfds_ade20k", "tfds_coco_stuff", "refcoco")
 _TFDS_NAMES = {"tfds_ade20k": "ade20k150", "tfds_coco_stuff": "coco_stuff164k"}
 
 
@@ -102,6 +102,8 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
   name = _check_dataset(cfg)
   if name == "synthetic":
     return int(cfg.synthetic.num_classes)
+  if name == "refcoco":
+    return 2
   if name in ("ade20k", "tfds_ade20k"):
     return len(classes.ADE20K_CLASSES)
   return len(classes.COCO_STUFF_CLASSES)
@@ -112,6 +114,8 @@ def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
   name = _check_dataset(cfg)
   if name == "synthetic":
     return classes.synthetic_class_names(num_classes(cfg))
+  if name == "refcoco":
+    return ["background", "referred"]
   if name in ("ade20k", "tfds_ade20k"):
     return list(classes.ADE20K_CLASSES)
   return list(classes.COCO_STUFF_CLASSES)
@@ -128,6 +132,47 @@ def palette(cfg: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
+  """Returns (random-access source, label map) for a split; prompted examples (binary masks, a
+  'prompt' id) when `cfg.prompted` is set (see `data.prompted`)."""
+  if cfg.dataset == "refcoco":
+    r = _refcoco_config(cfg)
+    src = refcoco_source.RefCocoSource(r.refs_json, r.instances_json, r.image_dir, split)
+    return src, prompted.BINARY_LABEL_MAP
+  src, label_map = _make_semantic_source(cfg, split, prepare)
+  if cfg.get("prompted") is None:
+    return src, label_map
+  p = cfg.prompted
+  train = split == cfg.train_split
+  src = prompted.PromptedSource(
+    src,
+    label_map,
+    num_classes(cfg),
+    classes=p.train_classes if train else p.eval_classes,
+    min_pixels=int(p.min_pixels),
+  )
+  return src, prompted.BINARY_LABEL_MAP
+
+
+def prompt_list(cfg: ml_collections.ConfigDict) -> list[str]:
+  """The prompts of a prompted input config, index = the examples' 'prompt' id."""
+  if cfg.dataset == "refcoco":
+    return refcoco_source.prompts(refcoco.load_refs_json(_refcoco_config(cfg).refs_json))
+  if cfg.get("prompted") is None:
+    raise ValueError("config.input.prompted is not set: this is not a prompted dataset")
+  return prompted.prompt_list(cfg.prompted.template, class_names(cfg))
+
+
+def _refcoco_config(cfg):
+  r = cfg.get("refcoco")
+  if r is None or not all(r.get(k) for k in ("refs_json", "instances_json", "image_dir")):
+    raise ValueError(
+      "config.input.dataset='refcoco' needs config.input.refcoco.refs_json, .instances_json and "
+      ".image_dir (see configs/rlfseg_refcoco.py)"
+    )
+  return r
+
+
+def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
   """Returns (random-access source, label map) for a split.
 
   `prepare`: for TFDS datasets, prepare a missing dataset from `cfg.manual_dir` (only ever from

@@ -1,0 +1,142 @@
+"""The prompted (RLFSeg) task: data, network call, loss, training, Segmenter(prompt=), CLI."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowseg_jax import centroids, defaults, flow, inference, main, tasks, train
+from flowseg_jax.data import pipeline, prompted, synthetic
+from flowseg_jax.prompted_inference import PromptedSegmenter
+
+
+def _config(arg="smoke"):
+  return defaults.load_config_file("configs/rlfseg_demo.py", arg)
+
+
+def test_one_prompted_example_per_class_present():
+  cfg = _config()
+  src, label_map = pipeline._make_semantic_source(cfg.input, "train", False)
+  psrc = prompted.PromptedSource(src, label_map, 8, min_pixels=16)
+  expect = []
+  for i in range(len(src)):
+    _, label = synthetic.make_example(i, num_classes=8, size=(32, 32), seed=0)
+    counts = np.bincount(label.ravel(), minlength=256)[:8]
+    expect += [(i, c) for c in np.flatnonzero(counts >= 16)]
+  assert [tuple(r) for r in psrc.index] == expect
+  rec = psrc[3]
+  i, c = expect[3]
+  _, label = synthetic.make_example(i, num_classes=8, size=(32, 32), seed=0)
+  np.testing.assert_array_equal(rec["label"] == 1, label == c)
+  np.testing.assert_array_equal(rec["label"] == 255, label == 255)
+  assert int(rec["prompt"]) == c
+  assert pipeline.prompt_list(cfg.input)[c] == f"a photo of texture_{c:03d}"
+
+
+def test_zero_shot_split_keeps_train_and_eval_classes_apart():
+  cfg = _config("smoke,zeroshot")
+  train_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "train", False)[0]}
+  eval_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "validation", False)[0]}
+  assert train_ids <= {0, 1, 2, 3, 4, 5} and eval_ids <= {6, 7} and train_ids and eval_ids
+
+
+def test_semantic_task_calls_the_model_as_before():
+  cfg = defaults.load_config_file("configs/demo.py", "smoke")
+  task = tasks.create_task(cfg, 12)
+  x = jnp.ones((2, 8, 8, 3)) * 0.1
+  t = jnp.asarray([0.2, 0.7])
+  params = task.model.init(jax.random.key(0), x, t, jnp.zeros((2,), jnp.int32))["params"]
+  y = jnp.full((2,), task.model.num_classes, jnp.int32)
+  np.testing.assert_array_equal(
+    task.apply(params, x, t, None), task.model.apply({"params": params}, x, t, y)
+  )
+
+
+@pytest.fixture(scope="module")
+def prompted_setup():
+  setup = train.Setup(_config())
+  params = setup.init_params(jax.random.key(0))
+  return setup, nn.unbox(params)
+
+
+def test_prompted_loss_is_flowseg_loss_with_two_centroids(prompted_setup):
+  setup, params = prompted_setup
+  np.testing.assert_array_equal(np.asarray(setup.centroids), [[-1, -1, -1], [1, 1, 1]])
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.choice([0, 1, 255], (2, 32, 32)), jnp.int32)
+  prompts = jnp.asarray([1, 6], jnp.int32)
+  key = jax.random.key(3)
+  total = jnp.sum(labels != 255)
+  loss, _ = train.loss_fn(params, None, images, labels, key, total, prompts, setup=setup)
+  obj = setup.config.objective
+  t = flow.sample_t(key, (2,), distribution=obj.t_distribution, mean=obj.t_mean, std=obj.t_std)
+  x_t = flow.interpolant(images, labels, t, setup.centroids)
+  out = setup.task.apply(params["denoiser"], x_t, t, prompts)
+  want, _ = flow.flowseg_loss(out, images, labels, t, setup.centroids, **flow.loss_kwargs(obj))
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+  assert not obj.reshape  # RLFSeg's plain rectified-flow target by default
+  # The prompt conditions the network (the zero-initialised final layer made non-zero).
+  net = jax.tree.map(lambda a: a, params["denoiser"])
+  final = net["t2i"]["final_layer"]
+  final["kernel"] = jnp.ones_like(final["kernel"])
+  a = setup.task.apply(net, x_t, t, prompts)
+  b = setup.task.apply(net, x_t, t, prompts[::-1])
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rlfseg"))
+  result = train.train_and_evaluate(_config("smoke,refine"), workdir)
+  return workdir, result
+
+
+def test_training_reports_prompted_metrics_and_refines(trained):
+  workdir, result = trained
+  assert 0 <= result["giou"] <= 1 and 0 <= result["ciou"] <= 1
+  assert result["baseline_ciou"] == 0.0  # all background: no intersection anywhere
+  with open(os.path.join(workdir, "eval", "step_6.json")) as f:
+    saved = json.load(f)
+  assert saved["giou"] == pytest.approx(result["giou"]) and saved["num_steps"] == 2
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert "refined_pixels" in rows[-1]
+
+
+def test_segmenter_takes_prompts(trained):
+  workdir, _ = trained
+  seg = inference.Segmenter.from_workdir(workdir)
+  assert isinstance(seg, PromptedSegmenter)
+  image = synthetic.make_example(5, num_classes=8, size=(40, 24))[0]
+  by_text = seg(image, prompt="A photo of  TEXTURE_002")
+  by_id = seg(image, prompt=2)
+  assert by_text.shape == (40, 24) and set(np.unique(by_text)) <= {0, 1}
+  np.testing.assert_array_equal(by_text, by_id)
+  with pytest.raises(ValueError, match="a photo of texture_000"):
+    seg(image, prompt="a photo of a cat")
+  with pytest.raises(ValueError, match="prompt="):
+    seg(image)
+  one = seg(image, prompt=2, num_steps=1, adaptive=True)
+  assert one.shape == (40, 24)
+
+
+def test_cli_predict_with_prompt(trained, tmp_path):
+  workdir, _ = trained
+  img = tmp_path / "in.png"
+  Image.fromarray(synthetic.make_example(1, num_classes=8, size=(32, 32))[0]).save(img)
+  out = tmp_path / "out"
+  argv = ["predict", "--workdir", workdir, "--input", str(img), "--output", str(out)]
+  assert main.run(argv + ["--prompt", "a photo of texture_001"]) == 0
+  label = np.asarray(Image.open(out / "in_label.png"))
+  assert label.shape == (32, 32) and set(np.unique(label)) <= {0, 1}
+  assert main.run(argv) == 2  # a prompted run needs --prompt
+
+
+def test_centroid_table_is_kronecker_two():
+  np.testing.assert_array_equal(centroids.kronecker_centroids(2), [[-1, -1, -1], [1, 1, 1]])
