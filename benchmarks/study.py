@@ -273,31 +273,57 @@ def summarize(values: list[float]) -> dict:
   }
 
 
-def compare(better: list[float], worse: list[float]) -> dict:
-  """Difference of means, pooled std, t = diff / (pooled * sqrt(1/n1 + 1/n2)) and a verdict."""
-  a, b = summarize(better), summarize(worse)
-  if a["n"] < 2 or b["n"] < 2:
-    return {
-      "diff": a["mean"] - b["mean"],
-      "pooled_std": math.nan,
-      "t": math.nan,
-      "verdict": "n < 2",
-    }
-  pooled = math.sqrt(
-    ((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2)
-  )
-  diff = a["mean"] - b["mean"]
-  if pooled > 1e-9:
-    t = diff / (pooled * math.sqrt(1 / a["n"] + 1 / b["n"]))
-  else:  # every seed scored the same
-    t = 0.0 if abs(diff) <= 1e-9 else math.copysign(math.inf, diff)
-  if abs(t) >= 2.5:
-    verdict = "agrees" if diff > 0 else "disagrees"
-  elif abs(t) >= 1:
-    verdict = "agrees, weakly" if diff > 0 else "disagrees, weakly"
+# One-sided 95% quantiles of Student's t for 1..10 degrees of freedom (more: the normal's 1.645).
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+
+def _t_stat(diff: float, scale: float) -> float:
+  if scale > 1e-9:
+    return diff / scale
+  return 0.0 if abs(diff) <= 1e-9 else math.copysign(math.inf, diff)  # every seed scored the same
+
+
+def compare(better: dict, worse: dict) -> dict:
+  """A claim `better > worse` over seeds ({seed: mIoU}).
+
+  Unpaired: difference of means, pooled std, t = diff / (pooled * sqrt(1/n1 + 1/n2)). Paired (the
+  seeds both settings ran; a seed fixes the initialisation and the data order, so seed k of two
+  settings differs only in the setting): mean and std of the per-seed differences, t = mean / (std /
+  sqrt(n)). The verdict uses the paired t when >= 2 seeds pair up, else the unpaired one, against
+  the one-sided 95% quantile of t: 'agrees' / 'disagrees' (p < 0.05 one-sided), otherwise the
+  direction with 'not significant'.
+  """
+  a, b = summarize(list(better.values())), summarize(list(worse.values()))
+  out = {"diff": a["mean"] - b["mean"], "pooled_std": math.nan, "t": math.nan}
+  if a["n"] >= 2 and b["n"] >= 2:
+    pooled = math.sqrt(
+      ((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2)
+    )
+    out["pooled_std"] = pooled
+    out["t"] = _t_stat(out["diff"], pooled * math.sqrt(1 / a["n"] + 1 / b["n"]))
+    df = a["n"] + b["n"] - 2
+  common = sorted(set(better) & set(worse))
+  if len(common) >= 2:
+    d = summarize([better[k] - worse[k] for k in common])
+    out.update(paired_n=d["n"], paired_diff=d["mean"], paired_std=d["std"])
+    out["paired_t"] = _t_stat(d["mean"], d["std"] / math.sqrt(d["n"]))
+    t, df = out["paired_t"], d["n"] - 1
+  elif math.isnan(out["t"]):
+    return {**out, "verdict": "n < 2"}
   else:
-    verdict = "no difference resolved"
-  return {"diff": diff, "pooled_std": pooled, "t": t, "verdict": verdict}
+    t = out["t"]
+  crit = T95[df - 1] if df <= len(T95) else 1.645
+  if t >= crit:
+    verdict = "agrees (p < 0.05)"
+  elif t <= -crit:
+    verdict = "disagrees (p < 0.05)"
+  elif t > 0:
+    verdict = "same direction, not significant"
+  elif t < 0:
+    verdict = "opposite direction, not significant"
+  else:
+    verdict = "no difference"
+  return {**out, "verdict": verdict}
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -334,18 +360,25 @@ def report(out: str, *, plots: bool = True) -> dict:
         f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
       )
     lines.append("")
-  claim_lines = ["## Claims", "", "| claim | better − worse (mIoU) | pooled std | t | verdict |"]
-  claim_lines += ["|---|---|---|---|---|"]
+  claim_lines = [
+    "## Claims",
+    "",
+    "| claim | better − worse (mIoU) | pooled std | t | paired diff ± std (n) | paired t | verdict |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for group, better, worse, text in CLAIMS:
-    a = [v["mIoU"] for v in results.get(better, {}).values()]
-    b = [v["mIoU"] for v in results.get(worse, {}).values()]
+    a = {k: v["mIoU"] for k, v in results.get(better, {}).items()}
+    b = {k: v["mIoU"] for k, v in results.get(worse, {}).items()}
     if not a or not b:
       continue
     c = {"group": group, "better": better, "worse": worse, "claim": text, **compare(a, b)}
     rep["claims"].append(c)
+    paired = "–"
+    if "paired_n" in c:
+      paired = f"{c['paired_diff']:.2f} ± {_fmt(c['paired_std'], 2)} ({c['paired_n']})"
     claim_lines.append(
       f"| {text} | {_fmt(c['diff'], 2)} | {_fmt(c['pooled_std'], 2)} | {_fmt(c['t'], 2)} "
-      f"| {c['verdict']} |"
+      f"| {paired} | {_fmt(c.get('paired_t', math.nan), 2)} | {c['verdict']} |"
     )
   if rep["claims"]:
     lines += claim_lines + [""]

@@ -63,13 +63,25 @@ def test_finished_runs_are_skipped(tiny_study, capsys):
 
 
 def test_compare_statistics_and_verdicts():
-  c = study.compare([30.0, 31.0, 32.0], [27.0, 28.0, 29.0])
+  better = {0: 30.0, 1: 31.0, 2: 32.0}
+  c = study.compare(better, {0: 27.0, 1: 28.0, 2: 29.0})
   assert c["diff"] == pytest.approx(3.0) and c["pooled_std"] == pytest.approx(1.0)
-  assert c["t"] == pytest.approx(3.0 / math.sqrt(2 / 3)) and c["verdict"] == "agrees"
-  assert study.compare([27.0, 28.0, 29.0], [30.0, 31.0, 32.0])["verdict"] == "disagrees"
-  assert study.compare([1.0, 2.0, 3.0], [1.2, 2.2, 2.8])["verdict"] == "no difference resolved"
-  assert study.compare([2.0, 2.0], [2.0, 2.0])["t"] == 0.0
-  assert study.compare([5.0], [4.0])["verdict"] == "n < 2"
+  assert c["t"] == pytest.approx(3.0 / math.sqrt(2 / 3))
+  assert c["paired_t"] == math.inf and c["verdict"] == "agrees (p < 0.05)"  # every seed +3
+  # Paired differences 0.5, 1.5, 1.0: mean 1, std 0.5, t = 1 / (0.5 / sqrt 3) = 3.46 > 2.920 (df 2).
+  c = study.compare(better, {0: 29.5, 1: 29.5, 2: 31.0})
+  assert c["paired_diff"] == pytest.approx(1.0) and c["paired_std"] == pytest.approx(0.5)
+  assert c["paired_t"] == pytest.approx(2 * math.sqrt(3)) and c["verdict"] == "agrees (p < 0.05)"
+  assert c["t"] < 2.132  # unpaired, the seed-to-seed spread hides it
+  c = study.compare({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.2, 1: 2.2, 2: 2.7})
+  assert c["verdict"] == "opposite direction, not significant"
+  c = study.compare({0: 27.0, 1: 28.0, 2: 29.0}, {0: 30.0, 1: 31.5, 2: 32.0})
+  assert c["verdict"] == "disagrees (p < 0.05)"
+  # Seeds that do not pair up: the unpaired t (df 4) decides.
+  c = study.compare({0: 30.0, 1: 31.0, 2: 32.0}, {3: 27.0, 4: 28.0, 5: 29.0})
+  assert "paired_t" not in c and c["verdict"] == "agrees (p < 0.05)"
+  assert study.compare({0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0})["verdict"] == "no difference"
+  assert study.compare({0: 5.0}, {0: 4.0})["verdict"] == "n < 2"
 
 
 def test_settings_build_the_ablations_they_name():
