@@ -80,7 +80,7 @@ CLAIMS = [
   ("table2", "static", "no_mask", "Table 2: static + mask 29.75 > static w/o mask 28.15"),
   ("table2", "no_mask", "annealing", "Table 2: static w/o mask 28.15 > annealing w/o mask 24.65"),
   ("table2", "static", "annealing_mask", "static beats annealing with the mask too (ours)"),
-  ("table2", "static", "x_pred", "v-prediction (the paper's default) vs x-prediction"),
+  ("table2", "static", "x_pred", "v-prediction (our default, PixNerd's) beats x-prediction"),
   ("fig5c", "static", "sqrt", "Fig 5c: log beats sqrt"),
   ("fig5c", "static", "norm_reduced", "Fig 5c: log beats gradient-norm reduction"),
   ("fig5c", "static", "linear", "Fig 5c: log beats linear"),
