@@ -1,7 +1,11 @@
 """The base config every file in configs/ starts from: the paper's recipe with PixNerd XL/16.
 
-Every hyper-parameter of the method is a field here, with the paper's (or PixNerd's) default; configs/*.py
-change what their setting needs and the CLI overrides any leaf (`--config.objective.tau=2`).
+Every hyper-parameter of the method is a field here; configs/*.py change what their setting needs and the
+CLI overrides any leaf (`--config.objective.tau=2`). Each default says where it comes from:
+  [paper]    FlowSeg (arXiv 2603.19218): its equations, its best ablation rows, its stated choices.
+  [PixNerd]  PixNerd's released XL/16 recipe (reference/pixnerd_facts.md, pix256std1_repa_pixnerd_xl.yaml).
+  [ours]     neither gives it (or the part of the paper we can read does not): our choice, with the reason.
+  [-]        bookkeeping or scheduling that does not change the result.
 """
 
 from __future__ import annotations
@@ -19,87 +23,107 @@ from flowseg_jax.models import repa
 def objective_config() -> ml_collections.ConfigDict:
   """`config.objective`: the arguments of `flow.flowseg_loss` and the training-time t distribution."""
   c = ml_collections.ConfigDict()
-  c.prediction = "v"  # 'v' (velocity) or 'x' (clean mask) output
-  c.tau = 1.0  # softmax temperature of the potential
-  c.eps = 1e-6  # distance offset (the log transform's singularity scale)
-  c.transform = "log"  # 'log' | 'sqrt' | 'linear'
-  c.target = "static"  # 'static' v - grad Phi | 'annealing' v - t grad Phi
-  c.reshape = True  # False: vanilla flow matching
-  c.mask_ignored = True  # False: ignored pixels trained toward an extra centroid
-  c.t_eps = 0.05  # clamp of 1 - t for 'x' prediction
+  c.prediction = "v"  # [PixNerd] its output is a velocity; 'x' (clean mask) is Table 2's other row
+  c.tau = 1.0  # [paper] softmax temperature of the potential (eq 9)
+  # [ours] distance offset of T(d) = -log(d + eps): the paper writes no value; 1e-6 keeps Phi finite at a
+  # centroid while leaving the log's shape untouched for d >> 1e-6 (|grad Phi| <= 1/(2 sqrt(eps))).
+  c.eps = 1e-6
+  c.transform = "log"  # [paper] eq 9-11, Fig 5c's best; 'log' | 'sqrt' | 'linear' | 'norm_reduced'
+  # [ours] 'norm_reduced' only: per-pixel bound on |grad Phi| (Fig 5c names the variant, does not define
+  # it; flow.potential_grad has our definition). 1 = the scale of one channel of the FM velocity.
+  c.max_grad_norm = 1.0
+  c.target = "static"  # [paper] Table 2's best: 'static' v - grad Phi | 'annealing' v - t grad Phi
+  c.reshape = True  # [paper] the method; False: vanilla flow matching (Table 2's baseline)
+  c.mask_ignored = (
+    True  # [paper] Table 2 "static + mask"; False: ignored pixels -> an extra centroid
+  )
+  # [ours] clamp of 1 - t in x-prediction's v = (x1_hat - x_t) / (1 - t): neither the paper nor PixNerd
+  # (which predicts v) gives one; 0.05 bounds the 1 / (1 - t) amplification at 20x.
+  c.t_eps = 0.05
   # Pixels per chunk of the potential's (pixels x classes) work; None: auto (cache-sized chunks on CPU,
   # all at once on GPU/TPU), 0: all at once. Changes the schedule, not the result.
-  c.pixel_chunk = ml_collections.config_dict.placeholder(int)
-  c.t_distribution = "logit_normal"  # 'uniform' | 'logit_normal'
-  c.t_mean = 0.0
-  c.t_std = 1.0
-  c.t_shift = 1.0  # PixNerd's t / (t + (1 - t) shift)
+  c.pixel_chunk = ml_collections.config_dict.placeholder(int)  # [-]
+  c.t_distribution = "logit_normal"  # [PixNerd] lognorm_t; 'uniform' | 'logit_normal'
+  c.t_mean = 0.0  # [PixNerd]
+  c.t_std = 1.0  # [PixNerd]
+  c.t_shift = 1.0  # [PixNerd] timeshift 1.0 (identity) of t / (t + (1 - t) shift)
   return c
 
 
 def optim_config() -> ml_collections.ConfigDict:
   """`config.optim`: AdamW, schedule, clipping, EMA, gradient accumulation."""
   c = ml_collections.ConfigDict()
-  c.learning_rate = 1e-4
-  c.schedule = "constant"  # 'constant' | 'cosine' | 'linear' (after warm-up)
-  c.warmup_steps = 0
-  c.end_lr_factor = 0.0  # final lr / peak lr for cosine and linear
-  c.b1 = 0.9
-  c.b2 = 0.999
-  c.eps = 1e-8
-  c.weight_decay = 0.0  # applied to Dense kernels only
-  c.grad_clip_norm = 1.0  # global norm; 0 disables (the reshaped target needs it, DESIGN.md)
-  c.ema_decay = 0.9999
-  c.grad_accum_steps = 1  # micro-batches per step (the global batch is split, the loss stays exact)
+  c.learning_rate = 1e-4  # [PixNerd] AdamW lr
+  c.schedule = (
+    "constant"  # [PixNerd] no scheduler; 'constant' | 'cosine' | 'linear' (after warm-up)
+  )
+  c.warmup_steps = 0  # [PixNerd]
+  c.end_lr_factor = 0.0  # [-] final lr / peak lr for cosine and linear (unused by 'constant')
+  c.b1 = 0.9  # [PixNerd] torch defaults
+  c.b2 = 0.999  # [PixNerd]
+  c.eps = 1e-8  # [PixNerd]
+  c.weight_decay = 0.0  # [PixNerd] (when set: Dense kernels only)
+  # [ours] global-norm clipping; 0 disables. PixNerd configures none and the paper states none: the
+  # reshaped target's early losses are ~20x vanilla FM's (DESIGN.md), and 1.0 trained stably at small
+  # scale. benchmarks/STUDY.md's `clip` rows measure it.
+  c.grad_clip_norm = 1.0
+  c.ema_decay = 0.9999  # [PixNerd]
+  c.grad_accum_steps = (
+    1  # [-] micro-batches per step (the global batch is split, the loss stays exact)
+  )
   return c
 
 
 def eval_config() -> ml_collections.ConfigDict:
   """`config.eval`: ODE sampling and scoring."""
   c = ml_collections.ConfigDict()
-  c.num_steps = 10  # Euler steps (the paper's best)
-  c.shift = 1.0  # time-grid shift
-  c.method = "euler"  # 'euler' | 'heun'
-  c.mode = "whole"  # 'whole' (resize to input.image_size) | 'slide' (windows on the original)
-  c.slide_short_side = 512  # slide: resize the original so its short side is this
-  c.slide_stride = (341, 341)  # slide: window stride; the window is input.image_size
-  c.max_examples = -1  # -1: the whole eval split
-  c.num_pictures = 4  # colourised predictions written per evaluation
-  c.use_ema = True  # evaluate the EMA parameters
-  # Windows per device per call. Fixed per device (not a global batch), so that an image's result does
-  # not depend on the device count; batches are padded.
+  c.num_steps = 10  # [paper] Euler steps, Table 3's best
+  c.shift = 1.0  # [PixNerd] time-grid shift (identity)
+  c.method = "euler"  # [paper] Euler ODE; 'euler' | 'heun'
+  c.mode = (
+    "whole"  # [ours] 'whole' (resize to input.image_size) | 'slide' (windows on the original)
+  )
+  c.slide_short_side = 512  # [ours] slide: as mmseg's ADE20K 512 pipeline
+  c.slide_stride = (341, 341)  # [ours] slide: mmseg's ADE20K stride; the window is input.image_size
+  c.max_examples = -1  # [-] -1: the whole eval split
+  c.num_pictures = 4  # [-] colourised predictions written per evaluation
+  c.use_ema = True  # [PixNerd] samples with the EMA weights
+  # [ours] Windows per device per call. Fixed per device (not a global batch), so that an image's
+  # result does not depend on the device count; batches are padded.
   c.batch_per_device = 2
   return c
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # [-]
+  # [ours] 2 stages x 80k (configs/flowseg_ade20k.py): neither the paper text we have nor PixNerd (800k
+  # ImageNet steps) gives FlowSeg's iteration count; 80k is mmseg's common ADE20K schedule.
   config.total_steps = 160_000
-  config.log_every_steps = 50
-  config.ckpt_every_steps = 2_000
-  config.keep_checkpoints = 3
-  config.async_checkpointing = True
-  config.eval_every_steps = 10_000  # 0: never during training
-  # Stop the run after this many consecutive updates skipped for non-finite loss or gradients
+  config.log_every_steps = 50  # [-]
+  config.ckpt_every_steps = 2_000  # [-]
+  config.keep_checkpoints = 3  # [-]
+  config.async_checkpointing = True  # [-]
+  config.eval_every_steps = 10_000  # [-] 0: never during training
+  # [ours] Stop the run after this many consecutive updates skipped for non-finite loss or gradients
   # (checked at log steps); 0: never stop.
   config.max_consecutive_skipped = 100
 
   config.input = pipeline.default_input_config()
   config.input.dataset = "ade20k"
-  config.input.image_size = (256, 256)
-  config.input.batch_size = 64
+  config.input.image_size = (256, 256)  # [paper] stage 1 at PixNerd's 256 (stage 2: 512)
+  config.input.batch_size = 64  # [ours] global batch; not given in the paper text we have
 
-  config.model = models.default_model_config("XL/16")
+  config.model = models.default_model_config("XL/16")  # [paper] PixNerd-XL/16 initialisation
   # Conditioning label: -1 = PixNerd's null class (index num_classes), the unconditional branch.
-  config.cond_label = -1
+  config.cond_label = -1  # [ours] segmentation is unconditional: PixNerd's null-class branch
   # Converted PixNerd export (`flowseg convert pixnerd ... --out DIR`) to start from; '' = scratch.
   config.model_init = ""
   # Another run's workdir whose latest params/EMA start this run (stage 2 from stage 1); '' = none.
   config.init_from = ""
 
   config.objective = objective_config()
-  config.repa = repa.get_config()
+  config.repa = repa.get_config()  # [PixNerd] REPA settings of its XL recipe (models/repa.py)
   config.optim = optim_config()
   config.eval = eval_config()
 

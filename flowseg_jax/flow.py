@@ -5,6 +5,8 @@ Semantics (shared/DESIGN.md, "The objective"):
   'v' prediction: v_theta = out, x1_hat = x_t + (1 - t) v_theta.
   'x' prediction: x1_hat = out, v_theta = (x1_hat - x_t) / max(1 - t, t_eps).
   Phi = -log softmax(T(||sg[x1_hat] - mu_k||^2) / tau)[label];  grad Phi by jax.grad, stop-gradient.
+  transform 'norm_reduced' (Fig 5c's "potential gradient norm reduction", our definition): the log
+  potential's grad Phi with its per-pixel norm reduced to at most `max_grad_norm` (direction kept).
   target: static v - grad Phi | annealing v - t grad Phi | vanilla (reshape=False) v.
   loss = sum over valid pixels and channels of (v_theta - sg[target])^2 / (3 * #valid), 0 if none valid.
 
@@ -20,10 +22,10 @@ import jax.numpy as jnp
 
 from flowseg_jax import centroids as centroids_lib
 
-Transform = Literal["log", "sqrt", "linear"]
+Transform = Literal["log", "sqrt", "linear", "norm_reduced"]
 Prediction = Literal["v", "x"]
 Target = Literal["static", "annealing"]
-TRANSFORMS = ("log", "sqrt", "linear")
+TRANSFORMS = ("log", "sqrt", "linear", "norm_reduced")
 PREDICTIONS = ("v", "x")
 TARGETS = ("static", "annealing")
 T_DISTRIBUTIONS = ("uniform", "logit_normal")
@@ -41,9 +43,12 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 
 
 def distance_logits(d: jax.Array, *, tau: float, eps: float, transform: Transform) -> jax.Array:
-  """logits_k = T(d_k) / tau for squared distances d (..., N)."""
+  """logits_k = T(d_k) / tau for squared distances d (..., N).
+
+  'norm_reduced' has the log transform's logits: it changes grad Phi's magnitude, not the potential.
+  """
   _choice("transform", transform, TRANSFORMS)
-  if transform == "log":
+  if transform in ("log", "norm_reduced"):
     transformed = -jnp.log(d + eps)
   elif transform == "sqrt":
     transformed = -jnp.sqrt(d + eps)
@@ -119,6 +124,7 @@ def potential_grad(
   eps: float = 1e-6,
   transform: Transform = "log",
   pixel_chunk: int | None = 0,
+  max_grad_norm: float = 1.0,
 ) -> jax.Array:
   """grad Phi with respect to x1_hat, per pixel, as a constant: (..., 3), (...) -> (..., 3).
 
@@ -127,6 +133,14 @@ def potential_grad(
   For transform='log' it equals eq 11: (2/tau) sum_k (y_k - p_k)(x1_hat - mu_k)/(d_k + eps).
   `pixel_chunk` (see `resolve_pixel_chunk`) only changes how the work is scheduled, not the result
   beyond float rounding.
+
+  transform='norm_reduced' is the "potential gradient norm reduction" of the paper's Fig 5c, which the
+  paper names but does not define; our definition: g = grad Phi of the log transform, then per pixel
+  g * min(1, max_grad_norm / ||g||). The direction (attraction to the true centroid, repulsion from the
+  others) is kept and only the magnitude is bounded, so it isolates the paper's claim that the log
+  potential's large gradients near centroids are what helps. Far from centroids, where ||g|| <=
+  max_grad_norm (default 1, the scale of one channel of the FM velocity), it equals the log variant.
+  `max_grad_norm` is used by this transform only.
   """
   dtype = _compute_dtype(x1_hat, centroids)
   x1_hat = jnp.asarray(x1_hat, dtype)
@@ -147,7 +161,17 @@ def potential_grad(
     grad = _map_pixel_chunks(grad_phi, x1_hat, safe_labels, chunk)
   else:
     grad = grad_phi(x1_hat, safe_labels)
+  if transform == "norm_reduced":
+    grad = reduce_norm(grad, max_grad_norm)
   return jax.lax.stop_gradient(jnp.where(ignored[..., None], jnp.zeros_like(grad), grad))
+
+
+def reduce_norm(g: jax.Array, max_norm: float) -> jax.Array:
+  """g * min(1, max_norm / ||g||) over the last axis: vectors longer than max_norm shortened to it."""
+  if max_norm <= 0:
+    raise ValueError(f"max_grad_norm must be > 0, got {max_norm}")
+  norm = jnp.linalg.norm(g, axis=-1, keepdims=True)
+  return g * jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(g.dtype).tiny))
 
 
 def potential_grad_closed_form(
@@ -223,6 +247,7 @@ def flow_terms(
   t_eps: float = 0.05,
   reshape: bool = True,
   pixel_chunk: int | None = None,
+  max_grad_norm: float = 1.0,
 ) -> dict[str, jax.Array]:
   """Everything the loss is made of (arguments as `flowseg_loss`), in the compute dtype.
 
@@ -264,6 +289,7 @@ def flow_terms(
       eps=eps,
       transform=transform,
       pixel_chunk=pixel_chunk,
+      max_grad_norm=max_grad_norm,
     )
   else:  # vanilla flow matching never evaluates the potential
     grad_phi = jnp.zeros_like(x1_hat)
@@ -301,6 +327,7 @@ def flowseg_loss(
   t_eps: float = 0.05,
   reshape: bool = True,
   pixel_chunk: int | None = None,
+  max_grad_norm: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The FlowSeg training loss and what a training loop logs.
 
@@ -312,13 +339,15 @@ def flowseg_loss(
     t: (B,) times in [0, 1].
     centroids: (N, 3) class colours.
     prediction: 'v' (out is a velocity) or 'x' (out is the clean mask x1_hat).
-    tau, eps, transform: the potential's temperature, distance offset and distance transform.
+    tau, eps, transform: the potential's temperature, distance offset and distance transform
+      ('log' | 'sqrt' | 'linear' | 'norm_reduced', see `potential_grad`).
     target: 'static' (v - grad Phi) or 'annealing' (v - t grad Phi); ignored when reshape is False.
     mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
     t_eps: clamp of 1 - t in the 'x' prediction's velocity.
     reshape: False gives vanilla flow matching (target v).
     pixel_chunk: pixels per chunk of the potential's (pixels x classes) work: 0 all at once, None auto
       (`resolve_pixel_chunk`: cache-sized chunks on CPU, none on accelerators). Scheduling only.
+    max_grad_norm: the per-pixel bound on |grad Phi| of transform='norm_reduced' (unused otherwise).
 
   Returns:
     (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean
@@ -341,6 +370,7 @@ def flowseg_loss(
     t_eps=t_eps,
     reshape=reshape,
     pixel_chunk=pixel_chunk,
+    max_grad_norm=max_grad_norm,
   )
   v_theta, valid = terms["v_theta"], terms["valid"]
   dtype = v_theta.dtype
@@ -375,6 +405,7 @@ OBJECTIVE_OPTIONS = (
   "mask_ignored",
   "t_eps",
   "reshape",
+  "max_grad_norm",
 )
 # ... and how JAX schedules it (no effect on the result beyond float rounding).
 LOSS_OPTIONS = OBJECTIVE_OPTIONS + ("pixel_chunk",)

@@ -238,6 +238,27 @@ def load_pretrained_t2i(setup: Setup, path: str):
   return {"t2i": params}
 
 
+def load_pretrained_projector(setup: Setup, model_init: str, params):
+  """The REPA projector stored in a converted PixNerd export, when REPA is on and asks for it."""
+  if setup.projector is None or not setup.config.repa.init_projector:
+    return None
+  from flowseg_jax.convert import pixnerd as pixnerd_convert
+
+  projector = pixnerd_convert.load_converted_projector(model_init)
+  if projector is None:
+    logging.info("%s holds no REPA projector: it starts from scratch.", model_init)
+    return None
+  want = jax.tree.map(lambda a: a.shape, params["projector"])
+  got = jax.tree.map(lambda a: a.shape, projector)
+  if want != got:
+    raise ValueError(
+      f"config.model_init={model_init!r} holds a REPA projector of shapes {got}, but config.repa "
+      f"builds {want}; set config.repa.init_projector=False to start it from scratch"
+    )
+  logging.info("Initialised the REPA projector from %s.", model_init)
+  return projector
+
+
 def initialise(setup, mesh, rules, shardings):
   """A fresh state: config.init_from > config.model_init > random initialisation."""
   config = setup.config
@@ -257,6 +278,10 @@ def initialise(setup, mesh, rules, shardings):
       "denoiser": jax.device_put(denoiser, shardings.ema_params["denoiser"]),
     }
     logging.info("Initialised the denoiser from %s.", config.model_init)
+    projector = load_pretrained_projector(setup, config.model_init, state.params)
+    if projector is not None:
+      params["projector"] = jax.device_put(projector, shardings.params["projector"])
+      ema["projector"] = jax.device_put(projector, shardings.ema_params["projector"])
     return state.replace(params=params, ema_params=ema), "model_init"
   return state, "scratch"
 

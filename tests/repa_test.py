@@ -1,5 +1,7 @@
 """REPA: teacher preprocessing, projector (and its PixNerd key mapping), cosine loss vs PyTorch."""
 
+import json
+
 import flax.linen as nn_linen
 import jax
 import jax.numpy as jnp
@@ -203,3 +205,62 @@ def test_config_defaults():
   assert cfg.proj_hidden_dim is None and cfg.cosine_eps == 1e-8
   cfg.proj_hidden_dim = 1152
   assert cfg.teacher_variant in dinov2.VARIANTS
+
+
+@pytest.mark.parametrize("init_projector", [True, False])
+def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_projector):
+  """A PixNerd checkpoint holding `diffusion_trainer.proj.*`: `flowseg convert pixnerd` stores the
+  projector next to the denoiser, and model_init starts REPA's projector (online and EMA) from it,
+  unless config.repa.init_projector is False (then it is the scratch initialisation)."""
+  from flowseg_jax import checkpointing, sharding, train
+  from flowseg_jax.convert import pixnerd as pixnerd_convert
+  from flowseg_jax.models import pixnerd
+  from tests.train_test import tiny_config
+
+  teacher = dinov2.make_model("tiny/14")
+  t_params = nn_linen.unbox(
+    teacher.init(jax.random.key(3), np.zeros((1, 28, 28, 3), np.float32))["params"]
+  )
+  convert.save_orbax(t_params, teacher.arch_config, str(tmp_path / "teacher"))
+  config = tiny_config()
+  config.repa.enabled, config.repa.align_layer = True, 2
+  config.repa.teacher_dir = str(tmp_path / "teacher")
+  config.repa.init_projector = init_projector
+  setup = train.Setup(config)
+  rng = np.random.default_rng(11)
+  random = lambda tree: jax.tree.map(  # noqa: E731
+    lambda a: rng.normal(0.0, 0.05, a.shape).astype(np.float32), tree
+  )
+  denoiser = random(pixnerd.abstract_params(setup.model))
+  d = setup.model.hidden_size
+  projector = random(
+    {
+      "layers_0": {"kernel": np.zeros((d, d)), "bias": np.zeros(d)},
+      "layers_2": {"kernel": np.zeros((d, d)), "bias": np.zeros(d)},
+      "layers_4": {"kernel": np.zeros((d, teacher.embed_dim)), "bias": np.zeros(teacher.embed_dim)},
+    }
+  )
+  state_dict = {
+    f"ema_denoiser.{k}": v for k, v in pixnerd_convert.flax_to_torch(denoiser, setup.model).items()
+  }
+  state_dict.update(convert.projector_to_torch(projector))
+  torch.save(
+    {"state_dict": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, tmp_path / "c.ckpt"
+  )
+  pixnerd_convert.convert_to_orbax(tmp_path / "c.ckpt", tmp_path / "converted")
+  info = json.load(open(tmp_path / "converted" / "conversion.json"))
+  assert info["repa_projector"] is True
+  config.model_init = str(tmp_path / "converted")
+
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
+  scratch = jax.device_get(state.params["projector"])
+  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), keep=1, async_save=False)
+  restored, origin = train.initialise_or_restore(setup, state, shardings, manager, None)
+  manager.close()
+  assert origin == "model_init"
+  for tree in (restored.params, restored.ema_params):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree["denoiser"]), denoiser)
+    want = projector if init_projector else scratch
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree["projector"]), want)

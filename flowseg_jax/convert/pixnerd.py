@@ -11,7 +11,9 @@ layouts back; a round trip is exact.
 
 CLI: `flowseg convert pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]`
 writes `DIR/checkpoint` (orbax, pytree `{'params': params}`), `DIR/model_config.json` (the
-`PixNerDiT` keyword arguments) and `DIR/conversion.json` (provenance).
+`PixNerDiT` keyword arguments), `DIR/conversion.json` (provenance) and, when the checkpoint holds
+PixNerd's REPA projector (`diffusion_trainer.proj.0.*`), `DIR/projector` (orbax, `repa.Projector`
+params) for training to start REPA from (config.repa.init_projector).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CHECKPOINT_SUBDIR = "checkpoint"
 MODEL_CONFIG_FILE = "model_config.json"
 CONVERSION_INFO_FILE = "conversion.json"
 _PAGE = mmap.PAGESIZE
+PROJECTOR_SUBDIR = "projector"
 
 # (torch name, flax path, transform). "linear": weight.T; "patch": weight.T with the input axis
 # permuted from (C, p, p) to (p, p, C); "copy": as is.
@@ -497,6 +500,10 @@ def convert_to_orbax(
   handler = ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=1)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(ckpt_dir, args=ocp.args.PyTreeSave({"params": params}), force=overwrite)
+  projector = _projector_params(raw, source)
+  if projector is not None:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(out_dir, PROJECTOR_SUBDIR), projector, force=overwrite)
   config = {**model.arch_config(), "scan_blocks": scan_blocks}
   with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2)
@@ -507,10 +514,40 @@ def convert_to_orbax(
     num_tensors=len(expected_torch_shapes(model)),
     num_params=pixnerd.count_params(params),
     variant=variant,
+    repa_projector=projector is not None,
   )
   with open(os.path.join(out_dir, CONVERSION_INFO_FILE), "w") as f:
     json.dump(info, f, indent=2)
   return ckpt_dir
+
+
+def _projector_params(raw: Mapping[str, Any], source: str) -> dict | None:
+  """PixNerd's REPA projector (`diffusion_trainer.proj.0.*`) as `repa.Projector` params, or None.
+
+  An incomplete projector is reported and skipped: the denoiser alone is still a valid export.
+  """
+  from flowseg_jax.convert import dinov2 as dinov2_convert
+
+  sd = raw.get("state_dict", raw)
+  sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+  if not any(k.startswith(dinov2_convert.PROJECTOR_PREFIX) for k in sd):
+    return None
+  try:
+    return jax.tree.map(np.asarray, dinov2_convert.projector_from_torch(sd))
+  except ValueError as e:
+    logging.warning("%s: REPA projector not converted (%s).", source, e)
+    return None
+
+
+def load_converted_projector(out_dir: str | os.PathLike) -> dict | None:
+  """The REPA projector params `convert_to_orbax` stored with the denoiser (NumPy), or None."""
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(os.path.abspath(os.fspath(out_dir)), PROJECTOR_SUBDIR)
+  if not os.path.isdir(path):
+    return None
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.tree.map(np.asarray, ckptr.restore(path))
 
 
 def load_converted(

@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weight = 0.5
   # Projector hidden width; None -> the denoiser width D (PixNerd XL: 1152 = D).
   config.proj_hidden_dim = ml_collections.config_dict.placeholder(int)
+  # Start the projector from the one a converted PixNerd export holds (`config.model_init` converted from
+  # a checkpoint with `diffusion_trainer.proj.*`), as the denoiser does; False or none stored: scratch.
+  config.init_projector = True
   # Teacher architecture (`models.dinov2.VARIANTS`) and the converted export directory written by
   # `flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out DIR`.
   config.teacher_variant = "B/14"

@@ -23,7 +23,7 @@ def kronecker_centroids(n: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def _logits(d: torch.Tensor, tau: float, eps: float, transform: str) -> torch.Tensor:
-  if transform == "log":
+  if transform in ("log", "norm_reduced"):  # norm_reduced: log potential, gradient shortened after
     return -torch.log(d + eps) / tau
   if transform == "sqrt":
     return -torch.sqrt(d + eps) / tau
@@ -32,14 +32,22 @@ def _logits(d: torch.Tensor, tau: float, eps: float, transform: str) -> torch.Te
   raise ValueError(transform)
 
 
-def potential_grad(x1_hat, labels, centroids, tau, eps, transform):
-  """grad_x Phi(x) for x1_hat (B, 3, H, W), labels (B, H, W) valid indices -> (B, 3, H, W), detached."""
+def potential_grad(x1_hat, labels, centroids, tau, eps, transform, max_grad_norm=1.0):
+  """grad_x Phi(x) for x1_hat (B, 3, H, W), labels (B, H, W) valid indices -> (B, 3, H, W), detached.
+
+  norm_reduced: each pixel's 3-vector of the log potential's gradient, if longer than max_grad_norm,
+  is rescaled to length max_grad_norm.
+  """
   x = x1_hat.detach().clone().requires_grad_(True)
   d = ((x[:, None] - centroids[None, :, :, None, None]) ** 2).sum(2)  # (B, N, H, W)
   log_p = torch.log_softmax(_logits(d, tau, eps, transform), dim=1)
   phi = -log_p.gather(1, labels[:, None]).squeeze(1)
   (grad,) = torch.autograd.grad(phi.sum(), x)
-  return grad.detach()
+  grad = grad.detach()
+  if transform == "norm_reduced":
+    length = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+    grad = torch.where(length > max_grad_norm, grad * (max_grad_norm / length), grad)
+  return grad
 
 
 def flowseg_loss(
@@ -57,6 +65,7 @@ def flowseg_loss(
   mask_ignored=True,
   t_eps=0.05,
   reshape=True,
+  max_grad_norm=1.0,
 ):
   """Returns (loss, grad_phi, v_target, v_theta) with tensors in NCHW; `out` may require grad."""
   n = centroids.shape[0]
@@ -77,7 +86,7 @@ def flowseg_loss(
   else:
     x1_hat = out
     v_theta = (x1_hat - x_t) / torch.clamp(1 - tb, min=t_eps)
-  grad_phi = potential_grad(x1_hat, lab, centroids, tau, eps, transform)
+  grad_phi = potential_grad(x1_hat, lab, centroids, tau, eps, transform, max_grad_norm)
   if not reshape:
     v_target = v
   elif target == "static":

@@ -1,0 +1,512 @@
+"""The paper's ablations at small scale: named settings x seeds on the built-in data, tables and plots.
+
+  python benchmarks/study.py train --out /tmp/study --rows table2 --seeds 0,1,2 --steps 600
+  python benchmarks/study.py sampling --out /tmp/study --setting static --num-steps 1,2,5,10,25,50
+  python benchmarks/study.py report --out /tmp/study      # report.md, report.json, *.png
+
+Every run trains through `flowseg_jax.train.train_and_evaluate` in its own workdir,
+OUT/runs/<setting>/seed_<k>, and is skipped when its final eval json exists; a killed study
+resumes each unfinished run from its last checkpoint. Runs go to `--parallel` subprocesses (each
+with `--threads` XLA threads, logs in the run's log.txt), or in this process with `--parallel 0`.
+A setting is an ablation of configs/ablations.py plus config overrides on a base ('demo' = the
+configs/demo.py recipe, 'hard' = ablations.hard_config, 'smoke' = configs/demo.py:smoke for tests),
+with total_steps = --steps (the cosine schedule spans the run) and evaluations at the middle and the
+end. The seed sets the model's initialisation and the data order; the dataset is the same.
+
+The report reads mIoU from each run's eval/step_<steps>.json: per row the mean, the sample std over
+seeds and every seed; per claim the difference of means, the pooled std and t = difference /
+(pooled std * sqrt(2 / n)), with a verdict. Table 3 (`sampling`) evaluates already-trained runs with
+other Euler step counts, in OUT/runs/<setting>/seed_<k>/sampling/steps_<n> (checkpoints linked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from flowseg_jax import defaults  # noqa: E402
+
+CONFIGS = os.path.join(REPO, "configs")
+
+# setting -> (ablation of configs/ablations.py, config overrides)
+SETTINGS = {
+  "static": ("static", {}),
+  "vanilla": ("vanilla", {}),
+  "no_mask": ("no_mask", {}),
+  "annealing": ("annealing", {}),
+  "annealing_mask": ("annealing_mask", {}),
+  "x_pred": ("x_pred", {}),
+  "sqrt": ("sqrt", {}),
+  "norm_reduced": ("norm_reduced", {}),
+  "linear": ("linear", {}),
+  "tau=0.5": ("static", {"objective.tau": 0.5}),
+  "tau=2": ("static", {"objective.tau": 2.0}),
+  "eps=1e-3": ("static", {"objective.eps": 1e-3}),
+  "no_clip": ("no_clip", {}),
+}
+# row group -> [(label, setting)]; "static" is the method's default (log, tau 1, eps 1e-6, clip 1).
+ROWS = {
+  "table2": [
+    ("vanilla FM", "vanilla"),
+    ("static w/o mask", "no_mask"),
+    ("static + mask", "static"),
+    ("annealing w/o mask", "annealing"),
+    ("annealing + mask", "annealing_mask"),
+    ("x-prediction (static + mask)", "x_pred"),
+  ],
+  "fig5c": [
+    ("log", "static"),
+    ("sqrt", "sqrt"),
+    ("gradient-norm reduction", "norm_reduced"),
+    ("linear", "linear"),
+  ],
+  "tau": [("tau 0.5", "tau=0.5"), ("tau 1", "static"), ("tau 2", "tau=2")],
+  "eps": [("eps 1e-6", "static"), ("eps 1e-3", "eps=1e-3")],
+  "clip": [("clip 1.0", "static"), ("no clip", "no_clip")],
+}
+# (group, expected better, expected worse, the claim): the paper's direction (or our default's).
+CLAIMS = [
+  ("table2", "static", "vanilla", "reshaping beats vanilla flow matching (Table 2)"),
+  ("table2", "static", "no_mask", "Table 2: static + mask 29.75 > static w/o mask 28.15"),
+  ("table2", "no_mask", "annealing", "Table 2: static w/o mask 28.15 > annealing w/o mask 24.65"),
+  ("table2", "static", "annealing_mask", "static beats annealing with the mask too (ours)"),
+  ("table2", "static", "x_pred", "v-prediction (our default, PixNerd's) beats x-prediction"),
+  ("fig5c", "static", "sqrt", "Fig 5c: log beats sqrt"),
+  ("fig5c", "static", "norm_reduced", "Fig 5c: log beats gradient-norm reduction"),
+  ("fig5c", "static", "linear", "Fig 5c: log beats linear"),
+  ("tau", "static", "tau=0.5", "tau = 1 (the default) beats 0.5"),
+  ("tau", "static", "tau=2", "tau = 1 (the default) beats 2"),
+  ("eps", "static", "eps=1e-3", "eps = 1e-6 (the default) beats 1e-3"),
+  ("clip", "static", "no_clip", "clipping at 1.0 (ours) beats no clipping"),
+]
+BASES = {"demo": ("demo", None), "hard": ("ablations", "base=hard"), "smoke": ("demo", "smoke")}
+
+
+def run_config(base: str, setting: str, seed: int, steps: int):
+  """The config of one study run."""
+  ablations = _ablations()
+  name, arg = BASES[base]
+  config = defaults.load_config_file(os.path.join(CONFIGS, f"{name}.py"), arg)
+  ablation, overrides = SETTINGS[setting]
+  ablations.apply_ablation(config, ablation)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  config.seed = seed
+  config.total_steps = steps
+  config.eval_every_steps = max(1, steps // 2)
+  config.ckpt_every_steps = max(1, steps // 2)  # with the middle evaluation: resumable, few writes
+  config.log_every_steps = min(config.log_every_steps, max(1, steps // 2))
+  config.keep_checkpoints = 1
+  config.optim.warmup_steps = min(config.optim.warmup_steps, max(1, steps // 6))
+  config.eval.num_pictures = min(config.eval.num_pictures, 2)
+  return config
+
+
+def _ablations():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("flowseg_ablations", f"{CONFIGS}/ablations.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_dir(out: str, setting: str, seed: int) -> str:
+  return os.path.join(out, "runs", setting, f"seed_{seed}")
+
+
+def eval_json(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "eval", f"step_{step}.json")
+
+
+def train_one(out: str, base: str, setting: str, seed: int, steps: int) -> str:
+  """Trains one run (resuming it if it was interrupted); returns its final eval json path."""
+  from flowseg_jax import train
+
+  workdir = run_dir(out, setting, seed)
+  path = eval_json(workdir, steps)
+  if os.path.exists(path):
+    return path
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "study_run.json"), "w") as f:
+    json.dump({"base": base, "setting": setting, "seed": seed, "steps": steps}, f)
+  start = time.time()
+  train.train_and_evaluate(run_config(base, setting, seed, steps), workdir)
+  with open(os.path.join(workdir, "study_time.json"), "w") as f:
+    json.dump({"wall_s": time.time() - start}, f)
+  return path
+
+
+def _child_env(threads: int, out: str) -> dict:
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "jax_cache"))
+  if threads == 1:
+    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+  return env
+
+
+def train_all(out, base, settings, seeds, steps, parallel: int, threads: int) -> None:
+  """Seeds outer, settings inner: each round of seeds completes every setting before the next."""
+  jobs = [(s, k) for k in seeds for s in settings]
+  jobs = [(s, k) for s, k in jobs if not os.path.exists(eval_json(run_dir(out, s, k), steps))]
+  print(f"{len(jobs)} runs to do ({base}, {steps} steps)", flush=True)
+  if parallel <= 0:
+    for setting, seed in jobs:
+      train_one(out, base, setting, seed, steps)
+    return
+  running: list[tuple[subprocess.Popen, str, int, float]] = []
+  while jobs or running:
+    while jobs and len(running) < parallel:
+      setting, seed = jobs.pop(0)
+      workdir = run_dir(out, setting, seed)
+      os.makedirs(workdir, exist_ok=True)
+      cmd = [sys.executable, os.path.abspath(__file__), "one", "--out", out, "--base", base]
+      cmd += ["--setting", setting, "--seed", str(seed), "--steps", str(steps)]
+      log = open(os.path.join(workdir, "log.txt"), "a")  # noqa: SIM115 (closed with the process)
+      proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads, out)
+      )
+      log.close()
+      running.append((proc, setting, seed, time.time()))
+    time.sleep(2)
+    for item in list(running):
+      proc, setting, seed, start = item
+      if proc.poll() is not None:
+        running.remove(item)
+        status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see log.txt)"
+        print(f"{setting} seed {seed}: {status} in {time.time() - start:.0f} s", flush=True)
+
+
+def sampling_all(out: str, setting: str, seeds, num_steps) -> None:
+  """Table 3: each trained seed of `setting` evaluated with each Euler step count."""
+  from flowseg_jax import evaluate
+
+  for seed in seeds:
+    workdir = run_dir(out, setting, seed)
+    with open(os.path.join(workdir, "study_run.json")) as f:
+      meta = json.load(f)
+    if not os.path.exists(eval_json(workdir, meta["steps"])):
+      print(f"{setting} seed {seed}: not trained yet, skipped", flush=True)
+      continue
+    for n in num_steps:
+      target = os.path.join(workdir, "sampling", f"steps_{n}")
+      if os.path.exists(eval_json(target, meta["steps"])):
+        continue
+      os.makedirs(target, exist_ok=True)
+      link = os.path.join(target, "checkpoints")
+      if not os.path.islink(link):
+        os.symlink(os.path.join("..", "..", "checkpoints"), link)
+      config = run_config(meta["base"], setting, seed, meta["steps"])
+      config.eval.num_steps = n
+      config.eval.num_pictures = 0
+      evaluate.evaluate(config, target)
+      print(f"{setting} seed {seed}: {n} steps evaluated", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report.
+# ------------------------------------------------------------------------------------------------
+
+
+def read_miou(path: str) -> float | None:
+  """mIoU in percent from an eval json, None when the run has not finished."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return 100.0 * float(json.load(f)["mIoU"])
+
+
+def collect(out: str) -> dict:
+  """{setting: {seed: {'mIoU': %, 'steps': n, 'wall_s': s, 'sampling': {n: %}}}} of finished runs."""
+  results: dict = {}
+  root = os.path.join(out, "runs")
+  for setting in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    for name in sorted(os.listdir(os.path.join(root, setting))):
+      workdir = os.path.join(root, setting, name)
+      meta_path = os.path.join(workdir, "study_run.json")
+      if not os.path.exists(meta_path):
+        continue
+      with open(meta_path) as f:
+        meta = json.load(f)
+      miou = read_miou(eval_json(workdir, meta["steps"]))
+      if miou is None:
+        continue
+      entry = {"mIoU": miou, "steps": meta["steps"], "base": meta["base"]}
+      mid = read_miou(eval_json(workdir, max(1, meta["steps"] // 2)))
+      if mid is not None:
+        entry["mIoU_mid"] = mid
+      time_path = os.path.join(workdir, "study_time.json")
+      if os.path.exists(time_path):
+        with open(time_path) as f:
+          entry["wall_s"] = json.load(f)["wall_s"]
+      sampling = {}
+      sdir = os.path.join(workdir, "sampling")
+      for sub in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+        value = read_miou(eval_json(os.path.join(sdir, sub), meta["steps"]))
+        if value is not None:
+          sampling[int(sub.split("_")[1])] = value
+      if sampling:
+        entry["sampling"] = dict(sorted(sampling.items()))
+      results.setdefault(setting, {})[meta["seed"]] = entry
+  return results
+
+
+def summarize(values: list[float]) -> dict:
+  n = len(values)
+  return {
+    "n": n,
+    "mean": statistics.fmean(values) if n else math.nan,
+    "std": statistics.stdev(values) if n >= 2 else math.nan,
+  }
+
+
+# One-sided 95% quantiles of Student's t for 1..10 degrees of freedom (more: the normal's 1.645).
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+
+def _t_stat(diff: float, scale: float) -> float:
+  if scale > 1e-9:
+    return diff / scale
+  return 0.0 if abs(diff) <= 1e-9 else math.copysign(math.inf, diff)  # every seed scored the same
+
+
+def compare(better: dict, worse: dict) -> dict:
+  """A claim `better > worse` over seeds ({seed: mIoU}).
+
+  Unpaired: difference of means, pooled std, t = diff / (pooled * sqrt(1/n1 + 1/n2)). Paired (the
+  seeds both settings ran; a seed fixes the initialisation and the data order, so seed k of two
+  settings differs only in the setting): mean and std of the per-seed differences, t = mean / (std /
+  sqrt(n)). The verdict uses the paired t when >= 2 seeds pair up, else the unpaired one, against
+  the one-sided 95% quantile of t: 'agrees' / 'disagrees' (p < 0.05 one-sided), otherwise the
+  direction with 'not significant'.
+  """
+  a, b = summarize(list(better.values())), summarize(list(worse.values()))
+  out = {"diff": a["mean"] - b["mean"], "pooled_std": math.nan, "t": math.nan}
+  if a["n"] >= 2 and b["n"] >= 2:
+    pooled = math.sqrt(
+      ((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2)
+    )
+    out["pooled_std"] = pooled
+    out["t"] = _t_stat(out["diff"], pooled * math.sqrt(1 / a["n"] + 1 / b["n"]))
+    df = a["n"] + b["n"] - 2
+  common = sorted(set(better) & set(worse))
+  if len(common) >= 2:
+    d = summarize([better[k] - worse[k] for k in common])
+    out.update(paired_n=d["n"], paired_diff=d["mean"], paired_std=d["std"])
+    out["paired_t"] = _t_stat(d["mean"], d["std"] / math.sqrt(d["n"]))
+    t, df = out["paired_t"], d["n"] - 1
+  elif math.isnan(out["t"]):
+    return {**out, "verdict": "n < 2"}
+  else:
+    t = out["t"]
+  crit = T95[df - 1] if df <= len(T95) else 1.645
+  if t >= crit:
+    verdict = "agrees (p < 0.05)"
+  elif t <= -crit:
+    verdict = "disagrees (p < 0.05)"
+  elif t > 0:
+    verdict = "same direction, not significant"
+  elif t < 0:
+    verdict = "opposite direction, not significant"
+  else:
+    verdict = "no difference"
+  return {**out, "verdict": verdict}
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def report(out: str, *, plots: bool = True) -> dict:
+  """Writes OUT/report.md and OUT/report.json (and PNG plots); returns the report dict."""
+  results = collect(out)
+  rep: dict = {"rows": {}, "claims": [], "sampling": {}}
+  lines = ["# Study report", ""]
+  for group, rows in ROWS.items():
+    table = []
+    for label, setting in rows:
+      seeds = results.get(setting, {})
+      values = [seeds[k]["mIoU"] for k in sorted(seeds)]
+      if not values:
+        continue
+      row = {"label": label, "setting": setting, **summarize(values)}
+      row["per_seed"] = {k: seeds[k]["mIoU"] for k in sorted(seeds)}
+      row["steps"] = sorted({seeds[k]["steps"] for k in seeds})
+      walls = [seeds[k]["wall_s"] for k in seeds if "wall_s" in seeds[k]]
+      row["wall_s"] = statistics.fmean(walls) if walls else math.nan
+      table.append(row)
+    if len(table) < 2:  # nothing to compare yet (e.g. only the shared default row has run)
+      continue
+    rep["rows"][group] = table
+    lines += [f"## {group}", "", "| row | setting | mIoU mean ± std (n) | per seed | s/run |"]
+    lines += ["|---|---|---|---|---|"]
+    for r in table:
+      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_seed"].items())
+      lines.append(
+        f"| {r['label']} | `{r['setting']}` | {_fmt(r['mean'], 2)} ± {_fmt(r['std'], 2)} ({r['n']}) "
+        f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
+      )
+    lines.append("")
+  claim_lines = [
+    "## Claims",
+    "",
+    "| claim | better − worse (mIoU) | pooled std | t | paired diff ± std (n) | paired t | verdict |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for group, better, worse, text in CLAIMS:
+    a = {k: v["mIoU"] for k, v in results.get(better, {}).items()}
+    b = {k: v["mIoU"] for k, v in results.get(worse, {}).items()}
+    if not a or not b:
+      continue
+    c = {"group": group, "better": better, "worse": worse, "claim": text, **compare(a, b)}
+    rep["claims"].append(c)
+    paired = "–"
+    if "paired_n" in c:
+      paired = f"{c['paired_diff']:.2f} ± {_fmt(c['paired_std'], 2)} ({c['paired_n']})"
+    claim_lines.append(
+      f"| {text} | {_fmt(c['diff'], 2)} | {_fmt(c['pooled_std'], 2)} | {_fmt(c['t'], 2)} "
+      f"| {paired} | {_fmt(c.get('paired_t', math.nan), 2)} | {c['verdict']} |"
+    )
+  if rep["claims"]:
+    lines += claim_lines + [""]
+  for setting, seeds in results.items():
+    per_n: dict[int, dict] = {}
+    for seed, entry in seeds.items():
+      for n, v in entry.get("sampling", {}).items():
+        per_n.setdefault(n, {})[seed] = v
+    if per_n:
+      rep["sampling"][setting] = {
+        n: {**summarize(list(v.values())), "per_seed": v} for n, v in sorted(per_n.items())
+      }
+  for setting, table in rep["sampling"].items():
+    lines += [f"## Table 3: Euler steps ({setting})", ""]
+    lines += ["| steps | mIoU mean ± std (n) | per seed | 10 steps − this, paired (t, verdict) |"]
+    lines += ["|---|---|---|---|"]
+    for n, s in table.items():
+      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s["per_seed"].items()))
+      versus = "–"
+      if n != 10 and 10 in table:  # the paper's claim: 10 steps is the best
+        c = compare(table[10]["per_seed"], s["per_seed"])
+        s["vs_10"] = c
+        if "paired_n" in c:
+          versus = f"{c['paired_diff']:.2f} (t {_fmt(c['paired_t'], 2)}, {c['verdict']})"
+      lines.append(
+        f"| {n} | {_fmt(s['mean'], 2)} ± {_fmt(s['std'], 2)} ({s['n']}) | {seeds_txt} | {versus} |"
+      )
+    lines.append("")
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(rep, f, indent=2, default=str)
+  if plots:
+    _plots(out, rep)
+  return rep
+
+
+def _plots(out: str, rep: dict) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  for group, table in rep["rows"].items():
+    fig, ax = plt.subplots(figsize=(1.4 * len(table) + 1.5, 3.2))
+    for i, r in enumerate(table):
+      ax.bar(i, r["mean"], yerr=0 if math.isnan(r["std"]) else r["std"], capsize=4, alpha=0.6)
+      ax.plot([i] * r["n"], list(r["per_seed"].values()), "k.", ms=6)
+    ax.set_xticks(
+      range(len(table)), [r["label"] for r in table], rotation=20, ha="right", fontsize=8
+    )
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(f"{group}: mean ± std over seeds (dots: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{group}.png"), dpi=110)
+    plt.close(fig)
+  if rep["sampling"]:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for setting, table in rep["sampling"].items():
+      ns = list(table)
+      ax.errorbar(
+        ns,
+        [table[n]["mean"] for n in ns],
+        yerr=[table[n]["std"] for n in ns],
+        marker="o",
+        capsize=3,
+        label=setting,
+      )
+    ax.set_xscale("log")
+    ax.set_xlabel("Euler steps")
+    ax.set_ylabel("mIoU (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "table3.png"), dpi=110)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def settings_of(rows: str, settings: str) -> list[str]:
+  """The settings of the named row groups (and/or listed settings), in order, once each."""
+  names: list[str] = []
+  for group in filter(None, rows.split(",")):
+    if group not in ROWS:
+      raise ValueError(f"unknown row group {group!r}; known: {sorted(ROWS)}")
+    names += [s for _, s in ROWS[group]]
+  for s in filter(None, settings.split(",")):
+    if s not in SETTINGS:
+      raise ValueError(f"unknown setting {s!r}; known: {sorted(SETTINGS)}")
+    names.append(s)
+  return list(dict.fromkeys(names))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("command", choices=("train", "one", "sampling", "report"))
+  p.add_argument("--out", required=True, help="study directory")
+  p.add_argument("--base", default="demo", choices=sorted(BASES))
+  p.add_argument("--rows", default="", help=f"row groups: {','.join(ROWS)}")
+  p.add_argument("--settings", default="", help="extra settings (SETTINGS names)")
+  p.add_argument("--setting", default="static", help="one/sampling: the setting")
+  p.add_argument("--seed", type=int, default=0, help="one: the seed")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--steps", type=int, default=600, help="training steps per run")
+  p.add_argument("--num-steps", default="1,2,5,10,25,50", help="sampling: Euler step counts")
+  p.add_argument("--parallel", type=int, default=2, help="runs at once (0: in this process)")
+  p.add_argument("--threads", type=int, default=1, help="XLA CPU threads per run (1 or default)")
+  args = p.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  if args.command == "train":
+    names = settings_of(args.rows, args.settings)
+    train_all(
+      args.out, args.base, names, _ints(args.seeds), args.steps, args.parallel, args.threads
+    )
+    report(args.out)
+  elif args.command == "one":
+    train_one(args.out, args.base, args.setting, args.seed, args.steps)
+  elif args.command == "sampling":
+    sampling_all(args.out, args.setting, _ints(args.seeds), _ints(args.num_steps))
+    report(args.out)
+  else:
+    rep = report(args.out)
+    print(open(os.path.join(args.out, "report.md")).read())
+    del rep
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
