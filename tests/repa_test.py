@@ -212,7 +212,7 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
   """A PixNerd checkpoint holding `diffusion_trainer.proj.*`: `flowseg convert pixnerd` stores the
   projector next to the denoiser, and model_init starts REPA's projector (online and EMA) from it,
   unless config.repa.init_projector is False (then it is the scratch initialisation)."""
-  from flowseg_jax import checkpointing, sharding, train
+  from flowseg_jax import sharding, train
   from flowseg_jax.convert import pixnerd as pixnerd_convert
   from flowseg_jax.models import pixnerd
   from tests.train_test import tiny_config
@@ -256,9 +256,7 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
   rules = sharding.rules_from_config(config.sharding_rules)
   state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
   scratch = jax.device_get(state.params["projector"])
-  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), keep=1, async_save=False)
-  restored, origin = train.initialise_or_restore(setup, state, shardings, manager, None)
-  manager.close()
+  restored, origin = train.initialise(setup, mesh, rules, shardings)
   assert origin == "model_init"
   for tree in (restored.params, restored.ema_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree["denoiser"]), denoiser)
