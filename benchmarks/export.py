@@ -85,26 +85,6 @@ def _export(jitted, platform: str, args) -> jax.export.Exported:
   return jax.export.export(jax.jit(flat_fn), platforms=(platform,), disabled_checks=checks)(*leaves)
 
 
-def abstract_inputs(config, mesh, rules):
-  """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
-  teacher = scale.abstract_teacher(config) if config.repa.enabled else None
-  setup = train.Setup(config, teacher=teacher)
-  state, shardings = train.abstract_train_state(setup, mesh, rules, config.seed)
-  data = sharding.batch_sharding(mesh)
-  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
-  batch = {
-    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
-    "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
-  }
-  teacher_params = None
-  if teacher is not None:
-    repl = sharding.replicated(mesh)
-    teacher_params = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
-    )
-  return setup, state, shardings, batch, teacher_params
-
-
 def export_programs(
   config, platforms, *, mesh=None, assume_cudnn_version=None, out_dir=None
 ) -> dict:
@@ -116,7 +96,7 @@ def export_programs(
 def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
-  setup, state, shardings, batch, teacher = abstract_inputs(config, mesh, rules)
+  setup, state, shardings, batch, teacher = scale.abstract_inputs(config, mesh, rules)
   images = jax.ShapeDtypeStruct(
     (config.eval.batch_per_device * mesh.size, *config.input.image_size, 3),
     jnp.float32,

@@ -152,23 +152,11 @@ def abstract_teacher(config):
   return teacher, dinov2.abstract_params(teacher)
 
 
-def fsdp_sizes(n: int) -> list[int]:
-  return [f for f in (2**i for i in range(n.bit_length())) if n % f == 0]
-
-
-def _memory(compiled) -> dict:
-  from benchmarks import common
-
-  return common.memory_summary(compiled)
-
-
-def plan_train_step(config, mesh, rules) -> dict:
-  """Compiles the train step for `mesh` from abstract state: memory, FLOPs, collectives."""
-  import flax.linen as nn
+def abstract_inputs(config, mesh, rules):
+  """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
   import jax
   import jax.numpy as jnp
 
-  from benchmarks import common
   from flowseg_jax import sharding, train
 
   teacher = abstract_teacher(config) if config.repa.enabled else None
@@ -186,6 +174,29 @@ def plan_train_step(config, mesh, rules) -> dict:
     teacher_params = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
     )
+  return setup, state, shardings, batch, teacher_params
+
+
+def fsdp_sizes(n: int) -> list[int]:
+  return [f for f in (2**i for i in range(n.bit_length())) if n % f == 0]
+
+
+def _memory(compiled) -> dict:
+  from benchmarks import common
+
+  return common.memory_summary(compiled)
+
+
+def plan_train_step(config, mesh, rules) -> dict:
+  """Compiles the train step for `mesh` from abstract state: memory, FLOPs, collectives."""
+  import flax.linen as nn
+  import jax
+
+  from benchmarks import common
+  from flowseg_jax import train
+
+  setup, state, shardings, batch, teacher_params = abstract_inputs(config, mesh, rules)
+  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = train.compile_train_step(setup, mesh, shardings)
     start = time.perf_counter()
