@@ -172,23 +172,10 @@ def check_state_dict(
   state_dict: Mapping[str, Any], model: PixNerDiT, *, source: str = "state dict"
 ) -> None:
   """Raises one ValueError naming every missing, unexpected and mis-shaped tensor."""
-  expected = expected_torch_shapes(model)
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = sorted(k for k in state_dict if k not in expected)
-  misshaped = [
-    f"{k}: got {tuple(state_dict[k].shape)}, expected {shape}"
-    for k, shape in expected.items()
-    if k in state_dict and tuple(state_dict[k].shape) != shape
-  ]
-  if missing or unexpected or misshaped:
-    parts = [f"{source} does not match PixNerDiT({_fmt_config(model.arch_config())}):"]
-    if missing:
-      parts.append(f"  missing ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      parts.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-    if misshaped:
-      parts.append(f"  mis-shaped ({len(misshaped)}): " + "; ".join(misshaped))
-    raise ValueError("\n".join(parts))
+  from flowseg_jax.convert import common  # common builds on this module's helpers
+
+  header = f"{source} does not match PixNerDiT({_fmt_config(model.arch_config())}):"
+  common.check_shapes(state_dict, expected_torch_shapes(model), header)
 
 
 def _fmt_config(cfg: Mapping[str, Any]) -> str:
