@@ -95,6 +95,12 @@ def parse_args(argv=None):
     help="a local checkout of github.com/MCG-NJU/PixNerd: also time the step with the official "
     "PixNerDiT (same initial weights as JAX, same loss, optimiser and EMA) in the same rounds",
   )
+  p.add_argument(
+    "--also-unrolled",
+    action="store_true",
+    help="with --scan: also time the unrolled-blocks step (config.model.scan_blocks=False) in the "
+    "same rounds, to report what the scanned layout costs (scan/unrolled)",
+  )
   p.add_argument("--data-workers", type=int, default=0, help="grain worker processes")
   p.add_argument("--data-batches", type=int, default=10)
   p.add_argument(
@@ -390,6 +396,19 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     gc.collect()
   jstep = JaxTrainStep(setup, batch)
   fns["jax"] = jstep.run
+  ustep = None
+  if args.also_unrolled and args.scan:
+    uconfig = common.case_config(
+      base,
+      case,
+      dtype=dtype,
+      remat=args.remat,
+      scan=False,
+      attention_impl=args.attention_impl,
+      teacher_dir=args.teacher_dir,
+    )
+    ustep = JaxTrainStep(train.Setup(uconfig), batch, count_flops=False)
+    fns["unrolled"] = ustep.run
   if args.torch and interleave:
     tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
     fns["torch"] = tstep.run
@@ -454,7 +473,15 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     if interleave:
       ratios = [o / j for o, j in zip(times["official"], times["jax"])]
       row["official_speedup_per_round"] = common.summarize(ratios)
-  del jstep, tstep, ostep
+  if ustep is not None:
+    row.update(
+      unrolled_step_s=common.summarize(times["unrolled"]),
+      scan_cost=jt["median"] / common.summarize(times["unrolled"])["median"],
+      scan_cost_per_round=common.summarize(
+        [j / u for j, u in zip(times["jax"], times["unrolled"])]
+      ),
+    )
+  del jstep, tstep, ostep, ustep
   gc.collect()
   return row
 
@@ -522,6 +549,8 @@ def main(argv=None) -> dict:
         "speedup": common.fmt(r.get("speedup"), ".2f"),
         "official_ms": common.fmt(r.get("official_step_s", {}).get("median"), ".1f", 1e3),
         "official": _ratio_text(r, "official_speedup"),
+        "unrolled_ms": common.fmt(r.get("unrolled_step_s", {}).get("median"), ".1f", 1e3),
+        "scan_cost": _ratio_text(r, "scan_cost"),
         "data_img_s": common.fmt(r.get("data_images_per_s"), ".0f"),
         "data_ratio": common.fmt(r.get("data_over_consumption"), ".1f"),
       }
@@ -543,6 +572,8 @@ def main(argv=None) -> dict:
       ("speedup", "JAX/torch"),
       ("official_ms", "official ms/step"),
       ("official", "official/JAX (rounds)"),
+      ("unrolled_ms", "unrolled ms/step"),
+      ("scan_cost", "scan/unrolled (rounds)"),
       ("data_img_s", "data img/s"),
       ("data_ratio", "data/consumed"),
     ],

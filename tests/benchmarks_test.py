@@ -184,9 +184,15 @@ def test_train_step_official_src(tmp_path):
   module = tmp_path / "src" / "models" / "transformer" / "pixnerd_c2i.py"
   module.parent.mkdir(parents=True)
   module.write_text(FAKE_OFFICIAL.format(repo=REPO))
-  result = train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path)])
+  argv = [*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path), "--also-unrolled"]
+  result = train_step.main(argv)
   (row,) = result["rows"]
   assert row["official_step_s"]["median"] > 0 and np.isfinite(row["official_loss"])
   assert row["official_speedup"] > 0 and row["official_speedup_per_round"]["n"] == 1
+  # --also-unrolled: the unrolled-blocks step takes turns in the same rounds.
+  assert row["scan"] and row["unrolled_step_s"]["n"] == 1
+  assert row["scan_cost"] == pytest.approx(
+    row["jax_step_s"]["median"] / row["unrolled_step_s"]["median"]
+  )
   with pytest.raises(ValueError, match="not found"):
     train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path / "x")])
