@@ -196,3 +196,28 @@ def test_train_step_official_src(tmp_path):
   )
   with pytest.raises(ValueError, match="not found"):
     train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path / "x")])
+
+
+def test_decode_order_compares_both_orders_on_finer_annotations():
+  """benchmarks/decode_order.py: at scale 1 both orders are one map; at scale 2 the labels are
+  twice as fine and both orders score every labelled pixel."""
+  from benchmarks import decode_order
+  from flowseg_jax import inference, sharding, tasks
+
+  config = common.load_config("configs/demo.py:smoke")
+  setup = inference.InferenceSetup(config)
+  x, t, y = tasks.init_inputs(setup.task, config.input.image_size)
+  params = setup.model.init(jax.random.key(1), x, t, y)["params"]
+  seg = inference.Segmenter(config, params, mesh=sharding.make_mesh(1, 1, jax.devices()[:1]))
+  same = decode_order.compare_orders(seg, decode_order.scaled_eval_examples(config, 1, 3))
+  new, old = (same[o] for o in decode_order.ORDERS)
+  np.testing.assert_array_equal(new["intersection"], old["intersection"])
+  np.testing.assert_array_equal(new["pred_area"], old["pred_area"])
+  fine = decode_order.scaled_eval_examples(config, 2, 3)
+  assert fine[0][1].shape == tuple(2 * s for s in config.input.synthetic.size)
+  result = decode_order.compare_orders(seg, fine)
+  labelled = sum(int(((lab != 255) & (lab < seg.num_classes)).sum()) for _, lab in fine)
+  for order in decode_order.ORDERS:
+    assert int(result[order]["label_area"].sum()) == labelled
+  first, second = (result[o]["pred_area"] for o in decode_order.ORDERS)
+  assert not np.array_equal(first, second)  # the orders differ where the labels are finer

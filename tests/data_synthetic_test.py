@@ -131,3 +131,24 @@ def test_source_splits_differ():
   )
   with pytest.raises(IndexError):
     train[4]
+
+
+def test_texel_scales_the_texture_but_not_the_labels():
+  """texel k: each texture cell is k x k pixels; the shapes (labels) are those of texel 1."""
+  img1, lab1 = synthetic.make_example(3, num_classes=8, size=(64, 64), seed=0)
+  img2, lab2 = synthetic.make_example(3, num_classes=8, size=(64, 64), seed=0, texel=2)
+  np.testing.assert_array_equal(lab1, lab2)
+  assert not np.array_equal(img1, img2)
+  # Inside one object, the pattern is constant on aligned 2x2 cells: the four pixels of a cell
+  # differ only by the noise (std 5), while neighbouring cells of a pattern differ by >= 90.
+  cells = lab2.reshape(32, 2, 32, 2)
+  inside = (cells.min(axis=(1, 3)) == cells.max(axis=(1, 3))) & (cells[:, 0, :, 0] != 255)
+
+  def cell_spread(img):
+    cell = img.astype(np.float32).reshape(32, 2, 32, 2, 3)
+    return (cell.max(axis=(1, 3)) - cell.min(axis=(1, 3))).max(-1)[inside]
+
+  assert np.median(cell_spread(img2)) < 30
+  assert np.median(cell_spread(img1)) > 60
+  with pytest.raises(ValueError, match="texel"):
+    synthetic.make_example(0, texel=0)

@@ -119,7 +119,12 @@ def _object_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 
 
 def make_example(
-  index: int, *, num_classes: int = 150, size: tuple[int, int] = (64, 64), seed: int = 0
+  index: int,
+  *,
+  num_classes: int = 150,
+  size: tuple[int, int] = (64, 64),
+  seed: int = 0,
+  texel: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Generates one example, a pure function of its arguments.
 
@@ -128,6 +133,10 @@ def make_example(
     num_classes: number of classes N, 1..255.
     size: (H, W) of the image.
     seed: dataset seed (non-negative).
+    texel: pixels per texture cell. An image at size k*S with texel k, shrunk k times, shows
+      the textures of size S with texel 1, while its label keeps the shapes' edges at k*S: an
+      annotation finer than the network's input, as in real datasets. The labels do not depend
+      on texel.
 
   Returns:
     image: uint8 (H, W, 3).
@@ -140,6 +149,8 @@ def make_example(
     raise ValueError(f"synthetic.size must be at least {TILE}x{TILE}, got {size}.")
   if index < 0 or seed < 0:
     raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}.")
+  if texel < 1:
+    raise ValueError(f"synthetic texel must be >= 1, got {texel}.")
   rng = np.random.default_rng([seed, index])
   tiles = class_tiles()
   yy, xx = _grid(height, width)
@@ -161,7 +172,8 @@ def make_example(
     else:
       cls = int(rng.integers(num_classes))
       py, px = rng.integers(TILE, size=2)
-      pattern = tiles[cls][(ys + py) % TILE, (xs + px) % TILE].astype(np.float32)
+      pattern = tiles[cls][(ys // texel + py) % TILE, (xs // texel + px) % TILE]
+      pattern = pattern.astype(np.float32)
     image[ys, xs] = a + (b - a) * pattern[:, None]
     label[ys, xs] = cls
   image += rng.normal(0.0, _NOISE_STD, size=image.shape).astype(np.float32)
