@@ -27,8 +27,8 @@ def default_model_config(variant: str = "XL/16") -> ml_collections.ConfigDict:
   c.remat_policy = "none"
   # nn.scan over identical blocks (fast compiles for deep models).
   c.scan_blocks = True
-  # Trunk blocks per iteration of the scanned loop (nn.scan's unroll); only with scan_blocks.
-  # The NeRF decoder's scan is always fully unrolled (see models/pixnerd.py).
+  # Blocks per iteration of the scanned loops (nn.scan's unroll); only with scan_blocks. Without
+  # remat the NeRF decoder's loop is always fully unrolled (see models/pixnerd.py).
   c.scan_unroll = 1
   return c
 
