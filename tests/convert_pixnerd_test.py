@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowseg_jax.convert import pixnerd as convert
+from flowseg_jax.convert import torch_files
 from flowseg_jax.models import pixnerd
 from tests.torch_reference import pixnerd as ref
 
@@ -280,11 +281,11 @@ def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monk
   torch.save(ckpt, path)
 
   loaded, read, released = {}, [], []
-  read_checkpoint, to_numpy = convert._read_checkpoint, convert._to_numpy
-  release = convert._release_mapped_pages
+  read_checkpoint, to_numpy = torch_files.read, convert._to_numpy
+  release = torch_files.release_mapped_pages
 
-  def spy_read(p):
-    loaded["raw"], loaded["mapped"] = read_checkpoint(p)
+  def spy_read(p, what):
+    loaded["raw"], loaded["mapped"] = read_checkpoint(p, what)
     return loaded["raw"], loaded["mapped"]
 
   def spy_to_numpy(value, name):
@@ -297,9 +298,9 @@ def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monk
     release(tensor)
     np.testing.assert_array_equal(tensor.numpy(), before)  # re-read from the file, not zeroed
 
-  monkeypatch.setattr(convert, "_read_checkpoint", spy_read)
+  monkeypatch.setattr(torch_files, "read", spy_read)
   monkeypatch.setattr(convert, "_to_numpy", spy_to_numpy)
-  monkeypatch.setattr(convert, "_release_mapped_pages", spy_release)
+  monkeypatch.setattr(torch_files, "release_mapped_pages", spy_release)
   convert.convert_to_orbax(path, tmp_path / "out", weights="ema")
 
   assert loaded["mapped"]  # the zip format is memory-mapped, so tensors are read on use

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowseg_jax.convert import torch_files
 from flowseg_jax.models import dinov2
 
 IGNORED_KEYS = ("mask_token",)
@@ -260,28 +261,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 
   A dict wrapping the state dict under "state_dict" or "model" is unwrapped.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"DINOv2 checkpoint not found: {path}")
-  if path.endswith(".safetensors"):
-    from safetensors import safe_open
-
-    try:
-      import torch  # noqa: F401  (bf16 tensors need the torch framework)
-
-      framework = "pt"
-    except ImportError:
-      framework = "numpy"
-    with safe_open(path, framework=framework) as f:
-      return {k: f.get_tensor(k) for k in f.keys()}
-  import torch
-
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = torch_files.read(path, "DINOv2 checkpoint")[0]
   for wrapper in ("state_dict", "model"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+    if isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}.")
   return dict(obj)
 
 

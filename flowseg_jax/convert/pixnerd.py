@@ -19,11 +19,8 @@ params) for training to start REPA from (config.repa.init_projector).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import json
 import math
-import mmap
 import os
 import re
 import sys
@@ -34,6 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from flowseg_jax.convert import torch_files
 from flowseg_jax.models import pixnerd
 from flowseg_jax.models.pixnerd import PixNerDiT
 
@@ -41,7 +39,6 @@ WEIGHT_PREFIXES = {"ema": "ema_denoiser.", "online": "denoiser."}
 CHECKPOINT_SUBDIR = "checkpoint"
 MODEL_CONFIG_FILE = "model_config.json"
 CONVERSION_INFO_FILE = "conversion.json"
-_PAGE = mmap.PAGESIZE
 PROJECTOR_SUBDIR = "projector"
 
 # (torch name, flax path, transform). "linear": weight.T; "patch": weight.T with the input axis
@@ -319,53 +316,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> Mapping[str, Any]:
 
   Torch files are memory-mapped when their format allows: no tensor is read until it is used.
   """
-  return _read_checkpoint(path)[0]
-
-
-def _read_checkpoint(path) -> tuple[Mapping[str, Any], bool]:
-  """(the checkpoint, whether its tensors are views of a private memory map of the file)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"PixNerd checkpoint {path!r} does not exist.")
-  if path.endswith(".safetensors"):
-    from safetensors.torch import load_file
-
-    return load_file(path, device="cpu"), False
-  import torch
-
-  try:  # memory-mapped: only the tensors actually converted are read (XL .ckpt files are ~11 GB)
-    obj, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-  except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-    obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
-  if not isinstance(obj, Mapping):
-    raise ValueError(
-      f"{path}: expected a dict (state dict or Lightning checkpoint), got {type(obj)}."
-    )
-  return obj, mapped
-
-
-_MADV_DONTNEED = 4  # Linux
-
-
-def _release_mapped_pages(tensor) -> None:
-  """Drops the pages of a memory-mapped tensor from this process's memory (Linux).
-
-  Only for tensors of a private, read-only-used file mapping (`torch.load(mmap=True)`): their
-  pages are clean copies of the file, so dropping them loses nothing (a later read maps them in
-  again). Without this, every tensor converted would stay resident next to its converted copy.
-  """
-  if not sys.platform.startswith("linux") or not hasattr(tensor, "data_ptr"):
-    return
-  start = tensor.data_ptr()
-  end = start + tensor.numel() * tensor.element_size()
-  first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside the tensor
-  if last > first:
-    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-@functools.cache
-def _libc():
-  return ctypes.CDLL(None, use_errno=True)
+  return torch_files.read(path, "PixNerd checkpoint")[0]
 
 
 def select_weights(
@@ -468,7 +419,7 @@ def convert_to_orbax(
   # Memory: only the chosen copy is read, tensor by tensor; each source tensor's pages are dropped
   # once copied, and each converted leaf becomes a jax CPU array, which orbax writes without
   # another host copy. Peak: about the chosen weights plus the imports (benchmarks/convert_memory.py).
-  raw, mapped = _read_checkpoint(source)
+  raw, mapped = torch_files.read(source, "PixNerd checkpoint")
   cpu = jax.devices("cpu")[0]
   model, params = _from_checkpoint(
     raw,
@@ -476,7 +427,7 @@ def convert_to_orbax(
     source,
     scan_blocks,
     {},
-    release=_release_mapped_pages if mapped else None,
+    release=torch_files.release_mapped_pages if mapped else None,
     place=lambda a: jax.device_put(a, cpu),
   )
   if variant is not None:
