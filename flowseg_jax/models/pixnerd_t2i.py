@@ -283,12 +283,14 @@ class PixNerdT2I(nn.Module):
     if not jnp.issubdtype(text.dtype, jnp.floating):
       raise ValueError(f"PixNerdT2I: text must be float features, got dtype {text.dtype}.")
 
-  def _blocks(self, cls, names: tuple[str, str, int], count: int, x, broadcast: tuple, **kw):
+  def _blocks(
+    self, cls, names: tuple[str, str, int], count: int, x, broadcast: tuple, unroll=1, **kw
+  ):
     """Applies `count` blocks `cls(**kw)(x, *broadcast)`, unrolled or with nn.scan.
 
     `names` = (unscanned prefix, scanned name, index of the first block): block i is called
     f"{prefix}_{first + i}" unscanned (the official numbering) and all are stacked under the
-    scanned name otherwise.
+    scanned name otherwise. `unroll`: blocks per iteration of the scanned loop.
     """
     prefix, scan_name, first = names
     if self.remat_policy != "none":
@@ -311,6 +313,7 @@ class PixNerdT2I(nn.Module):
       split_rngs={"params": True},
       in_axes=(0,) + (nn.broadcast,) * len(broadcast),
       length=count,
+      unroll=max(1, min(unroll, count)),
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     x, _ = scan(cls(name=scan_name, **kw), x, jnp.arange(count), *broadcast)
@@ -375,7 +378,9 @@ class PixNerdT2I(nn.Module):
     hx = self.decoder_hidden_size
     xe = dense(hx, ch + DECODER_POS_FEATURES, (None, None), name="x_embedder", **kw)(xin)
     decoder_names = ("blocks", "decoder_blocks", self.num_encoder_blocks)
-    xe = self._blocks(NerfBlock, decoder_names, self.num_decoder_blocks, xe, (s,),
+    # The decoder's loop is unrolled without remat, as in the class-to-image model (pixnerd.py).
+    unroll = self.num_decoder_blocks if self.remat_policy == "none" else 1
+    xe = self._blocks(NerfBlock, decoder_names, self.num_decoder_blocks, xe, (s,), unroll=unroll,
                       nerf_hidden_size=hx, mlp_ratio=self.decoder_mlp_ratio,
                       normalize_fc2=False)  # fmt: skip
     zeros = nn.initializers.zeros
