@@ -86,6 +86,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.synthetic.num_eval = 256
   c.synthetic.size = (64, 64)
   c.synthetic.seed = 0
+  c.synthetic.class_colours = False  # colour labelled objects by class (data.synthetic)
   return c
 
 
@@ -201,6 +202,7 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       size=_hw(s.size, "synthetic.size"),
       seed=int(s.seed),
       split=split,
+      class_colours=bool(s.get("class_colours", False)),
     )
     return src, sources.train_id_label_map("synthetic", int(s.num_classes))
   if name in ("ade20k", "coco_stuff"):
