@@ -146,6 +146,30 @@ def test_prompted_loss_is_flowseg_loss_with_two_centroids(prompted_setup):
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
+def test_training_gradient_reaches_exactly_the_batchs_prompt_rows(prompted_setup):
+  """The loss trains the table rows of the batch's prompts and no other: prompts are routed to
+  their own text features, and those features reach the output (zero-initialised final layer
+  made non-zero, as after the first steps)."""
+  setup, params = prompted_setup
+  params = jax.tree.map(lambda a: a, params)
+  final = params["denoiser"]["t2i"]["final_layer"]
+  final["kernel"] = 0.1 * jnp.ones_like(final["kernel"])
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.choice([0, 1], (2, 32, 32)), jnp.int32)
+  prompts = jnp.asarray([2, 5], jnp.int32)
+
+  def loss(p):
+    return train.loss_fn(
+      p, None, images, labels, jax.random.key(0), jnp.sum(labels != 255), prompts, setup=setup
+    )[0]
+
+  grad = np.asarray(jax.grad(loss)(params)["denoiser"]["prompt_table"])
+  norms = np.linalg.norm(grad.reshape(grad.shape[0], -1), axis=1)
+  assert norms[2] > 1e-6 and norms[5] > 1e-6, norms
+  np.testing.assert_array_equal(np.delete(norms, [2, 5]), 0.0)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("rlfseg"))
