@@ -46,9 +46,8 @@ def get_config(arg: str | None = None):
   config.prompted = tasks.prompted_config()
   config.prompted.variant = "tiny"  # PixNerd-T2I: 64 wide, 2 heads, 2+2 blocks, patch 4
   config.seed = 0
-  config.total_steps = (
-    2000  # ~3.5 min on 2 free CPU cores; gIoU 67.0, wrong-prompt gIoU 5.3 (RESULTS.md)
-  )
+  # ~3.5 min on 2 free CPU cores: gIoU 67.0, wrong-prompt gIoU 5.3 (benchmarks/RESULTS.md).
+  config.total_steps = 2000
   config.log_every_steps = 50
   config.ckpt_every_steps = 1000
   config.eval_every_steps = 1000
