@@ -56,6 +56,7 @@ def scaled_eval_examples(config, scale: int, num: int) -> list[tuple[np.ndarray,
       num_classes=syn.num_classes,
       size=size,
       seed=syn.seed,
+      class_colours=bool(syn.get("class_colours", False)),
       texel=scale,
     )
     for i in range(num)

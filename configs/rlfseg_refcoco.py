@@ -59,6 +59,9 @@ def get_config(arg: str | None = None):
   config.prompted.refine.warmup_steps = 5_000
   config.prompted.adaptive.enabled = True
   config.eval.num_steps = 1  # adaptive one-step sampling
+  # The wrong-prompt pass (does the model use its prompt?) would double every evaluation of the
+  # 1.2B model; run it on demand: `flowseg evaluate ... --config.prompted.eval_wrong_prompt=True`.
+  config.prompted.eval_wrong_prompt = False
   config.eval.batch_per_device = 8
   config.mesh.fsdp = -1
   config.mesh.data = 1

@@ -124,10 +124,39 @@ class PromptedSegmenter(inference.Segmenter):
           yield colours[j], self.decode(colours[j], rgb.shape[:2]), float(dt[j])
 
 
-def evaluate_segmenter(segmenter: PromptedSegmenter, *, num_steps=None, adaptive=None) -> dict:
+def wrong_prompts(prompts: Sequence[int], num_prompts: int) -> np.ndarray:
+  """Each example's prompt replaced by another example's, different from its own: example i takes
+  the prompt of example (i + n // 2) mod n, or of the next one after it whose prompt differs (when
+  all n are the same prompt p: p + 1 mod num_prompts).
+
+  On the synthetic demo this is another class's prompt, of a class present in the image or not:
+  a model that uses its prompt segments that class (disjoint from the target) or nothing, so its
+  gIoU against the original targets collapses; a model that ignores its prompt keeps its gIoU.
+  """
+  if num_prompts < 2:
+    raise ValueError(f"wrong-prompt evaluation needs at least two prompts, got {num_prompts}")
+  ids = np.asarray(prompts, np.int64)
+  n = len(ids)
+  if n and np.all(ids == ids[0]):
+    return (ids + 1) % num_prompts
+  out = np.empty_like(ids)
+  for i in range(n):
+    j = (i + n // 2) % n
+    while ids[j] == ids[i]:
+      j = (j + 1) % n
+    out[i] = ids[j]
+  return out
+
+
+def evaluate_segmenter(
+  segmenter: PromptedSegmenter, *, num_steps=None, adaptive=None, wrong_prompt=None
+) -> dict:
   """gIoU / cIoU / prec@k of the eval split (summed over processes), with the all-background
-  baseline."""
+  baseline and, when `wrong_prompt` (default `config.prompted.eval_wrong_prompt`), the
+  wrong-prompt gIoU / cIoU ('wrong_giou', 'wrong_ciou': see `wrong_prompts`)."""
   config = segmenter.config
+  if wrong_prompt is None:
+    wrong_prompt = bool(config.prompted.get("eval_wrong_prompt", False))
   dataset = pipeline.create_eval_dataset(config.input)
   limit = config.eval.max_examples
   total = pipeline.num_eval_examples(config.input)
@@ -135,30 +164,42 @@ def evaluate_segmenter(segmenter: PromptedSegmenter, *, num_steps=None, adaptive
     total = min(total, limit)
   total = min(len(dataset), -(-total // jax.process_count()))
   examples = [ex for _, ex in zip(range(total), dataset, strict=False)]
-  items = [(ex["image_orig"], int(ex["prompt"])) for ex in examples]
-  model, background = prompted_metrics.PromptedIoU.empty(), prompted_metrics.PromptedIoU.empty()
-  dts = []
-  for ex, (_, pred, dt) in zip(
-    examples, segmenter.stream(items, num_steps=num_steps, adaptive=adaptive), strict=True
-  ):
-    target = ex["label"][None]
-    model = model.merge(
-      prompted_metrics.PromptedIoU.from_model_output(predictions=pred[None], targets=target)
-    )
+  targets = [ex["label"][None] for ex in examples]
+  ids = [int(ex["prompt"]) for ex in examples]
+  model, dts = _score(segmenter, examples, ids, targets, num_steps, adaptive)
+  background = prompted_metrics.PromptedIoU.empty()
+  for target in targets:
     background = background.merge(
       prompted_metrics.PromptedIoU.from_model_output(
         predictions=np.zeros_like(target), targets=target
       )
     )
-    dts.append(dt)
-  model, background = _sum_over_processes(model), _sum_over_processes(background)
-  result = model.compute()
-  base = background.compute()
+  result = _sum_over_processes(model).compute()
+  base = _sum_over_processes(background).compute()
   result["baseline_giou"], result["baseline_ciou"] = base["giou"], base["ciou"]
+  if wrong_prompt:
+    wrong, _ = _score(
+      segmenter, examples, wrong_prompts(ids, len(segmenter.prompts)), targets, num_steps, adaptive
+    )
+    wrong = _sum_over_processes(wrong).compute()
+    result["wrong_giou"], result["wrong_ciou"] = wrong["giou"], wrong["ciou"]
   dt_sum = _sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
   result["mean_dt"] = float(dt_sum[0] / max(dt_sum[1], 1))
   result["num_skipped_examples"] = dataset.num_skipped
   return result
+
+
+def _score(segmenter, examples, ids, targets, num_steps, adaptive):
+  """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes)."""
+  items = [(ex["image_orig"], int(i)) for ex, i in zip(examples, ids, strict=True)]
+  metric, dts = prompted_metrics.PromptedIoU.empty(), []
+  stream = segmenter.stream(items, num_steps=num_steps, adaptive=adaptive)
+  for target, (_, pred, dt) in zip(targets, stream, strict=True):
+    metric = metric.merge(
+      prompted_metrics.PromptedIoU.from_model_output(predictions=pred[None], targets=target)
+    )
+    dts.append(dt)
+  return metric, dts
 
 
 def _sum_over_processes(tree):
@@ -174,8 +215,9 @@ def evaluate_state(config, setup, params, mesh, *, workdir: str, step: int, writ
   result = evaluate_segmenter(seg)
   write_result(workdir, f"step_{step}", {"step": step, **result, **settings(config)})
   if writer is not None:
-    scalars = ("giou", "ciou", "baseline_giou", "baseline_ciou", "mean_dt")
-    writer.write_scalars(step, {f"eval/{k}": result[k] for k in scalars})
+    scalars = ("giou", "ciou", "baseline_giou", "baseline_ciou", "wrong_giou", "wrong_ciou")
+    scalars += ("mean_dt",)
+    writer.write_scalars(step, {f"eval/{k}": result[k] for k in scalars if k in result})
   log(step, result)
   return result
 
@@ -197,8 +239,13 @@ def write_result(workdir: str, name: str, result: dict) -> str:
 
 
 def log(step: int, result: dict, name: str = "eval") -> None:
+  wrong = ""
+  if "wrong_giou" in result:
+    wrong = (
+      f"; wrong prompt: gIoU {100 * result['wrong_giou']:.2f} cIoU {100 * result['wrong_ciou']:.2f}"
+    )
   logging.info(
-    "%s step %d: gIoU %.2f cIoU %.2f (all-background: gIoU %.2f cIoU %.2f) over %d examples",
+    "%s step %d: gIoU %.2f cIoU %.2f (all-background: gIoU %.2f cIoU %.2f%s) over %d examples",
     name, step, 100 * result["giou"], 100 * result["ciou"], 100 * result["baseline_giou"],
-    100 * result["baseline_ciou"], result["num_examples"],
+    100 * result["baseline_ciou"], wrong, result["num_examples"],
   )  # fmt: skip

@@ -53,6 +53,9 @@ def prompted_config() -> ml_collections.ConfigDict:
   )
   # Adaptive one-step sampling (prompted_flow.adaptive_one_step), used when eval.num_steps == 1.
   c.adaptive = ml_collections.ConfigDict(dict(enabled=False, dt_min=0.5, dt_max=2.0, iterations=2))
+  # Evaluation also scores every example with another example's prompt (`wrong_giou`): a model
+  # that uses its prompt drops to near 0 there (prompted_inference.wrong_prompts).
+  c.eval_wrong_prompt = True
   return c
 
 

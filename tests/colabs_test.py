@@ -59,6 +59,7 @@ assert sorted(by_steps) == STEP_COUNTS
 for r in [*by_steps.values(), adaptive]:
   assert 0.0 <= r["giou"] <= 1.0 and 0.0 <= r["ciou"] <= 1.0, r
   assert r["baseline_ciou"] == 0.0 and r["num_examples"] == by_steps[1]["num_examples"]
+  assert 0.0 <= r["wrong_giou"] <= 1.0, r  # the wrong-prompt score is part of every evaluation
 cfg = config.prompted.adaptive
 assert cfg.dt_min <= adaptive["mean_dt"] <= cfg.dt_max and by_steps[1]["mean_dt"] == 1.0
 print("checks passed")

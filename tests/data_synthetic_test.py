@@ -152,3 +152,27 @@ def test_texel_scales_the_texture_but_not_the_labels():
   assert np.median(cell_spread(img1)) > 60
   with pytest.raises(ValueError, match="texel"):
     synthetic.make_example(0, texel=0)
+
+
+def test_class_colours_keep_the_layout_and_colour_each_class_alike():
+  pairs = synthetic.class_colour_pairs()
+  assert (
+    pairs.shape == (255, 2, 3) and (np.linalg.norm(pairs[:, 0] - pairs[:, 1], axis=-1) >= 90).all()
+  )
+  plain_means, cued_means = {}, {}
+  for i in range(40):
+    plain, label = synthetic.make_example(i, num_classes=4, size=(32, 32))
+    cued, cued_label = synthetic.make_example(i, num_classes=4, size=(32, 32), class_colours=True)
+    np.testing.assert_array_equal(cued_label, label)  # same objects, shapes and labels
+    for k in np.unique(label[label != 255]):
+      plain_means.setdefault(k, []).append(plain[label == k].mean(0))
+      cued_means.setdefault(k, []).append(cued[label == k].mean(0))
+  for k in cued_means:
+    # A class's mean colour spreads little across objects with class colours, widely without.
+    want = pairs[k].mean(0)
+    assert np.abs(np.mean(cued_means[k], 0) - want).max() < 25, (k, np.mean(cued_means[k], 0), want)
+    assert np.std(cued_means[k], 0).max() < 0.5 * np.std(plain_means[k], 0).max()
+  src = synthetic.SyntheticSource(2, num_classes=4, size=(16, 16), class_colours=True)
+  np.testing.assert_array_equal(
+    src[1]["image"], synthetic.make_example(1, num_classes=4, size=(16, 16), class_colours=True)[0]
+  )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import centroids, defaults, flow, inference, main, tasks, train
+from flowseg_jax import centroids, defaults, flow, inference, main, prompted_inference, tasks, train
 from flowseg_jax.data import pipeline, prompted, synthetic
 from flowseg_jax.prompted_inference import PromptedSegmenter
 
@@ -43,6 +43,62 @@ def test_zero_shot_split_keeps_train_and_eval_classes_apart():
   train_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "train", False)[0]}
   eval_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "validation", False)[0]}
   assert train_ids <= {0, 1, 2, 3, 4, 5} and eval_ids <= {6, 7} and train_ids and eval_ids
+
+
+def test_image_grouped_order_keeps_each_images_examples_together():
+  cfg = _config()
+  src = pipeline._make_source(cfg.input, "train", False)[0]
+  order = prompted.ImageGroupedOrder(src, seed=3)
+  n = len(src)
+  e0, e1 = order.order(0).copy(), order.order(1).copy()
+  for epoch in (e0, e1):  # every record once per epoch, one image's records contiguous
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+    images = src.image_ids()[epoch]
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    assert len(starts) == len(np.unique(images))
+  assert not np.array_equal(e0, e1)  # reshuffled every epoch
+  np.testing.assert_array_equal(prompted.ImageGroupedOrder(src, seed=3).order(1), e1)
+  assert order(n + 2)["name"] == src[int(e1[2])]["name"]
+  cfg.input.prompted.group_by_image = True
+  batch = next(pipeline.create_train_iterator(cfg.input, seed=0, process_count=1, process_index=0))
+  first = prompted.ImageGroupedOrder(src, seed=0).order(0)[: len(batch["prompt"])]
+  names = [src[int(i)]["name"].split(":")[0] for i in first]
+  assert len(set(names)) < len(names)  # a batch holds one image under several prompts
+  assert [int(src[int(i)]["prompt"]) for i in first] == batch["prompt"].tolist()
+
+
+def test_wrong_prompts_are_another_examples_and_never_the_own():
+  ids = [3, 3, 5, 1, 3, 5, 2, 2]
+  wrong = prompted_inference.wrong_prompts(ids, 8)
+  assert all(w != i for w, i in zip(wrong, ids, strict=True))
+  assert wrong.tolist() == [5, 5, 2, 2, 5, 3, 5, 1]  # example i + 4, or the next that differs
+  assert prompted_inference.wrong_prompts([7, 7], 8).tolist() == [0, 0]
+  with pytest.raises(ValueError, match="two prompts"):
+    prompted_inference.wrong_prompts([0, 0], 1)
+
+
+class _OracleSegmenter:
+  """Predicts exactly the prompted class's pixels (from the semantic labels): a model that uses
+  its prompt perfectly."""
+
+  def __init__(self, config):
+    self.config = config
+    self.prompts = pipeline.prompt_list(config.input)
+    src, _ = pipeline._make_semantic_source(config.input, "validation", False)
+    self.labels = {np.asarray(r["image"]).tobytes(): np.asarray(r["label"]) for r in src}
+
+  def stream(self, items, *, num_steps=None, adaptive=None):
+    for rgb, pid in items:
+      yield None, (self.labels[np.asarray(rgb).tobytes()] == pid).astype(np.int32), 1.0
+
+
+def test_wrong_prompt_giou_drops_for_a_model_that_uses_its_prompt():
+  cfg = _config()
+  cfg.input.synthetic.num_eval = 16
+  r = prompted_inference.evaluate_segmenter(_OracleSegmenter(cfg), wrong_prompt=True)
+  assert r["giou"] == pytest.approx(1.0) and r["ciou"] == pytest.approx(1.0)
+  assert r["wrong_ciou"] == 0.0  # another class's region never overlaps the target
+  assert r["wrong_giou"] == 0.0
 
 
 def test_semantic_task_calls_the_model_as_before():
@@ -90,6 +146,30 @@ def test_prompted_loss_is_flowseg_loss_with_two_centroids(prompted_setup):
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
 
 
+def test_training_gradient_reaches_exactly_the_batchs_prompt_rows(prompted_setup):
+  """The loss trains the table rows of the batch's prompts and no other: prompts are routed to
+  their own text features, and those features reach the output (zero-initialised final layer
+  made non-zero, as after the first steps)."""
+  setup, params = prompted_setup
+  params = jax.tree.map(lambda a: a, params)
+  final = params["denoiser"]["t2i"]["final_layer"]
+  final["kernel"] = 0.1 * jnp.ones_like(final["kernel"])
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.choice([0, 1], (2, 32, 32)), jnp.int32)
+  prompts = jnp.asarray([2, 5], jnp.int32)
+
+  def loss(p):
+    return train.loss_fn(
+      p, None, images, labels, jax.random.key(0), jnp.sum(labels != 255), prompts, setup=setup
+    )[0]
+
+  grad = np.asarray(jax.grad(loss)(params)["denoiser"]["prompt_table"])
+  norms = np.linalg.norm(grad.reshape(grad.shape[0], -1), axis=1)
+  assert norms[2] > 1e-6 and norms[5] > 1e-6, norms
+  np.testing.assert_array_equal(np.delete(norms, [2, 5]), 0.0)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("rlfseg"))
@@ -100,6 +180,7 @@ def trained(tmp_path_factory):
 def test_training_reports_prompted_metrics_and_refines(trained):
   workdir, result = trained
   assert 0 <= result["giou"] <= 1 and 0 <= result["ciou"] <= 1
+  assert 0 <= result["wrong_giou"] <= 1  # config.prompted.eval_wrong_prompt is on by default
   assert result["baseline_ciou"] == 0.0  # all background: no intersection anywhere
   with open(os.path.join(workdir, "eval", "step_6.json")) as f:
     saved = json.load(f)

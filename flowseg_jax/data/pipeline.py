@@ -3,6 +3,8 @@
 Train (`create_train_iterator`), per process:
 
   source -> seeded global shuffle (reshuffled every epoch) -> repeat forever
+    (prompted `group_by_image`: images shuffled instead, each image's examples kept together,
+    `prompted.ImageGroupedOrder`)
   -> random_map(read + check + decode + scale/crop/flip + normalise)   [seed: (data seed, position)]
   -> [start + process_index::process_count] (this process's elements of the global stream)
   -> to_iter_dataset (reader threads) -> batch(B_local), skipping bad examples in 'skip' mode
@@ -29,6 +31,7 @@ so the shards are disjoint, complete, and differ in length by at most one.
 """
 
 import os
+import sys
 from typing import Any
 
 import grain
@@ -83,6 +86,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.synthetic.num_eval = 256
   c.synthetic.size = (64, 64)
   c.synthetic.seed = 0
+  c.synthetic.class_colours = False  # colour labelled objects by class (data.synthetic)
   return c
 
 
@@ -198,6 +202,7 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       size=_hw(s.size, "synthetic.size"),
       seed=int(s.seed),
       split=split,
+      class_colours=bool(s.get("class_colours", False)),
     )
     return src, sources.train_id_label_map("synthetic", int(s.num_classes))
   if name in ("ade20k", "coco_stuff"):
@@ -318,7 +323,16 @@ def create_train_iterator(
     on_bad_example=_on_bad(cfg),
   )
   num_workers = int(cfg.num_workers)
-  ds = grain.MapDataset.source(src).seed(data_seed).shuffle().repeat().random_map(load)
+  if cfg.get("prompted") is not None and cfg.prompted.get("group_by_image", False):
+    if not hasattr(src, "image_ids"):
+      raise ValueError(
+        f"config.input.prompted.group_by_image: the {cfg.dataset!r} source cannot group by image"
+      )
+    order = prompted.ImageGroupedOrder(src, data_seed)
+    ds = grain.MapDataset.range(sys.maxsize).seed(data_seed).map(order)
+  else:
+    ds = grain.MapDataset.source(src).seed(data_seed).shuffle().repeat()
+  ds = ds.random_map(load)
   if start < 0:
     raise ValueError(f"start must be >= 0, got {start}")
   ds = ds[start + pi :: pc]  # the global stream from `start`; this process's elements

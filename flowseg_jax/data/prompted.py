@@ -15,6 +15,9 @@ for the synthetic data; one pass over the label PNGs for ADE20K / COCO-Stuff).
   train_classes class ids used for training (None: all)
   eval_classes  class ids used for evaluation (None: all)
   min_pixels    least pixels of a class in an (original-size) annotation to make an example
+  group_by_image  training order: shuffle images, not examples, and keep each image's prompted
+                examples together (`ImageGroupedOrder`), so a batch holds the same image under
+                several prompts
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def default_prompted_input_config() -> ml_collections.ConfigDict:
   c.train_classes = ml_collections.FieldReference(None, field_type=list)
   c.eval_classes = ml_collections.FieldReference(None, field_type=list)
   c.min_pixels = 16
+  c.group_by_image = False
   return c
 
 
@@ -94,6 +98,10 @@ class PromptedSource:
   def __len__(self) -> int:
     return len(self.index)
 
+  def image_ids(self) -> np.ndarray:
+    """int64 (len,): the base example of every record (records of one image are contiguous)."""
+    return self.index[:, 0]
+
   def __getitem__(self, index: int) -> dict:
     i, c = (int(v) for v in self.index[int(index)])
     record = self.base[i]
@@ -104,3 +112,37 @@ class PromptedSource:
       "prompt": np.int32(c),
       "name": f"{record['name']}:{c}",
     }
+
+
+class ImageGroupedOrder:
+  """Global example index -> record of `source`, shuffled by image (grain `Map` over a range).
+
+  Epoch e (indices [e n, (e + 1) n), n = len(source)) lists every record once: the images in a
+  random order seeded by (seed, e), each image's records together in their source order. Batches
+  then hold one image under several prompts with disjoint targets, whose difference only the
+  prompt can explain: without it, a small model settles on a prompt-blind "segment some object"
+  (see configs/rlfseg_demo.py). Deterministic in the index, so resuming at any index is exact.
+  """
+
+  def __init__(self, source, seed: int):
+    self.source = source
+    self.seed = int(seed)
+    images = np.asarray(source.image_ids(), np.int64)
+    if len(images) == 0:
+      raise ValueError("ImageGroupedOrder: the source is empty")
+    if np.any(np.diff(images) < 0):
+      raise ValueError("ImageGroupedOrder: the source's records must be sorted by image")
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    self._groups = np.split(np.arange(len(images)), starts[1:])
+    self._epoch, self._order = -1, None
+
+  def order(self, epoch: int) -> np.ndarray:
+    """Record indices of epoch `epoch`, int64 (len(source),)."""
+    if epoch != self._epoch:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(len(self._groups))
+      self._epoch, self._order = epoch, np.concatenate([self._groups[g] for g in perm])
+    return self._order
+
+  def __call__(self, index) -> dict:
+    epoch, i = divmod(int(index), len(self.source))
+    return self.source[int(self.order(epoch)[i])]

@@ -15,6 +15,11 @@ rounded rectangles and wobbly blobs, random rotation and aspect, radius 15-50 % 
 side) painted in order so later ones occlude earlier ones. About one object in six is
 "unlabelled": painted with unpatterned noise and labelled 255, which gives ~5-15 % ignored pixels
 on average and exercises ignore handling.
+
+With `class_colours=True` (off by default) a labelled object's two colours are instead its class's
+fixed pair (`class_colour_pairs`) plus a small per-object jitter: the class is then visible in the
+colour as well as in the pattern. The prompted CPU demo uses it (configs/rlfseg_demo.py says why);
+the random stream is otherwise the same, so layouts and labels do not change.
 """
 
 import dataclasses
@@ -32,6 +37,10 @@ _TILE_SEED = 38  # Fixed: the class -> texture table never depends on the datase
 _UNLABELLED_PROB = 0.17
 _NOISE_STD = 5.0
 _MIN_CONTRAST = 90.0
+_CLASS_COLOUR_SEED = (
+  39  # Fixed, like the tiles: class k's colours never depend on the dataset seed.
+)
+_CLASS_COLOUR_JITTER = 12.0
 
 
 def _tile_variants(code: int) -> np.ndarray:
@@ -96,6 +105,15 @@ def _random_colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarra
       return a.astype(np.float32), b.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def class_colour_pairs() -> np.ndarray:
+  """float32 (255, 2, 3): class k's two colours under `class_colours` (contrast >= 90), read-only."""
+  rng = np.random.default_rng(_CLASS_COLOUR_SEED)
+  pairs = np.stack([np.stack(_random_colour_pair(rng)) for _ in range(MAX_CLASSES)])
+  pairs.setflags(write=False)
+  return pairs
+
+
 def _object_mask(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """A random shape: bool (H, W)."""
   yy, xx = _grid(height, width)
@@ -124,6 +142,7 @@ def make_example(
   num_classes: int = 150,
   size: tuple[int, int] = (64, 64),
   seed: int = 0,
+  class_colours: bool = False,
   texel: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Generates one example, a pure function of its arguments.
@@ -133,6 +152,7 @@ def make_example(
     num_classes: number of classes N, 1..255.
     size: (H, W) of the image.
     seed: dataset seed (non-negative).
+    class_colours: colour labelled objects by class (module docstring).
     texel: pixels per texture cell. An image at size k*S with texel k, shrunk k times, shows
       the textures of size S with texel 1, while its label keeps the shapes' edges at k*S: an
       annotation finer than the network's input, as in real datasets. The labels do not depend
@@ -152,6 +172,7 @@ def make_example(
   if texel < 1:
     raise ValueError(f"synthetic texel must be >= 1, got {texel}.")
   rng = np.random.default_rng([seed, index])
+  colour_rng = np.random.default_rng([seed, index, _CLASS_COLOUR_SEED])
   tiles = class_tiles()
   yy, xx = _grid(height, width)
   iy, ix = yy.astype(np.int64), xx.astype(np.int64)
@@ -174,6 +195,9 @@ def make_example(
       py, px = rng.integers(TILE, size=2)
       pattern = tiles[cls][(ys // texel + py) % TILE, (xs // texel + px) % TILE]
       pattern = pattern.astype(np.float32)
+      if class_colours:  # jitter from its own stream: `rng` draws the same layout either way
+        jitter = colour_rng.normal(0.0, _CLASS_COLOUR_JITTER, size=(2, 3))
+        a, b = (class_colour_pairs()[cls] + jitter).astype(np.float32)
     image[ys, xs] = a + (b - a) * pattern[:, None]
     label[ys, xs] = cls
   image += rng.normal(0.0, _NOISE_STD, size=image.shape).astype(np.float32)
@@ -193,6 +217,7 @@ class SyntheticSource:
   size: tuple[int, int] = (64, 64)
   seed: int = 0
   split: str = "train"
+  class_colours: bool = False
 
   def __post_init__(self):
     if self.split not in ("train", "validation"):
@@ -209,6 +234,10 @@ class SyntheticSource:
       raise IndexError(f"index {index} out of range for {self!r}")
     offset = 0 if self.split == "train" else EVAL_INDEX_OFFSET
     image, label = make_example(
-      offset + index, num_classes=self.num_classes, size=tuple(self.size), seed=self.seed
+      offset + index,
+      num_classes=self.num_classes,
+      size=tuple(self.size),
+      seed=self.seed,
+      class_colours=self.class_colours,
     )
     return {"image": image, "label": label, "name": f"synthetic_{self.split}_{index:06d}"}
