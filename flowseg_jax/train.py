@@ -2,41 +2,37 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import parameter_overview
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import (
   checkpointing,
   evaluate,
-  flow,
   inference,
-  models,
-  optim,
-  prompted_flow,
   run_status,
-  sampling,
   sharding,
-  tasks,
   writers,
 )
 from flowseg_jax import run_records as records
 from flowseg_jax.data import pipeline, sources
-from flowseg_jax.models import repa
 from flowseg_jax.run_status import RunError
+from flowseg_jax.step import (  # noqa: F401 - the step is part of train's API
+  Setup,
+  check_batch_fits_mesh,
+  compile_train_step,
+  loss_fn,
+  refine_targets,
+  train_step,
+  validate_config,
+)
 from flowseg_jax.train_state import (  # noqa: F401 - state creation is part of train's API
   TrainState,
   abstract_train_state,
@@ -48,286 +44,6 @@ from flowseg_jax.train_state import (  # noqa: F401 - state creation is part of 
   load_pretrained_t2i,
 )
 from flowseg_jax.workdir_lock import WorkdirLock
-
-# ------------------------------------------------------------------------------------------------
-# Static pieces: model, projector, teacher, optimizer, centroids.
-# ------------------------------------------------------------------------------------------------
-
-
-class Setup(inference.InferenceSetup):
-  """Everything the step closes over: built once, from the config (the model, centroids and
-  conditioning label as inference builds them, plus the optimiser and the REPA teacher)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, *, teacher=None):
-    """teacher: optional REPA (DinoViT, params) used instead of loading config.repa.teacher_dir;
-    the params may be `jax.ShapeDtypeStruct`s (AOT planning, benchmarks/scale.py)."""
-    validate_config(config)
-    super().__init__(config)
-    self.tx = optim.create_optimizer(config.optim, config.total_steps)
-    self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-    self.projector = self.teacher = self.teacher_params = None
-    if config.repa.enabled:
-      self._setup_repa(config.repa, teacher)
-
-  def _setup_repa(self, cfg, teacher):
-    from flowseg_jax.convert import dinov2 as dinov2_convert
-
-    if teacher is None and not cfg.teacher_dir:
-      raise ValueError(
-        "config.repa.enabled needs config.repa.teacher_dir: convert DINOv2 weights with "
-        "`flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out DIR` (or set "
-        "config.repa.enabled=False)."
-      )
-    if not 1 <= cfg.align_layer <= self.model.num_cond_blocks:
-      raise ValueError(
-        f"config.repa.align_layer={cfg.align_layer} must lie in [1, {self.model.num_cond_blocks}]"
-      )
-    if teacher is None:
-      dtype = models.DTYPES[cfg.teacher_dtype]
-      teacher = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
-    self.teacher, self.teacher_params = teacher
-    self.projector = repa.Projector(
-      hidden_dim=cfg.proj_hidden_dim or self.model.hidden_size,
-      out_dim=self.teacher.embed_dim,
-      dtype=self.model.dtype,
-    )
-
-  def init_params(self, rng):
-    """Boxed (logically partitioned) parameters {'denoiser': ..., ['projector': ...]}."""
-    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
-    k1, k2 = jax.random.split(rng)
-    params = {"denoiser": self.model.init(k1, x, t, y)["params"]}
-    if self.projector is not None:
-      tokens = jnp.zeros((1, 1, self.model.hidden_size), jnp.float32)
-      params["projector"] = self.projector.init(k2, tokens)["params"]
-    return params
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for values that would otherwise fail deep inside jit."""
-  checks = [
-    (config.total_steps > 0, f"config.total_steps must be > 0, got {config.total_steps}"),
-    (
-      config.log_every_steps > 0,
-      f"config.log_every_steps must be > 0, got {config.log_every_steps}",
-    ),
-    (
-      config.ckpt_every_steps > 0,
-      f"config.ckpt_every_steps must be > 0, got {config.ckpt_every_steps}",
-    ),
-    (
-      config.eval_every_steps >= 0,
-      f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}",
-    ),
-    (
-      config.objective.prediction in flow.PREDICTIONS,
-      f"config.objective.prediction must be one of {flow.PREDICTIONS}, got {config.objective.prediction!r}",
-    ),
-    (
-      config.objective.transform in flow.TRANSFORMS,
-      f"config.objective.transform must be one of {flow.TRANSFORMS}, got {config.objective.transform!r}",
-    ),
-    (
-      config.objective.target in flow.TARGETS,
-      f"config.objective.target must be one of {flow.TARGETS}, got {config.objective.target!r}",
-    ),
-    (
-      config.objective.t_distribution in flow.T_DISTRIBUTIONS,
-      f"config.objective.t_distribution must be one of {flow.T_DISTRIBUTIONS}, got {config.objective.t_distribution!r}",
-    ),
-    (config.objective.tau > 0, f"config.objective.tau must be > 0, got {config.objective.tau}"),
-    (config.objective.eps >= 0, f"config.objective.eps must be >= 0, got {config.objective.eps}"),
-    (
-      0 <= config.optim.ema_decay < 1,
-      f"config.optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}",
-    ),
-    (
-      config.optim.grad_accum_steps >= 1,
-      f"config.optim.grad_accum_steps must be >= 1, got {config.optim.grad_accum_steps}",
-    ),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
-  batch = config.input.batch_size
-  if batch % config.optim.grad_accum_steps:
-    raise ValueError(
-      f"config.input.batch_size={batch} must be divisible by config.optim.grad_accum_steps="
-      f"{config.optim.grad_accum_steps}"
-    )
-
-
-def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
-  micro = config.input.batch_size // config.optim.grad_accum_steps
-  if micro % mesh.size:
-    raise ValueError(
-      f"the micro-batch config.input.batch_size / grad_accum_steps = {micro} must be divisible by "
-      f"the {mesh.size} devices of the mesh"
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# The train step.
-# ------------------------------------------------------------------------------------------------
-
-
-def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None, *, setup: Setup):
-  """Loss of one micro-batch, scaled so that summing micro-batches gives the global-batch loss."""
-  cfg = setup.config.objective
-  b = images.shape[0]
-  t = flow.sample_t(
-    key,
-    (b,),
-    distribution=cfg.t_distribution,
-    mean=cfg.t_mean,
-    std=cfg.t_std,
-    shift=cfg.t_shift,
-  )
-  x_t = flow.interpolant(images, labels, t, setup.centroids, mask_ignored=cfg.mask_ignored)
-  metrics = {}
-  if setup.projector is None:
-    out = setup.task.apply(params["denoiser"], x_t, t, cond)
-  else:
-    out, tokens = setup.task.apply(
-      params["denoiser"], x_t, t, cond, return_block_tokens=setup.config.repa.align_layer
-    )
-    projected = setup.projector.apply({"params": params["projector"]}, tokens)
-    target_tokens = repa.teacher_tokens(
-      setup.teacher, teacher_params, images, denoiser_patch=setup.model.patch_size
-    )
-    metrics["repa_loss"] = repa.repa_loss(
-      projected, target_tokens, eps=setup.config.repa.cosine_eps
-    )
-  loss, aux = flow.flowseg_loss(out, images, labels, t, setup.centroids, **flow.loss_kwargs(cfg))
-  # flowseg_loss normalises by this micro-batch's valid pixels; the objective normalises by the whole
-  # global batch's, so weight by the share of valid pixels (exact for any accumulation).
-  share = aux["num_valid"].astype(jnp.float32) / jnp.maximum(total_valid, 1).astype(jnp.float32)
-  accum = setup.config.optim.grad_accum_steps
-  total = share * loss
-  metrics["flow_loss"] = share * loss
-  metrics["fm_loss"] = share * aux["fm_loss"]
-  metrics["grad_phi_norm"] = share * aux["grad_phi_norm"]
-  metrics["decode_accuracy"] = share * aux["decode_accuracy"]
-  metrics["num_bad_labels"] = aux["num_bad_labels"]
-  if "repa_loss" in metrics:
-    metrics["repa_loss"] = metrics["repa_loss"] / accum
-    total = total + setup.config.repa.loss_weight * metrics["repa_loss"]
-  metrics["loss"] = total
-  return total, metrics
-
-
-def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
-  """One optimiser step on the global batch; non-finite updates are skipped and counted."""
-  config = setup.config
-  accum = config.optim.grad_accum_steps
-  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  images, labels = batch["image"], batch["label"]
-  cond = setup.task.condition(batch)
-  refine_metrics = {}
-  if setup.task.name == "prompted" and config.prompted.refine.enabled:
-    labels, refine_metrics = refine_targets(state, images, labels, cond, setup=setup)
-  valid = labels != centroids_lib.IGNORE_LABEL if config.objective.mask_ignored else labels >= 0
-  total_valid = jnp.sum(valid.astype(jnp.int32))
-
-  def micro(x):  # (B, ...) -> (accum, B / accum, ...): micro-batch i takes rows i, i + accum, ...
-    return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
-
-  grad_fn = jax.grad(functools.partial(loss_fn, setup=setup), has_aux=True)
-
-  def accumulate(carry, xs):
-    grads, metrics = carry
-    mb_images, mb_labels, mb_key, mb_cond = xs
-    g, m = grad_fn(state.params, teacher_params, mb_images, mb_labels, mb_key, total_valid, mb_cond)
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m)), None
-
-  keys = jax.random.split(key, accum)
-  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-  _, zero_metrics = jax.eval_shape(
-    grad_fn,
-    state.params,
-    teacher_params,
-    micro(images)[0],
-    micro(labels)[0],
-    keys[0],
-    total_valid,
-    jax.tree.map(lambda c: micro(c)[0], cond),
-  )
-  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
-  (grads, metrics), _ = jax.lax.scan(
-    accumulate,
-    (zero_grads, zero_metrics),
-    (micro(images), micro(labels), keys, jax.tree.map(micro, cond)),
-  )
-
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-
-  def apply(params, ema_params, opt_state):
-    updates, opt_state = setup.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    ema_params = optax.incremental_update(params, ema_params, 1.0 - config.optim.ema_decay)
-    return params, ema_params, opt_state
-
-  # A conditional, not a select between new and old state: the skip branch returns the donated
-  # buffers untouched, whereas `where(finite, new, old)` keeps both alive and costs a copy of every
-  # parameter, EMA and Adam leaf (S/16 64² b2 on CPU: 552 -> 408 ms per step).
-  params, ema_params, opt_state = jax.lax.cond(
-    finite, apply, lambda *old: old, state.params, state.ema_params, state.opt_state
-  )
-  new_state = state.replace(
-    step=state.step + 1,
-    params=params,
-    ema_params=ema_params,
-    opt_state=opt_state,
-    num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
-  )
-  metrics.update(
-    grad_norm=grad_norm,
-    learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
-    skipped=(~finite).astype(jnp.int32),
-    num_valid=total_valid,
-    **refine_metrics,
-  )
-  return new_state, metrics
-
-
-def refine_targets(state: TrainState, images, labels, cond, *, setup: Setup):
-  """Label refinement (`prompted_flow.refine_labels`): the EMA network's one-step prediction from
-  the clean image replaces confident, differing boundary targets after the warm-up."""
-  cfg = setup.config.prompted.refine
-  t0 = jnp.zeros((images.shape[0],), jnp.float32)
-  out = setup.task.apply(jax.lax.stop_gradient(state.ema_params["denoiser"]), images, t0, cond)
-  obj = setup.config.objective
-  v = sampling.velocity(out, images, t0, prediction=obj.prediction, t_eps=obj.t_eps)
-  refined, changed = prompted_flow.refine_labels(
-    labels,
-    images + v,
-    setup.centroids,
-    state.step,
-    warmup_steps=cfg.warmup_steps,
-    boundary_width=cfg.boundary_width,
-    margin=cfg.margin,
-  )
-  return refined, {"refined_pixels": changed}
-
-
-def compile_train_step(setup: Setup, mesh, state_shardings):
-  data_sharding = sharding.batch_sharding(mesh)
-  repl = NamedSharding(mesh, P())
-  teacher_sharding = None
-  if setup.teacher_params is not None:
-    teacher_sharding = jax.tree.map(lambda _: repl, setup.teacher_params)
-  return jax.jit(
-    functools.partial(train_step, setup=setup),
-    in_shardings=(
-      state_shardings,
-      {k: data_sharding for k in setup.task.batch_keys},
-      teacher_sharding,
-    ),
-    out_shardings=(state_shardings, repl),
-    donate_argnums=0,
-  )
-
 
 # ------------------------------------------------------------------------------------------------
 # The loop.

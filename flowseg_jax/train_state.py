@@ -14,7 +14,7 @@ from absl import logging
 from flowseg_jax import checkpointing, sharding
 
 if TYPE_CHECKING:
-  from flowseg_jax.train import Setup
+  from flowseg_jax.step import Setup
 
 
 class TrainState(flax.struct.PyTreeNode):
