@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -37,74 +36,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from flowseg_jax import checkpoint_faults as faults
 from flowseg_jax.run import files
-from flowseg_jax.run.status import RunError
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
 # The evaluation score that picks the best checkpoint: the task's `best_metric` (mIoU, gIoU).
 BEST_METRIC = "eval_best"
 _OLD_BEST_METRIC = "eval_miou"  # written by earlier versions
 DAMAGED_DIR = "damaged"
-
-# Read failures as tensorstore and orbax report them (status codes, or their wording).
-_READ_FAILURE = re.compile(
-  r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|UNAVAILABLE)\b|error while reading|Error reading|"
-  r"Error opening|does not exist|Metadata file"
-)
-_WRITE_FAILURE = re.compile(
-  r"\b(PERMISSION_DENIED|RESOURCE_EXHAUSTED)\b|No space left|Permission denied|File too large|"
-  r"Read-only file system|Disk quota"
-)
-
-
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-_TMP_STEP = re.compile(r"/(\d+)\.orbax-checkpoint-tmp")
-
-
-class CheckpointMismatchError(RunError):
-  """The workdir's checkpoint holds another parameter structure than this config builds."""
-
-
-class CheckpointWriteError(RunError):
-  """A checkpoint could not be written (disk full, permission denied, ...)."""
-
-
-def _chain(e: BaseException):
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    yield e
-    e = e.__cause__ or e.__context__
-
-
-def is_read_error(e: BaseException) -> bool:
-  """True for errors that mean 'these files cannot be read': missing, truncated, corrupt."""
-  for err in _chain(e):
-    if isinstance(err, OSError | json.JSONDecodeError | UnicodeDecodeError):
-      return True
-    if type(err) in (Exception, ValueError) and _READ_FAILURE.search(str(err)):
-      return True
-  return False
-
-
-def write_error_reason(e: BaseException) -> str | None:
-  """The OS-level reason of a failed write ('[Errno 28] No space left on device'), or None."""
-  for err in _chain(e):
-    if isinstance(err, OSError) and err.errno is not None:
-      return f"[Errno {err.errno}] {err.strerror or os.strerror(err.errno)}"
-    code = _OS_ERROR_CODE.search(str(err))  # tensorstore: "... [os_error_code='28' ...]"
-    if code:
-      return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
-    match = _WRITE_FAILURE.search(str(err))
-    if match:
-      return match.group(0)
-  return None
-
-
-def _failed_step(e: BaseException, default: int) -> int:
-  """The step whose temporary directory a write error names (async saves fail a step later)."""
-  match = _TMP_STEP.search(str(e))
-  return int(match.group(1)) if match else default
 
 
 def topology() -> dict[str, int]:
@@ -139,12 +78,12 @@ def create_manager(
   )
 
 
-def _write_failed(manager, step: int, e: BaseException) -> CheckpointWriteError | None:
-  reason = write_error_reason(e)
+def _write_failed(manager, step: int, e: BaseException) -> faults.CheckpointWriteError | None:
+  reason = faults.write_error_reason(e)
   if reason is None:
     return None
-  return CheckpointWriteError(
-    f"checkpoint of step {_failed_step(e, step)} could not be written to {manager.directory}: "
+  return faults.CheckpointWriteError(
+    f"checkpoint of step {faults.failed_step(e, step)} could not be written to {manager.directory}: "
     f"{reason}"
   )
 
@@ -226,31 +165,6 @@ def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[tuple, tuple
   return _flat_shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
 
 
-def first_difference(saved: dict, wanted: dict) -> str | None:
-  """'path: checkpoint (shape) vs this config (shape)' for the first differing path, or None."""
-  for key in sorted(set(saved) | set(wanted)):
-    a, b = saved.get(key, "absent"), wanted.get(key, "absent")
-    if a != b:
-      return f"{'/'.join(key)}: checkpoint {a} vs this config {b}"
-  return None
-
-
-def mismatch_message(directory: str, step: int, difference: str, config_diff: list[str]) -> str:
-  lines = [
-    f"{directory} step {step} holds another model than this config builds; nothing was changed.",
-    f"  first difference: {difference}",
-  ]
-  if config_diff:
-    lines.append(
-      "  config fields that differ from the run's config.json: " + ", ".join(config_diff)
-    )
-  lines.append(
-    "  Start fresh with a new --workdir, or fine-tune from this run with a new --workdir and "
-    f"--config.init_from={os.path.dirname(directory)}"
-  )
-  return "\n".join(lines)
-
-
 def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
   """Moves an unreadable step to checkpoints/damaged/<step>-<time>/ (process 0) and forgets it."""
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
@@ -291,10 +205,10 @@ def _newest_readable(steps, restore_step: Callable[[int], Any], on_unreadable: C
   for step in steps:
     try:
       return restore_step(step), step
-    except CheckpointMismatchError:
+    except faults.CheckpointMismatchError:
       raise
     except Exception as e:
-      if not is_read_error(e):
+      if not faults.is_read_error(e):
         raise
       on_unreadable(step, e)
   return None
@@ -322,9 +236,11 @@ def restore_for_training(
 
   def restore_step(step):
     meta = _read_meta(manager, step)
-    difference = first_difference(saved_shapes(manager, step), wanted)
+    difference = faults.first_difference(saved_shapes(manager, step), wanted)
     if difference:
-      raise CheckpointMismatchError(mismatch_message(directory, step, difference, config_diff))
+      raise faults.CheckpointMismatchError(
+        faults.mismatch_message(directory, step, difference, config_diff)
+      )
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     data_iter = make_data_iter(meta) if make_data_iter is not None else None
     same_processes = meta.get("process_count", 1) == jax.process_count()

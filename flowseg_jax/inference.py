@@ -257,7 +257,7 @@ class Segmenter:
   @property
   def prompts(self) -> list[str]:
     """The prompt texts a prompted model knows (empty for a semantic model)."""
-    return list(getattr(self.task, "prompts", []))
+    return list(self.task.prompts)
 
   def __call__(self, image, *, prompt=None, num_steps=None, mode=None, adaptive=None) -> np.ndarray:
     """One image (path, PIL image or uint8 array) -> int32 (H, W) labels at its own size.

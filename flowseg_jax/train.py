@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from flowseg_jax import checkpointing, evaluate, sharding, train_state
+from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, train_state
 from flowseg_jax.data import pipeline, sources
 from flowseg_jax.run import files, writers
 from flowseg_jax.run import status as run_status
@@ -254,7 +254,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
         last_eval = evaluate_now()  # the final checkpoint was written, its evaluation was not
     checkpointing.check_saved(manager, wait=True)
   except run_status.RunError as e:
-    if not isinstance(e, checkpointing.CheckpointWriteError):
+    if not isinstance(e, checkpoint_faults.CheckpointWriteError):
       _close_quietly(manager)
     records_failed = {"status": run_status.FAILED, "step": step, "error": str(e)}
     try:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from flowseg_jax.convert import dinov2 as convert
-from flowseg_jax.models import dinov2
+from flowseg_jax.models import bicubic, dinov2
 from tests.torch_reference import dinov2 as ref
 
 ATOL = 2e-5
@@ -83,7 +83,7 @@ def test_bicubic_matches_torch_size(in_hw, out_hw, antialias):
   want = F.interpolate(
     _nchw(x), size=out_hw, mode="bicubic", align_corners=False, antialias=antialias
   )
-  got = dinov2.resize_bicubic_torch(jnp.asarray(x), out_hw, antialias=antialias)
+  got = bicubic.resize_bicubic_torch(jnp.asarray(x), out_hw, antialias=antialias)
   assert got.shape == (2, *out_hw, 3)
   np.testing.assert_allclose(np.asarray(got), _nhwc(want), atol=1e-5, rtol=0)
 
@@ -94,20 +94,20 @@ def test_bicubic_matches_torch_scale_factor(m, g):
   x = np.random.default_rng(1).standard_normal((1, m, m, 5)).astype(np.float32)
   scale = (float(g[0] + 0.1) / m, float(g[1] + 0.1) / m)
   want = F.interpolate(_nchw(x), scale_factor=scale, mode="bicubic", align_corners=False)
-  got = dinov2.resize_bicubic_torch(jnp.asarray(x), scale_factor=scale)
+  got = bicubic.resize_bicubic_torch(jnp.asarray(x), scale_factor=scale)
   assert got.shape == (1, *g, 5)
   np.testing.assert_allclose(np.asarray(got), _nhwc(want), atol=1e-5, rtol=0)
   # The scale-factor convention is not the same as resizing to the rounded size.
-  by_size = dinov2.resize_bicubic_torch(jnp.asarray(x), g)
+  by_size = bicubic.resize_bicubic_torch(jnp.asarray(x), g)
   assert np.abs(np.asarray(by_size) - _nhwc(want)).max() > 1e-2
 
 
 def test_bicubic_weights_properties():
-  w = dinov2.bicubic_resize_weights(8, 8)  # same size: identity
+  w = bicubic.bicubic_resize_weights(8, 8)  # same size: identity
   np.testing.assert_allclose(w, np.eye(8), atol=1e-6)
   for antialias in (False, True):
     for n_in, n_out in ((10, 3), (3, 10)):
-      w = dinov2.bicubic_resize_weights(n_in, n_out, antialias=antialias)
+      w = bicubic.bicubic_resize_weights(n_in, n_out, antialias=antialias)
       np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
   # jax.image.resize's bicubic is a different kernel: it must not be used for torch parity.
   x = np.random.default_rng(2).standard_normal((1, 16, 16, 1)).astype(np.float32)
@@ -119,11 +119,11 @@ def test_bicubic_weights_properties():
 def test_resize_bad_arguments():
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError, match="exactly one"):
-    dinov2.resize_bicubic_torch(x)
+    bicubic.resize_bicubic_torch(x)
   with pytest.raises(ValueError, match="exactly one"):
-    dinov2.resize_bicubic_torch(x, (2, 2), scale_factor=(0.5, 0.5))
+    bicubic.resize_bicubic_torch(x, (2, 2), scale_factor=(0.5, 0.5))
   with pytest.raises(ValueError, match="positive"):
-    dinov2.bicubic_resize_weights(0, 3)
+    bicubic.bicubic_resize_weights(0, 3)
 
 
 # --- model parity --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from jax._src import array
 from jax.sharding import PartitionSpec as P
 
-from flowseg_jax import checkpointing, evaluate, sharding, train, train_state
+from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, train, train_state
 from flowseg_jax.data import synthetic
 from flowseg_jax.run import lock as workdir_lock
 from flowseg_jax.run import status as run_status
@@ -220,17 +220,19 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_completes(run, dam
 
 
 def test_damage_is_told_apart_from_other_errors():
-  assert checkpointing.is_read_error(FileNotFoundError(2, "No such file"))
-  assert checkpointing.is_read_error(ValueError("DATA_LOSS: Error reading chunk"))
-  assert checkpointing.is_read_error(json.JSONDecodeError("Expecting value", "", 0))
-  assert not checkpointing.is_read_error(ValueError("Requested shape (3, 16) is not compatible"))
-  assert not checkpointing.is_read_error(TypeError("unsupported operand"))
-  assert not checkpointing.is_read_error(KeyError("params"))
+  assert checkpoint_faults.is_read_error(FileNotFoundError(2, "No such file"))
+  assert checkpoint_faults.is_read_error(ValueError("DATA_LOSS: Error reading chunk"))
+  assert checkpoint_faults.is_read_error(json.JSONDecodeError("Expecting value", "", 0))
+  assert not checkpoint_faults.is_read_error(
+    ValueError("Requested shape (3, 16) is not compatible")
+  )
+  assert not checkpoint_faults.is_read_error(TypeError("unsupported operand"))
+  assert not checkpoint_faults.is_read_error(KeyError("params"))
 
 
 def test_checkpoint_of_another_model_is_refused_before_any_work(run):
   before = snapshot(run)
-  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+  with pytest.raises(checkpoint_faults.CheckpointMismatchError) as info:
     train.train_and_evaluate(config(**{"model.hidden_size": 32}), run)
   message = str(info.value)
   assert "ema_params/denoiser/cond_blocks/adaLN_modulation/bias" in message
@@ -239,7 +241,7 @@ def test_checkpoint_of_another_model_is_refused_before_any_work(run):
   assert "new --workdir" in message and f"--config.init_from={run}" in message
   assert len(message.splitlines()) <= 5
   # Another optimiser structure (no clipping state): the first path missing on one side.
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="absent"):
+  with pytest.raises(checkpoint_faults.CheckpointMismatchError, match="absent"):
     train.train_and_evaluate(config(**{"optim.grad_clip_norm": 0.0}), run)
   assert snapshot(run) == before  # config.json, checkpoints and metrics untouched
 
@@ -368,7 +370,7 @@ def test_cli_exit_status_follows_the_run_status(monkeypatch, capsys):
     assert main.train_command(None, "/nowhere") == code
 
   def fail(config, workdir):
-    raise checkpointing.CheckpointWriteError(
+    raise checkpoint_faults.CheckpointWriteError(
       "checkpoint of step 2 could not be written to /x: disk"
     )
 

@@ -6,6 +6,7 @@ pixnerd      PixNerDiT, PixNerd's class-to-image model (FlowSeg's network)
 pixnerd_t2i  PixNerd's text-to-image model
 prompted     PromptedDenoiser: PixNerd-T2I conditioned on a prompt id or text features
 dinov2, repa the REPA teacher, projector and loss
+bicubic      PyTorch-exact bicubic resize (DINOv2's position embeddings)
 qwen3        the text encoder of prompted runs
 """
 

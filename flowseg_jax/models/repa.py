@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flowseg_jax.models.dinov2 import DinoViT, resize_bicubic_torch
+from flowseg_jax.models.bicubic import resize_bicubic_torch
+from flowseg_jax.models.dinov2 import DinoViT
 
 Dtype = Any
 

@@ -28,6 +28,7 @@ class Task(abc.ABC):
   model: nn.Module
   num_classes: int  # classes a prediction can take
   centroids: jax.Array  # (table size, 3) float32: the training table
+  prompts: tuple[str, ...] | list[str] = ()  # the prompt texts a prompted model knows
   evaluator: type  # built with a Segmenter of this task (evaluators/)
 
   def __init__(self, config: ml_collections.ConfigDict):
