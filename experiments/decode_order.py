@@ -9,22 +9,18 @@ the eval images at k times the trained size with k-pixel texture cells
 while their labels keep the shapes' edges at k times the resolution, as real annotations do.
 
   flowseg train --config configs/demo.py --workdir /tmp/flowseg_demo      # first, ~4 min on a CPU
-  python benchmarks/decode_order.py --workdir /tmp/flowseg_demo --scales 1,2,4
+  python -m experiments.decode_order --workdir /tmp/flowseg_demo --scales 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from flowseg_jax import inference, metrics  # noqa: E402
-from flowseg_jax.data import synthetic, transforms  # noqa: E402
+from flowseg_jax import inference, metrics
+from flowseg_jax.data import synthetic, transforms
 
 ORDERS = ("resize_then_decode", "decode_then_resize")
 

@@ -1,9 +1,10 @@
 """Runs the FlowSeg objective and sampler on a real batch and prints what they compute.
 
-`python -m flowseg_jax.demo_objective`: no data or weights needed. A batch of images with label maps (some
-pixels ignored) gets its Kronecker colours; the loss is evaluated for an untrained (zero) network in every
-objective mode; then an 'x'-prediction oracle that knows the mask, corrupted by noise, is integrated from the
-image to t = 1 with Euler, decoded by nearest centroid and scored with mIoU.
+`python -m tools.demo_objective` (from the repository root): no data or weights needed. A batch of
+images with label maps (some pixels ignored) gets its Kronecker colours; the loss is evaluated for an
+untrained (zero) network in every objective mode; then an 'x'-prediction oracle that knows the mask,
+corrupted by noise, is integrated from the image to t = 1 with Euler, decoded by nearest centroid
+and scored with mIoU.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RLFSeg demo ablations: label refinement on/off x sampler (1 step, adaptive 1 step, N steps).
 
-  python benchmarks/rlfseg_ablations.py --workdir /tmp/rlfseg_runs [--seeds 0] [--steps 10]
+  python -m experiments.rlfseg_ablations --workdir /tmp/rlfseg_runs [--seeds 0] [--steps 10]
       [--arms baseline,refine,zeroshot,textures]
 
 For each seed trains `configs/rlfseg_demo.py` (refinement off), `configs/rlfseg_demo.py:refine`
