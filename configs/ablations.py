@@ -21,8 +21,9 @@ tau=<float>, eps=<float>: the potential's temperature and distance offset (Fig 5
 base: ade20k (stage 1 of the paper) | demo (configs/demo.py) | hard (`hard_config`).
 """
 
-import importlib.util
 import os
+
+from flowseg_jax import defaults
 
 ABLATIONS = {
   "static": {},
@@ -40,12 +41,10 @@ ABLATIONS = {
 BASES = ("ade20k", "demo", "hard")
 
 
-def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"flowseg_{name}_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _config(name: str, arg: str | None = None):
+  """get_config(arg) of configs/<name>.py."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return defaults.load_config_file(os.path.join(here, f"{name}.py"), arg)
 
 
 def hard_config():
@@ -55,7 +54,7 @@ def hard_config():
   (data/synthetic.py), so 48 classes include near-duplicates; chance mIoU ~2%. Same tiny model and
   recipe as the demo; each pixel-level step does 4x the demo's decoder work.
   """
-  config = _load("demo").get_config(None)
+  config = _config("demo")
   config.input.synthetic.num_classes = 48
   config.input.synthetic.size = (64, 64)
   config.input.image_size = (64, 64)
@@ -74,17 +73,12 @@ def apply_ablation(config, ablation: str):
 
 
 def get_config(arg: str | None = None):
-  args = _load("flowseg_ade20k").parse_arg(arg)
-  base = args.pop("base", "ade20k")
-  ablation = args.pop("ablation", None)
-  tau = args.pop("tau", None)
-  eps = args.pop("eps", None)
-  if args:
-    raise ValueError(f"configs/ablations.py: unknown arguments {sorted(args)}")
+  args = defaults.parse_arg(arg, base="ade20k", ablation=None, tau=None, eps=None)
+  base, ablation, tau, eps = args["base"], args["ablation"], args["tau"], args["eps"]
   if base == "demo":
-    config = _load("demo").get_config(None)
+    config = _config("demo")
   elif base == "ade20k":
-    config = _load("flowseg_ade20k").get_config("stage=1")
+    config = _config("flowseg_ade20k", "stage=1")
   elif base == "hard":
     config = hard_config()
   else:

@@ -41,18 +41,10 @@ def get_config(arg: str | None = None):
   config.eval.batch_per_device = 16
   config.mesh.data = -1
 
-  if arg == "smoke":
-    config.total_steps = 6
-    config.log_every_steps = 2
-    config.ckpt_every_steps = 3
-    config.eval_every_steps = 6
+  if defaults.parse_arg(arg, smoke=False)["smoke"]:
+    defaults.smoke(config)
     config.input.synthetic.num_train = 64
     config.input.synthetic.num_eval = 8
-    config.input.batch_size = 8
-    config.optim.warmup_steps = 2
-    config.eval.num_steps = 2
     config.eval.num_pictures = 2
     config.eval.batch_per_device = 1
-  elif arg:
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke)")
   return config

@@ -21,17 +21,6 @@ memory plans in benchmarks/RESULTS.md, "Memory plans"), e.g. `:stage=1,target=v5
 from flowseg_jax import defaults
 
 
-def parse_arg(arg: str | None) -> dict:
-  """'stage=1,fsdp=4' -> {'stage': '1', 'fsdp': '4'}."""
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} must look like key=value")
-    k, v = item.split("=", 1)
-    out[k.strip()] = v.strip()
-  return out
-
-
 def apply_stage(config, stage: str) -> None:
   if stage == "1":
     config.input.image_size = (256, 256)
@@ -82,23 +71,21 @@ def apply_target(config, target: str, stage: str) -> None:
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg)
+  args = defaults.parse_arg(arg, stage="1", fsdp=1, target="")
   config = defaults.get_base_config()
   config.input.dataset = "ade20k"
   config.input.train_split = "training"
   config.input.eval_split = "validation"
   config.input.random_flip = True
   config.input.num_workers = 8
-  stage = args.pop("stage", "1")
+  stage = args["stage"]
   apply_stage(config, stage)
-  config.mesh.fsdp = int(args.pop("fsdp", 1))
+  config.mesh.fsdp = args["fsdp"]
   config.model.variant = "XL/16"
   config.model.dtype = "bfloat16"
   config.model.remat_policy = "nothing_saveable"
   config.repa.enabled = True
   config.repa.teacher_dtype = "bfloat16"
-  if "target" in args:
-    apply_target(config, args.pop("target"), stage)
-  if args:
-    raise ValueError(f"configs/flowseg_ade20k.py: unknown arguments {sorted(args)}")
+  if args["target"]:
+    apply_target(config, args["target"], stage)
   return config

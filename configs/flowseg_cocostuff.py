@@ -11,20 +11,14 @@ Labels: raw stuffthingmaps (`input.coco_stuff_labels='raw'`, mapped to the 171 t
 mmseg-converted `*_labelTrainIds.png` (`'train_ids'`).
 """
 
-import importlib.util
 import os
 
-
-def _ade_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flowseg_ade20k.py")
-  spec = importlib.util.spec_from_file_location("flowseg_ade20k_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from flowseg_jax import defaults
 
 
 def get_config(arg: str | None = None):
-  config = _ade_config().get_config(arg)
+  here = os.path.dirname(os.path.abspath(__file__))
+  config = defaults.load_config_file(os.path.join(here, "flowseg_ade20k.py"), arg)
   config.input.dataset = "coco_stuff"
   config.input.train_split = "train2017"
   config.input.eval_split = "val2017"

@@ -89,7 +89,7 @@ def squared_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
   return d
 
 
-def decode_colors(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -> jax.Array:
+def decode_colours(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -> jax.Array:
   """Nearest-centroid decoding: colours (..., 3) -> int32 labels (...).
 
   Memory is bounded by (pixels x chunk_size): classes are scanned in chunks of `chunk_size` with a running
@@ -101,10 +101,10 @@ def decode_colors(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -
   x = x.astype(centroids.dtype)
   if x.shape[-1] != 3 or centroids.ndim != 2 or centroids.shape[-1] != 3:
     raise ValueError(
-      f"decode_colors: expected x (..., 3) and centroids (N, 3), got {x.shape}, {centroids.shape}"
+      f"decode_colours: expected x (..., 3) and centroids (N, 3), got {x.shape}, {centroids.shape}"
     )
   if chunk_size < 1:
-    raise ValueError(f"decode_colors: chunk_size must be >= 1, got {chunk_size}")
+    raise ValueError(f"decode_colours: chunk_size must be >= 1, got {chunk_size}")
   n = centroids.shape[0]
   if n <= chunk_size:
     return jnp.argmin(squared_distances(x, centroids), axis=-1).astype(jnp.int32)

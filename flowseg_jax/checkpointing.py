@@ -3,7 +3,7 @@
 A checkpoint step holds three items: `state` (the TrainState pytree), `data_iter` (grain's
 per-process iterator state) and `meta` (JSON: step, topology and the data position: `data_start`,
 the global example index the iterator was built at, and `data_position`, the global index of the
-next example). Saves are asynchronous; the last `keep` steps and the best step by eval mIoU are kept.
+next example). Saves are asynchronous; the last `keep` steps and the best step by the task's eval score are kept.
 
 Restoring (`restore_for_training`) walks from the newest step back:
 - the step's own metadata (parameter paths, shapes) is compared with the state this config builds
@@ -37,10 +37,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from flowseg_jax.run_status import RunError
+from flowseg_jax.run import files
+from flowseg_jax.run.status import RunError
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
-BEST_METRIC = "eval_miou"
+# The evaluation score that picks the best checkpoint: the task's `best_metric` (mIoU, gIoU).
+BEST_METRIC = "eval_best"
+_OLD_BEST_METRIC = "eval_miou"  # written by earlier versions
 DAMAGED_DIR = "damaged"
 
 # Read failures as tensorstore and orbax report them (status codes, or their wording).
@@ -108,19 +111,21 @@ def topology() -> dict[str, int]:
   return {"process_count": jax.process_count(), "device_count": jax.device_count()}
 
 
+def _best_score(metrics: dict) -> float:
+  return metrics[BEST_METRIC] if BEST_METRIC in metrics else metrics[_OLD_BEST_METRIC]
+
+
 def create_manager(
   directory: str, *, keep: int = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last `keep` steps plus the best by eval mIoU."""
+  """A CheckpointManager keeping the last `keep` steps plus the best by eval score."""
   if keep < 1:
     raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
   policies = ocp.checkpoint_managers
   preservation = policies.AnyPreservationPolicy(
     [
       policies.LatestN(keep),
-      policies.BestN(
-        get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False
-      ),
+      policies.BestN(get_metric_fn=_best_score, n=1, keep_checkpoints_without_metrics=False),
     ]
   )
   options = ocp.CheckpointManagerOptions(
@@ -188,7 +193,7 @@ def check_saved(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
 
 def record_metrics(manager: ocp.CheckpointManager, step: int, metrics: dict) -> None:
   """Attaches eval metrics to an already written step (it was saved before its evaluation ran), so
-  the best-mIoU preservation sees them; orbax keeps them in <step>/metrics/metrics."""
+  the best-score preservation sees them; orbax keeps them in <step>/metrics/metrics."""
   if jax.process_index() == 0:
     directory = epath.Path(manager.directory) / str(step) / "metrics"
     directory.mkdir(parents=True, exist_ok=True)
@@ -277,6 +282,24 @@ def _read_meta(manager, step: int) -> dict:
     raise
 
 
+def _newest_readable(steps, restore_step: Callable[[int], Any], on_unreadable: Callable):
+  """(restore_step(step), step) for the first of `steps` (newest first) that can be read, or None.
+
+  A step whose files cannot be read (`is_read_error`) goes to `on_unreadable(step, error)` and the
+  next older one is tried; any other error (e.g. CheckpointMismatchError) is raised.
+  """
+  for step in steps:
+    try:
+      return restore_step(step), step
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:
+      if not is_read_error(e):
+        raise
+      on_unreadable(step, e)
+  return None
+
+
 def restore_for_training(
   manager: ocp.CheckpointManager,
   abstract_state: Any,
@@ -296,28 +319,18 @@ def restore_for_training(
   """
   directory = str(manager.directory)
   wanted = _flat_shapes(abstract_state)
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = _read_meta(manager, step)
-      difference = first_difference(saved_shapes(manager, step), wanted)
-      if difference:
-        raise CheckpointMismatchError(mismatch_message(directory, step, difference, config_diff))
-      items = {STATE: ocp.args.StandardRestore(abstract_state)}
-      data_iter = make_data_iter(meta) if make_data_iter is not None else None
-      same_processes = meta.get("process_count", 1) == jax.process_count()
-      if data_iter is not None and same_processes:
-        items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except CheckpointMismatchError:
-      raise
-    except Exception as e:
-      if not is_read_error(e):
-        raise
-      if move_damaged:
-        move_aside(manager, step, e)
-      else:
-        logging.warning("Checkpoint %s step %d is unreadable (%s); skipped.", directory, step, e)
-      continue
+
+  def restore_step(step):
+    meta = _read_meta(manager, step)
+    difference = first_difference(saved_shapes(manager, step), wanted)
+    if difference:
+      raise CheckpointMismatchError(mismatch_message(directory, step, difference, config_diff))
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    data_iter = make_data_iter(meta) if make_data_iter is not None else None
+    same_processes = meta.get("process_count", 1) == jax.process_count()
+    if data_iter is not None and same_processes:
+      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None and not same_processes:
       logging.warning(
         "Checkpoint step %d was written by %s process(es), this run has %d: the data stream "
@@ -327,9 +340,21 @@ def restore_for_training(
         jax.process_count(),
         meta.get("data_position", 0),
       )
-    logging.info("Restored %s step %d.", directory, step)
-    return restored[STATE], step, meta, data_iter
-  return None
+    return restored[STATE], meta, data_iter
+
+  def skip(step, error):
+    logging.warning("Checkpoint %s step %d is unreadable (%s); skipped.", directory, step, error)
+
+  found = _newest_readable(
+    sorted(manager.all_steps(), reverse=True),
+    restore_step,
+    (lambda step, error: move_aside(manager, step, error)) if move_damaged else skip,
+  )
+  if found is None:
+    return None
+  (state, meta, data_iter), step = found
+  logging.info("Restored %s step %d.", directory, step)
+  return state, step, meta, data_iter
 
 
 def restore_latest(
@@ -349,8 +374,10 @@ def restore_params_from(directory: str, abstract_state: Any) -> tuple[Any, Any, 
   """(params, ema_params, step) of the newest readable checkpoint in another run's directory."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from={directory!r} is not a directory")
-  if os.path.isdir(os.path.join(directory, "checkpoints")):  # a workdir rather than its checkpoints
-    directory = os.path.join(directory, "checkpoints")
+  if os.path.isdir(
+    os.path.join(directory, files.CHECKPOINTS_DIR)
+  ):  # a workdir, not its checkpoints
+    directory = os.path.join(directory, files.CHECKPOINTS_DIR)
   manager = ocp.CheckpointManager(
     os.path.abspath(directory),
     item_names=(STATE, DATA_ITER, META),
@@ -364,3 +391,73 @@ def restore_params_from(directory: str, abstract_state: Any) -> tuple[Any, Any, 
     raise FileNotFoundError(f"config.init_from={directory!r} holds no readable checkpoint")
   state, step = restored
   return state.params, state.ema_params, step
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a workdir for inference: its steps, and the denoiser's weights alone.
+# ------------------------------------------------------------------------------------------------
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Finalised checkpoint steps of workdir (newest first); orbax's temporary folders are not steps."""
+  directory = os.path.join(workdir, files.CHECKPOINTS_DIR)
+  if not os.path.isdir(directory):
+    return []
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return sorted(
+    (s for s in steps if os.path.isdir(os.path.join(directory, str(s), STATE))), reverse=True
+  )
+
+
+def check_has_checkpoint(workdir: str) -> None:
+  """One clear error, creating nothing, when workdir has no checkpoint to restore."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} does not exist")
+  if not checkpoint_steps(workdir):
+    raise FileNotFoundError(
+      f"workdir {workdir!r} holds no checkpoint (no {files.CHECKPOINTS_DIR}/<step>/{STATE})"
+    )
+
+
+def restore_denoiser(
+  workdir: str, abstract_params, *, use_ema: bool = True, step: int | None = None
+):
+  """(denoiser params, step) from the newest readable checkpoint of workdir, or from `step`.
+
+  A partial restore of the `state` item: only `ema_params/denoiser` (or `params/denoiser`) is read,
+  into `abstract_params` (ShapeDtypeStructs carrying their shardings); no optimiser state, no
+  teacher. Unreadable steps are skipped with a warning, as training's resume does. Creates nothing.
+  """
+  check_has_checkpoint(workdir)
+  steps = checkpoint_steps(workdir)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint of step {step} (has {steps})")
+    steps = [step]
+  which = "ema_params" if use_ema else "params"
+  item = {which: {"denoiser": abstract_params}}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  errors = []
+
+  def state_path(s: int) -> str:
+    return os.path.abspath(os.path.join(workdir, files.CHECKPOINTS_DIR, str(s), STATE))
+
+  def unreadable(s: int, e: BaseException) -> None:
+    logging.warning("Checkpoint %s is unreadable (%s); trying an older one.", state_path(s), e)
+    errors.append(f"step {s}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    found = _newest_readable(
+      steps,
+      lambda s: checkpointer.restore(
+        state_path(s),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+      ),
+      unreadable,
+    )
+  if found is None:
+    raise FileNotFoundError(
+      f"workdir {workdir!r} holds no readable checkpoint: {'; '.join(errors)}"
+    )
+  restored, s = found
+  return restored[which]["denoiser"], s

@@ -94,8 +94,31 @@ def eval_config() -> ml_collections.ConfigDict:
   return c
 
 
+def prompted_config() -> ml_collections.ConfigDict:
+  """`config.prompted`: the prompted task's network, prompts, refinement and one-step sampling."""
+  c = ml_collections.ConfigDict()
+  c.variant = "tiny"  # [-] a name in models.pixnerd_t2i.VARIANTS ('tiny', 'released')
+  c.overrides = ml_collections.ConfigDict()  # [-] PixNerd-T2I architecture fields to override
+  c.condition = "table"  # [ours] 'table' (learned per-prompt features) | 'cache' (Qwen3 features)
+  c.encoder_dir = ""  # 'cache': Qwen3 Hugging Face directory (config.json + safetensors)
+  c.cache_dir = ""  # 'cache': where prompt embeddings are cached
+  # [ours] Label refinement (tasks/prompted.py refine_labels): RLFSeg names it without equations.
+  c.refine = ml_collections.ConfigDict(
+    dict(enabled=False, warmup_steps=500, boundary_width=1, margin=0.5)
+  )
+  # [ours] Adaptive one-step sampling (tasks/prompted.py adaptive_one_step), used when
+  # eval.num_steps == 1.
+  c.adaptive = ml_collections.ConfigDict(dict(enabled=False, dt_min=0.5, dt_max=2.0, iterations=2))
+  # [-] Evaluation also scores every example with another example's prompt (`wrong_giou`): a model
+  # that uses its prompt drops to near 0 there (evaluators/refer_iou.py wrong_prompts).
+  c.eval_wrong_prompt = True
+  return c
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  # [-] 'semantic' (FlowSeg) | 'prompted' (RLFSeg, `config.prompted`); read by tasks.create_task only.
+  config.task = "semantic"
   config.seed = 0  # [-]
   # [ours] 2 stages x 80k (configs/flowseg_ade20k.py): neither the paper text we have nor PixNerd (800k
   # ImageNet steps) gives FlowSeg's iteration count; 80k is mmseg's common ADE20K schedule.
@@ -126,6 +149,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.repa = repa.get_config()  # [PixNerd] REPA settings of its XL recipe (models/repa.py)
   config.optim = optim_config()
   config.eval = eval_config()
+  config.prompted = prompted_config()  # used when config.task == 'prompted'
 
   # Device mesh ('data', 'fsdp'): data x fsdp = all devices, one of them -1 (fill). dcn_data > 1 runs
   # over that many TPU slices (or GPU hosts): 'data' spans them over the data-centre network,
@@ -145,3 +169,44 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_arg(arg: str | None, **known) -> dict:
+  """A config file's `:ARG` as a dict: 'stage=2,smoke' -> {'stage': '2', 'smoke': True, ...}.
+
+  `known` names every argument with its default; a value is converted to its default's type (a bare
+  name sets a bool argument to True). An unknown name or a bad value is a ValueError naming it.
+  """
+  out = dict(known)
+  for item in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, eq, value = (s.strip() for s in item.partition("="))
+    if key not in known:
+      raise ValueError(f"unknown config argument {key!r} (known: {', '.join(sorted(known))})")
+    default = known[key]
+    if isinstance(default, bool):
+      if eq and value.lower() not in ("true", "false"):
+        raise ValueError(f"config argument {key} is true or false, got {value!r}")
+      out[key] = not eq or value.lower() == "true"
+    elif not eq:
+      raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+    else:
+      try:
+        out[key] = value if default is None else type(default)(value)
+      except ValueError:
+        raise ValueError(
+          f"config argument {key}={value!r} is not a {type(default).__name__}"
+        ) from None
+  return out
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a run to a few seconds (tests, CI): 6 steps, a checkpoint every 3, one evaluation at the
+  end with 2 Euler steps, batch 8. Configs add their data sizes."""
+  config.total_steps = 6
+  config.log_every_steps = 2
+  config.ckpt_every_steps = 3
+  config.eval_every_steps = 6
+  config.input.batch_size = 8
+  config.optim.warmup_steps = 2
+  config.eval.num_steps = 2
+  return config

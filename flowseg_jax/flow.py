@@ -15,6 +15,7 @@ All math runs in float32 (float64 if the inputs are float64), whatever the netwo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
@@ -185,6 +186,90 @@ def potential_grad_closed_form(
   return (2.0 / tau) * jnp.sum(((y - p) / (d + eps))[..., None] * diff, axis=-2)
 
 
+_T_SAMPLING = ("t_distribution", "t_mean", "t_std", "t_shift")  # Objective fields of sample_t
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The objective's options (`flowseg_loss`'s keywords) and the training-time t distribution,
+  checked once: built from a config's `objective` section by `from_config`.
+
+  prediction: 'v' (out is a velocity) or 'x' (out is the clean mask x1_hat).
+  tau, eps, transform: the potential's temperature, distance offset and distance transform
+    ('log' | 'sqrt' | 'linear' | 'norm_reduced', see `potential_grad`).
+  target: 'static' (v - grad Phi) or 'annealing' (v - t grad Phi); ignored when reshape is False.
+  mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
+  t_eps: clamp of 1 - t in the 'x' prediction's velocity.
+  reshape: False gives vanilla flow matching (target v).
+  max_grad_norm: the per-pixel bound on |grad Phi| of transform='norm_reduced' (unused otherwise).
+  pixel_chunk: pixels per chunk of the potential's (pixels x classes) work: 0 all at once, None auto
+    (`resolve_pixel_chunk`: cache-sized chunks on CPU, none on accelerators). Scheduling only.
+  t_distribution, t_mean, t_std, t_shift: `sample_t`'s distribution of training times.
+  """
+
+  prediction: Prediction = "v"
+  tau: float = 1.0
+  eps: float = 1e-6
+  transform: Transform = "log"
+  target: Target = "static"
+  mask_ignored: bool = True
+  t_eps: float = 0.05
+  reshape: bool = True
+  max_grad_norm: float = 1.0
+  # How JAX schedules the potential's work (no effect on the result beyond float rounding).
+  pixel_chunk: int | None = None
+  t_distribution: str = "logit_normal"
+  t_mean: float = 0.0
+  t_std: float = 1.0
+  t_shift: float = 1.0
+
+  def __post_init__(self):
+    _choice("prediction", self.prediction, PREDICTIONS)
+    _choice("transform", self.transform, TRANSFORMS)
+    _choice("target", self.target, TARGETS)
+    _choice("t_distribution", self.t_distribution, T_DISTRIBUTIONS)
+    for name, ok, rule in (
+      ("tau", self.tau > 0, "> 0"),
+      ("eps", self.eps >= 0, ">= 0"),
+      ("t_eps", self.t_eps > 0, "> 0"),
+      ("t_std", self.t_std > 0, "> 0"),
+      ("t_shift", self.t_shift > 0, "> 0"),
+      ("max_grad_norm", self.max_grad_norm > 0 or self.transform != "norm_reduced", "> 0"),
+    ):
+      if not ok:
+        raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+  @classmethod
+  def from_config(cls, cfg) -> Objective:
+    """From `config.objective`; a bad value is a ValueError naming `config.objective.FIELD`."""
+    try:
+      return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+    except ValueError as e:
+      raise ValueError(f"config.objective.{e}") from None
+
+  def loss_options(self) -> dict:
+    """`flowseg_loss`'s keyword arguments."""
+    return {
+      f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _T_SAMPLING
+    }
+
+  def reference_options(self) -> dict:
+    """What the objective computes, without how JAX schedules it (`pixel_chunk`): the keywords a
+    reference implementation takes."""
+    return {k: v for k, v in self.loss_options().items() if k != "pixel_chunk"}
+
+  def sample_t(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Training times from this objective's distribution."""
+    return sample_t(
+      key,
+      shape,
+      distribution=self.t_distribution,
+      mean=self.t_mean,
+      std=self.t_std,
+      shift=self.t_shift,
+    )
+
+
 def _check_shapes(out, x0, labels, t, centroids) -> None:
   if out.ndim != 4 or out.shape[-1] != 3:
     raise ValueError(f"flowseg_loss: out must be (B, H, W, 3), got shape {out.shape}")
@@ -237,65 +322,54 @@ def flow_terms(
   labels: jax.Array,
   t: jax.Array,
   centroids: jax.Array,
-  *,
-  prediction: Prediction = "v",
-  tau: float = 1.0,
-  eps: float = 1e-6,
-  transform: Transform = "log",
-  target: Target = "static",
-  mask_ignored: bool = True,
-  t_eps: float = 0.05,
-  reshape: bool = True,
-  pixel_chunk: int | None = None,
-  max_grad_norm: float = 1.0,
+  objective: Objective | None = None,
 ) -> dict[str, jax.Array]:
-  """Everything the loss is made of (arguments as `flowseg_loss`), in the compute dtype.
+  """Everything the loss is made of (arguments as `flowseg_loss`, the options as an `Objective`;
+  None: the defaults), in the compute dtype.
 
   Returns a dict with `v_theta`, `x1_hat`, `v` (vanilla target), `v_target` (reshaped target, constant),
   `grad_phi` (B, H, W, 3; zeros when reshape is False); `valid` bool and `train_labels` int32 (B, H, W) (the centroid index each pixel is
   trained toward); `num_bad_labels` (labels outside the valid range, masked out).
   """
-  _choice("prediction", prediction, PREDICTIONS)
-  _choice("transform", transform, TRANSFORMS)
-  _choice("target", target, TARGETS)
+  obj = Objective() if objective is None else objective
   out, x0, labels, t, centroids = map(jnp.asarray, (out, x0, labels, t, centroids))
   _check_shapes(out, x0, labels, t, centroids)
   num_table = centroids.shape[0]
-  num_classes = num_table if mask_ignored else num_table - 1
+  num_classes = num_table if obj.mask_ignored else num_table - 1
   centroids_lib.check_labels(labels, num_classes)
 
   dtype = _compute_dtype(out, x0, centroids, t)
   out, x0, t, centroids = (a.astype(dtype) for a in (out, x0, t, centroids))
   labels = labels.astype(jnp.int32)
 
-  valid, train_labels, bad = _train_labels(labels, num_table, mask_ignored)
+  valid, train_labels, bad = _train_labels(labels, num_table, obj.mask_ignored)
   x1 = jnp.take(centroids, train_labels, axis=0)
   tb = t[:, None, None, None]
   x_t = (1 - tb) * x0 + tb * x1
   v = x1 - x0
-  if prediction == "v":
+  if obj.prediction == "v":
     v_theta = out
     x1_hat = x_t + (1 - tb) * v_theta
   else:
     x1_hat = out
-    v_theta = (x1_hat - x_t) / jnp.maximum(1 - tb, t_eps)
+    v_theta = (x1_hat - x_t) / jnp.maximum(1 - tb, obj.t_eps)
 
-  if reshape:
+  if obj.reshape:
     grad_phi = potential_grad(
       jax.lax.stop_gradient(x1_hat),
       train_labels,
       centroids,
-      tau=tau,
-      eps=eps,
-      transform=transform,
-      pixel_chunk=pixel_chunk,
-      max_grad_norm=max_grad_norm,
+      tau=obj.tau,
+      eps=obj.eps,
+      transform=obj.transform,
+      pixel_chunk=obj.pixel_chunk,
+      max_grad_norm=obj.max_grad_norm,
     )
   else:  # vanilla flow matching never evaluates the potential
     grad_phi = jnp.zeros_like(x1_hat)
-  if not reshape:
+  if not obj.reshape:
     v_target = v
-  elif target == "static":
+  elif obj.target == "static":
     v_target = v - grad_phi
   else:
     v_target = v - tb * grad_phi
@@ -317,17 +391,7 @@ def flowseg_loss(
   labels: jax.Array,
   t: jax.Array,
   centroids: jax.Array,
-  *,
-  prediction: Prediction = "v",
-  tau: float = 1.0,
-  eps: float = 1e-6,
-  transform: Transform = "log",
-  target: Target = "static",
-  mask_ignored: bool = True,
-  t_eps: float = 0.05,
-  reshape: bool = True,
-  pixel_chunk: int | None = None,
-  max_grad_norm: float = 1.0,
+  **options,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The FlowSeg training loss and what a training loop logs.
 
@@ -338,16 +402,8 @@ def flowseg_loss(
       (then row N-1 of `centroids` is the ignore colour, see `centroids.class_centroids`).
     t: (B,) times in [0, 1].
     centroids: (N, 3) class colours.
-    prediction: 'v' (out is a velocity) or 'x' (out is the clean mask x1_hat).
-    tau, eps, transform: the potential's temperature, distance offset and distance transform
-      ('log' | 'sqrt' | 'linear' | 'norm_reduced', see `potential_grad`).
-    target: 'static' (v - grad Phi) or 'annealing' (v - t grad Phi); ignored when reshape is False.
-    mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
-    t_eps: clamp of 1 - t in the 'x' prediction's velocity.
-    reshape: False gives vanilla flow matching (target v).
-    pixel_chunk: pixels per chunk of the potential's (pixels x classes) work: 0 all at once, None auto
-      (`resolve_pixel_chunk`: cache-sized chunks on CPU, none on accelerators). Scheduling only.
-    max_grad_norm: the per-pixel bound on |grad Phi| of transform='norm_reduced' (unused otherwise).
+    **options: the objective's keywords, `Objective`'s fields (prediction, tau, eps, transform,
+      target, mask_ignored, t_eps, reshape, max_grad_norm, pixel_chunk); the rest take its defaults.
 
   Returns:
     (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean
@@ -355,23 +411,8 @@ def flowseg_loss(
     to the right class), `num_valid` (valid pixels) and `num_bad_labels` (labels outside the valid range that
     were masked out; only possible under jit, where they cannot raise).
   """
-  terms = flow_terms(
-    out,
-    x0,
-    labels,
-    t,
-    centroids,
-    prediction=prediction,
-    tau=tau,
-    eps=eps,
-    transform=transform,
-    target=target,
-    mask_ignored=mask_ignored,
-    t_eps=t_eps,
-    reshape=reshape,
-    pixel_chunk=pixel_chunk,
-    max_grad_norm=max_grad_norm,
-  )
+  objective = Objective(**options)
+  terms = flow_terms(out, x0, labels, t, centroids, objective)
   v_theta, valid = terms["v_theta"], terms["valid"]
   dtype = v_theta.dtype
   weight = valid[..., None].astype(dtype)
@@ -393,30 +434,6 @@ def flowseg_loss(
     "num_bad_labels": terms["num_bad_labels"],
   }
   return masked_mse(terms["v_target"]), aux
-
-
-# What the objective computes (the options the PyTorch reference shares) ...
-OBJECTIVE_OPTIONS = (
-  "prediction",
-  "tau",
-  "eps",
-  "transform",
-  "target",
-  "mask_ignored",
-  "t_eps",
-  "reshape",
-  "max_grad_norm",
-)
-# ... and how JAX schedules it (no effect on the result beyond float rounding).
-LOSS_OPTIONS = OBJECTIVE_OPTIONS + ("pixel_chunk",)
-
-
-def loss_kwargs(objective_config, *, schedule: bool = True) -> dict:
-  """The `flowseg_loss` keyword arguments held by a config's `objective` section.
-
-  schedule=False leaves out the scheduling options: what a reference implementation takes.
-  """
-  return {k: objective_config[k] for k in (LOSS_OPTIONS if schedule else OBJECTIVE_OPTIONS)}
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:

@@ -2,13 +2,16 @@
 
   seg = Segmenter.from_workdir("/tmp/flowseg_demo")   # workdir/config.json + the EMA denoiser weights
   labels = seg("photo.jpg")                           # int32 (H, W) train ids
+  mask = Segmenter.from_workdir("/tmp/rlfseg_demo")("photo.jpg", prompt="a photo of texture_003")
 
 Each image becomes one or more network inputs ("windows"): whole mode resizes it to
 `config.input.image_size`; slide mode resizes it so its short side is `config.eval.slide_short_side`
 and cuts mmseg's grid of image_size windows. The windows of many images stream through fixed-shape
 device batches (padded), the Euler ODE carries each to its colour mask, overlapping windows are averaged,
 and the continuous colours are resized bilinearly to the image's own size and decoded there (nearest
-centroid), as mmseg resizes logits before the argmax (DESIGN.md "Inference").
+centroid), as mmseg resizes logits before the argmax (DESIGN.md "Inference"). One Segmenter serves
+every task: the task says what the network is conditioned on (a prompted model needs a prompt for
+every image, in every method; a semantic one takes none) and how the ODE is integrated.
 
 Every device always runs `batch_per_device` windows, whatever the device count, so a window's arithmetic
 does not depend on how many devices share the work. Restoring reads only the denoiser's parameters from
@@ -20,11 +23,9 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,93 +35,44 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import sampling, sharding, tasks
-from flowseg_jax import workdir as workdir_lib
+from flowseg_jax import checkpointing, sampling, sharding, tasks
 from flowseg_jax.data import classes, pipeline, transforms
+from flowseg_jax.run import files
+from flowseg_jax.run.progress import Progress
 
 MODES = ("whole", "slide")
 
 
 # ------------------------------------------------------------------------------------------------
-# The model as inference sees it.
+# The sampler.
 # ------------------------------------------------------------------------------------------------
 
 
-class InferenceSetup:
-  """What sampling needs from a config: the denoiser, the class centroids, the conditioning label.
-
-  `train.Setup` has the same attributes, so evaluation accepts either.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    if tasks.task_name(config) == "semantic":
-      self.task = tasks.SemanticTask(config, pipeline.num_classes(config.input))
-    else:
-      self.task = tasks.PromptedTask(config, pipeline.prompt_list(config.input))
-    self.model = self.task.model
-    self.num_classes = self.task.num_classes
-    self.centroids = self.task.centroids
-    self.cond_label = self.task.cond_label
-
-  def abstract_params(self, mesh, rules):
-    """The denoiser's parameters as ShapeDtypeStructs laid out by the logical-axis rules on mesh."""
-    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = jax.eval_shape(self.model.init, jax.random.key(0), x, t, y)["params"]
-      shardings = sharding.logical_shardings(boxed, mesh, rules)
-    return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
-    )
-
-
-def sampler_options(config, num_steps: int | None = None) -> tuple:
-  cfg = config.eval
-  steps = cfg.num_steps if num_steps is None else num_steps
-  return (
-    int(steps),
-    float(cfg.shift),
-    cfg.method,
-    config.objective.prediction,
-    config.objective.t_eps,
-  )
-
-
 @functools.lru_cache(maxsize=16)
-def _sample_fn(setup, mesh, options, trajectory: bool):
-  num_steps, shift, method, prediction, t_eps = options
-  real_centroids = setup.centroids[: setup.num_classes]  # the ignore centroid is never predicted
+def _compiled_sampler(task, mesh, options: sampling.SamplerOptions, trajectory: bool):
+  decode_centroids = jnp.asarray(task.decode_centroids)  # the ignore colour is never predicted
 
-  def sample_fn(params, images):
-    y = jnp.full((images.shape[0],), setup.cond_label, jnp.int32)
-    apply = lambda x, t: setup.model.apply({"params": params}, x, t, y)
-    out = sampling.sample(
-      apply,
-      images,
-      num_steps=num_steps,
-      shift=shift,
-      prediction=prediction,
-      t_eps=t_eps,
-      method=method,
-      return_trajectory=trajectory,
-    )
+  def sample(params, images, cond):
+    apply_fn = lambda x, t: task.apply(params, x, t, cond)
     if trajectory:
-      return out
-    return out, centroids_lib.decode_colors(out, real_centroids)
+      return options.sample(apply_fn, images, return_trajectory=True)
+    out, dt = task.integrate(apply_fn, images, options)
+    return out, centroids_lib.decode_colours(out, decode_centroids), dt
 
   data = sharding.batch_sharding(mesh)
   traj = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
-  out_shardings = (data, traj) if trajectory else (data, data)
-  return jax.jit(sample_fn, in_shardings=(None, data), out_shardings=out_shardings)
+  out_shardings = (data, traj) if trajectory else (data, data, data)
+  return jax.jit(sample, in_shardings=(None, data, data), out_shardings=out_shardings)
 
 
-def make_sample_fn(setup, mesh, num_steps: int | None = None, *, trajectory: bool = False):
-  """jit: (denoiser params, images (B, H, W, 3)) -> (colours (B, H, W, 3) f32, labels (B, H, W) int32).
+def sample_fn(task, mesh, options: sampling.SamplerOptions, *, trajectory: bool = False):
+  """jit: (network params, images (B, H, W, 3), conditions int32 (B,)) -> (colours (B, H, W, 3) f32,
+  labels (B, H, W) int32, step scale dt (B,)), integrated as `task.integrate` does.
 
   With `trajectory`: (colours, states after every step (num_steps, B, H, W, 3)). Compiled once per
-  (setup, mesh, sampler settings).
+  (task, mesh, options).
   """
-  return _sample_fn(setup, mesh, sampler_options(setup.config, num_steps), trajectory)
+  return _compiled_sampler(task, mesh, options, trajectory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,57 +190,29 @@ def local_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
 
 
-class Progress:
-  """A log line every `every` items with rate and ETA (quiet when `every` is 0)."""
-
-  def __init__(self, what: str, total: int | None, every: int, *, start: int = 0):
-    self.what, self.total, self.every = what, total, every
-    self.count = self.first = start  # a resumed run counts on from its first step
-    self.start = time.monotonic()
-
-  def update(self, n: int = 1) -> None:
-    before = self.count
-    self.count += n
-    if not self.every or self.count // self.every == before // self.every:
-      return
-    elapsed = time.monotonic() - self.start
-    rate = (self.count - self.first) / max(elapsed, 1e-9)
-    if self.total:
-      eta = (self.total - self.count) / max(rate, 1e-9)
-      logging.info(
-        "%s: %d/%d (%.1f/s, ETA %s)", self.what, self.count, self.total, rate, _clock(eta)
-      )
-    else:
-      logging.info("%s: %d (%.1f/s)", self.what, self.count, rate)
-
-
-def _clock(seconds: float) -> str:
-  s = int(round(max(seconds, 0)))
-  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 # ------------------------------------------------------------------------------------------------
 # The segmenter.
 # ------------------------------------------------------------------------------------------------
 
 
 class Segmenter:
-  """Images of any size -> int32 label maps (train ids) at their own size.
+  """Images of any size -> int32 label maps at their own size: train ids (semantic) or a binary
+  mask of the prompt's region (prompted: every method takes the images' prompts).
 
   Args:
-    config: the run's ConfigDict (model, input.image_size, objective, eval, cond_label).
-    params: the denoiser's parameters.
+    config: the run's ConfigDict (task, model, input.image_size, objective, eval, ...).
+    params: the network's parameters.
+    task: `tasks.create_task(config)` (built when not given; pass one to share compiled samplers).
     mesh: device mesh (default: all devices along 'data'; parameters replicated).
     step: the checkpoint step the parameters come from (for names and logs).
     batch_per_device: windows per device per call (default config.eval.batch_per_device, else 1).
-    setup: an `InferenceSetup` (or `train.Setup`) of config, to share compiled samplers.
   """
 
   def __init__(
-    self, config, params, *, mesh=None, step: int | None = None, batch_per_device=None, setup=None
+    self, config, params, *, task=None, mesh=None, step: int | None = None, batch_per_device=None
   ):
     self.config = config
-    self.setup = InferenceSetup(config) if setup is None else setup
+    self.task = tasks.create_task(config) if task is None else task
     self.mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
     self.params = params
     self.step = step
@@ -296,9 +220,9 @@ class Segmenter:
     self.batch_per_device = int(default if batch_per_device is None else batch_per_device)
     if self.batch_per_device < 1:
       raise ValueError(f"batch_per_device must be >= 1, got {self.batch_per_device}")
-    self.num_classes = self.setup.num_classes
+    self.num_classes = self.task.num_classes
     self.class_names = pipeline.class_names(config.input)
-    self.centroids = np.asarray(self.setup.centroids[: self.num_classes])
+    self.centroids = self.task.decode_centroids
     self.palette = centroids_lib.palette(self.centroids)  # a perfect mask is drawn in these
 
   @classmethod
@@ -314,81 +238,105 @@ class Segmenter:
   ) -> Segmenter:
     """The newest readable checkpoint of a training workdir (EMA weights unless config.eval.use_ema
     is False or use_ema=False); config defaults to workdir/config.json."""
-    workdir_lib.check_has_checkpoint(workdir)
-    config = workdir_lib.load_config(workdir) if config is None else config
+    checkpointing.check_has_checkpoint(workdir)
+    config = files.load_config(workdir) if config is None else config
     mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
-    setup = InferenceSetup(config)
-    abstract = setup.abstract_params(mesh, sharding.rules_from_config(config.sharding_rules))
+    task = tasks.create_task(config)
+    abstract = task.abstract_params(mesh, sharding.rules_from_config(config.sharding_rules))
     use_ema = bool(config.eval.use_ema) if use_ema is None else use_ema
-    params, restored_step = workdir_lib.restore_denoiser(
+    params, restored_step = checkpointing.restore_denoiser(
       workdir, abstract, use_ema=use_ema, step=step
     )
     logging.info(
       "Segmenter: %s step %d (%s weights).", workdir, restored_step, "EMA" if use_ema else "online"
     )
-    if setup.task.name == "prompted":
-      from flowseg_jax.prompted_inference import PromptedSegmenter
-
-      cls = PromptedSegmenter
-    return cls(config, params, mesh=mesh, step=restored_step, setup=setup, **kwargs)
+    return cls(config, params, task=task, mesh=mesh, step=restored_step, **kwargs)
 
   # -- public API --------------------------------------------------------------------------------
 
-  def __call__(self, image, *, num_steps: int | None = None, mode: str | None = None) -> np.ndarray:
-    """One image (path, PIL image or uint8 array) -> int32 (H, W) train ids at its own size."""
-    return self.segment_batch([image], num_steps=num_steps, mode=mode)[0]
+  @property
+  def prompts(self) -> list[str]:
+    """The prompt texts a prompted model knows (empty for a semantic model)."""
+    return list(getattr(self.task, "prompts", []))
+
+  def __call__(self, image, *, prompt=None, num_steps=None, mode=None, adaptive=None) -> np.ndarray:
+    """One image (path, PIL image or uint8 array) -> int32 (H, W) labels at its own size.
+
+    prompt: a prompted model's prompt (a text it knows, or its id); a semantic model takes none.
+    adaptive: the prompted task's adaptive one-step rule (default config.prompted.adaptive).
+    """
+    return self.segment_batch(
+      [image], prompts=[prompt], num_steps=num_steps, mode=mode, adaptive=adaptive
+    )[0]
 
   def segment_batch(
-    self, images: Sequence, *, num_steps: int | None = None, mode: str | None = None
+    self, images: Sequence, *, prompts=None, num_steps=None, mode=None, adaptive=None
   ) -> list[np.ndarray]:
-    """Many images of any sizes -> a list of int32 (H, W) label maps, in order."""
-    items = ((i, to_rgb(img)) for i, img in enumerate(images))
+    """Many images of any sizes (and one prompt each for a prompted model) -> int32 (H, W) label
+    maps, in order. Every prompt is checked before any image is segmented."""
+    prompts = [None] * len(images) if prompts is None else list(prompts)
+    if len(prompts) != len(images):
+      raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one per image")
+    for prompt in prompts:
+      self.task.condition_of(prompt)
+    items = ((i, to_rgb(img), p) for i, (img, p) in enumerate(zip(images, prompts)))
     out = [None] * len(images)
-    for i, _, labels in self.segment_stream(items, len(images), num_steps=num_steps, mode=mode):
+    stream = self.segment_stream(
+      items, len(images), num_steps=num_steps, mode=mode, adaptive=adaptive
+    )
+    for i, _, labels, _ in stream:
       out[i] = labels
     return out
 
-  def colorize(self, labels: np.ndarray) -> np.ndarray:
+  def segment_prompts(self, images: Sequence, prompts: Sequence, **kwargs) -> list[np.ndarray]:
+    """Images with one prompt each -> masks (`segment_batch` with `prompts`)."""
+    return self.segment_batch(images, prompts=prompts, **kwargs)
+
+  def colourise(self, labels: np.ndarray) -> np.ndarray:
     """int (H, W) labels -> uint8 (H, W, 3) in the class-centroid colours (255 white)."""
-    return classes.colorize(labels, self.palette)
+    return classes.colourise(labels, self.palette)
 
   def overlay(self, image, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """The image blended with its colourised labels, uint8 (H, W, 3)."""
     rgb = to_rgb(image).astype(np.float32)
-    return ((1 - alpha) * rgb + alpha * self.colorize(labels)).round().astype(np.uint8)
+    return ((1 - alpha) * rgb + alpha * self.colourise(labels)).round().astype(np.uint8)
 
-  def trajectory(self, image, *, num_steps: int | None = None) -> np.ndarray:
+  def trajectory(self, image, *, prompt=None, num_steps: int | None = None) -> np.ndarray:
     """The ODE states x(t_0 = 0), ..., x(t_n = 1) of the whole-image input: float32
     (num_steps + 1, H, W, 3) in colour space, at config.input.image_size."""
+    cond = self.task.condition_of(prompt)
     x0, _ = network_input(to_rgb(image), self.config, "whole")
     batch = self.batch_per_device * self.mesh.size
     images = np.zeros((batch, *x0.shape), np.float32)
     images[0] = x0
-    fn = make_sample_fn(self.setup, self.mesh, num_steps, trajectory=True)
+    conds = np.full((batch,), cond, np.int32)
+    fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps), trajectory=True)
     with jax.set_mesh(self.mesh):
-      _, states = fn(self.params, sharding.shard_batch({"x": images}, self.mesh)["x"])
+      arrays = sharding.shard_batch({"x": images, "c": conds}, self.mesh)
+      _, states = fn(self.params, arrays["x"], arrays["c"])
     states = np.asarray(jax.device_get(states))[:, 0]
     return np.concatenate([x0[None], states], axis=0)
 
-  # -- streaming (evaluate and predict build on this) --------------------------------------------
+  # -- streaming (evaluators and predict build on this) ------------------------------------------
 
   def segment_stream(
     self,
-    items: Iterable[tuple[Any, np.ndarray]],
+    items: Iterable[tuple[Any, np.ndarray, Any]],
     num_items: int,
     *,
     num_steps: int | None = None,
     mode: str | None = None,
+    adaptive: bool | None = None,
     progress: Progress | None = None,
-  ) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-    """(key, uint8 rgb (h, w, 3)) items -> (key, colours at the network's resolution, int32 labels
-    (h, w)), in order, as soon as each image's windows are done.
+  ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, float]]:
+    """(key, uint8 rgb (h, w, 3), prompt) items -> (key, colours at the network's resolution, int32
+    labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes.
     """
     mode = self.config.eval.mode if mode is None else mode
-    fn = make_sample_fn(self.setup, self.mesh, num_steps)
+    fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps, adaptive))
     local_batch = self.batch_per_device * self.mesh.local_mesh.size
     chunk = 8 * local_batch  # images prepared at a time: bounded host memory
     num_chunks = _global_max(-(-num_items // chunk))
@@ -397,29 +345,35 @@ class Segmenter:
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group = [
-          (key, rgb, *network_input(rgb, self.config, mode)) for key, rgb in _take(items, chunk)
+          (key, rgb, self.task.condition_of(prompt), *network_input(rgb, self.config, mode))
+          for key, rgb, prompt in _take(items, chunk)
         ]
         windows = [(g, y0, x0) for g, (*_, corners) in enumerate(group) for y0, x0 in corners]
         num_batches = _global_max(-(-len(windows) // local_batch))
-        sums = [np.zeros(x.shape, np.float32) for _, _, x, _ in group]
-        counts = [np.zeros(x.shape[:2], np.float32) for _, _, x, _ in group]
+        sums = [np.zeros(x.shape, np.float32) for _, _, _, x, _ in group]
+        counts = [np.zeros(x.shape[:2], np.float32) for _, _, _, x, _ in group]
+        dts = np.zeros(len(group), np.float64)
         left = np.bincount([w[0] for w in windows], minlength=len(group))
         for b in range(num_batches):
           batch = windows[b * local_batch : (b + 1) * local_batch]
           crops = np.zeros((local_batch, *crop, 3), np.float32)
+          conds = np.zeros((local_batch,), np.int32)
           for j, (g, y0, x0) in enumerate(batch):
-            crops[j] = group[g][2][y0 : y0 + crop[0], x0 : x0 + crop[1]]
-          colours, _ = fn(self.params, sharding.shard_batch({"x": crops}, self.mesh)["x"])
-          colours = local_rows(colours)
-          for (g, y0, x0), c in zip(batch, colours, strict=False):
-            sums[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += c
+            crops[j] = group[g][3][y0 : y0 + crop[0], x0 : x0 + crop[1]]
+            conds[j] = group[g][2]
+          arrays = sharding.shard_batch({"x": crops, "c": conds}, self.mesh)
+          colours, _, dt = fn(self.params, arrays["x"], arrays["c"])
+          colours, dt = local_rows(colours), local_rows(dt)
+          for j, (g, y0, x0) in enumerate(batch):
+            sums[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += colours[j]
             counts[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
+            dts[g] += dt[j]
             left[g] -= 1
             if left[g] == 0:
               key, rgb = group[g][:2]
               mean = sums[g] / counts[g][..., None]
               sums[g] = counts[g] = None
-              yield key, mean, self.decode(mean, rgb.shape[:2])
+              yield key, mean, self.decode(mean, rgb.shape[:2]), dts[g] / len(group[g][4])
               if progress is not None:
                 progress.update()
 
@@ -435,8 +389,3 @@ def _take(items: Iterator, n: int) -> list:
     if len(out) == n:
       break
   return out
-
-
-def progress_every(num_items: int) -> int:
-  """Log about twenty progress lines for long jobs, none for a handful of images."""
-  return 0 if num_items < 64 else max(num_items // 20, 1)

@@ -9,7 +9,7 @@ flowseg convert  dinov2  --ckpt FILE --out DIR
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
 `flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
-fault (one message naming it); see run_status.py and README "Fault tolerance".
+fault (one message naming it); see run/status.py and README "Fault tolerance".
 """
 
 from __future__ import annotations
@@ -149,14 +149,14 @@ def load_config(spec: str | None, workdir: str | None, overrides, *, from_workdi
     except ValueError as e:
       raise UsageError(f"--config {spec}: {e}") from e
   elif from_workdir:
-    from flowseg_jax import workdir as workdir_lib
+    from flowseg_jax.run import files
 
-    if not os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(workdir, files.CONFIG_FILE)):
       raise UsageError(
-        f"workdir {workdir!r} has no {workdir_lib.CONFIG_FILE} (training writes it): pass --config"
+        f"workdir {workdir!r} has no {files.CONFIG_FILE} (training writes it): pass --config"
       )
     try:
-      config = workdir_lib.load_config(workdir)
+      config = files.load_config(workdir)
     except ValueError as e:
       raise UsageError(str(e)) from e
   else:
@@ -235,10 +235,10 @@ def _run_command(command: str, argv: list[str]) -> int:
   rest, overrides = split_overrides(argv)
   args = _parser(command).parse_args(rest)  # exits 2 with one line on a usage error
   if command != "train":
-    from flowseg_jax import workdir as workdir_lib
+    from flowseg_jax import checkpointing
 
     try:
-      workdir_lib.check_has_checkpoint(args.workdir)
+      checkpointing.check_has_checkpoint(args.workdir)
     except FileNotFoundError as e:
       raise UsageError(str(e)) from e
   config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")
@@ -253,14 +253,7 @@ def _run_command(command: str, argv: list[str]) -> int:
     from flowseg_jax import evaluate
 
     result = evaluate.evaluate(config, args.workdir, step=args.step)
-    if "giou" in result:
-      print(
-        f"step {result['step']}: gIoU {100 * result['giou']:.2f}% cIoU {100 * result['ciou']:.2f}% "
-        f"(all-background: gIoU {100 * result['baseline_giou']:.2f}% cIoU "
-        f"{100 * result['baseline_ciou']:.2f}%) -> {result['path']}"
-      )
-    else:
-      print(f"step {result['step']}: mIoU {100 * result['mIoU']:.2f}% -> {result['path']}")
+    print(f"step {result['step']}: {result['summary']} -> {result['path']}")
     return 0
   from flowseg_jax import inference, predict
 
@@ -270,18 +263,10 @@ def _run_command(command: str, argv: list[str]) -> int:
     raise UsageError(str(e)) from e
   del files
   segmenter = inference.Segmenter.from_workdir(args.workdir, config, step=args.step)
-  prompted = segmenter.setup.task.name == "prompted"
-  if prompted != (args.prompt is not None):
-    raise UsageError(
-      "--prompt is required for a prompted (RLFSeg) run"
-      if prompted
-      else "--prompt is only for prompted (RLFSeg) runs; this run is semantic"
-    )
-  if prompted:
-    try:
-      segmenter.prompt_id(args.prompt)
-    except ValueError as e:
-      raise UsageError(str(e)) from e
+  try:
+    segmenter.task.condition_of(args.prompt)
+  except ValueError as e:
+    raise UsageError(f"--prompt: {e}") from e
   result = predict.predict(
     config, args.workdir, args.input, args.output, segmenter=segmenter, prompt=args.prompt
   )
@@ -307,8 +292,9 @@ def _run_convert(argv: list[str]) -> int:
 
 
 def train_command(config, workdir: str) -> int:
-  """`flowseg train`: the exit status says how the run ended (run_status.EXIT_STATUS)."""
-  from flowseg_jax import run_status, train
+  """`flowseg train`: the exit status says how the run ended (run.status.EXIT_STATUS)."""
+  from flowseg_jax import train
+  from flowseg_jax.run import status as run_status
 
   try:
     result = train.train_and_evaluate(config, workdir)

@@ -18,6 +18,7 @@ from absl import logging
 from PIL import Image
 
 from flowseg_jax import inference
+from flowseg_jax.run import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -49,7 +50,7 @@ def list_images(path: str) -> list[str]:
 
 def save_outputs(out_dir: str, name: str, rgb: np.ndarray, pred: np.ndarray, segmenter) -> None:
   Image.fromarray(pred.astype(np.uint8), mode="L").save(os.path.join(out_dir, f"{name}_label.png"))
-  Image.fromarray(segmenter.colorize(pred)).save(os.path.join(out_dir, f"{name}_mask.png"))
+  Image.fromarray(segmenter.colourise(pred)).save(os.path.join(out_dir, f"{name}_mask.png"))
   Image.fromarray(segmenter.overlay(rgb, pred)).save(os.path.join(out_dir, f"{name}_overlay.png"))
 
 
@@ -79,19 +80,14 @@ def predict(
         logging.error("Skipping %s: %s", path, e)
         failed.append((path, str(e)))
         continue
-      yield (path, rgb), rgb
+      yield (path, rgb), rgb, prompt
 
+  seg.task.condition_of(prompt)  # a missing, unknown or unwanted prompt fails before any work
   os.makedirs(output_dir, exist_ok=True)
   written = []
-  progress = inference.Progress("predict", len(mine), inference.progress_every(len(mine)))
-  if prompt is None:
-    stream = seg.segment_stream(readable(), len(mine), progress=progress)
-  else:
-    pid = seg.prompt_id(prompt)
-    keyed = list(readable())
-    masks = seg.stream([(rgb, pid) for _, rgb in keyed])
-    stream = ((key, colours, pred) for (key, _), (colours, pred, _) in zip(keyed, masks))
-  for (path, rgb), _, pred in stream:
+  report = progress.Progress("predict", len(mine), progress.every_for(len(mine)))
+  stream = seg.segment_stream(readable(), len(mine), progress=report)
+  for (path, rgb), _, pred, _ in stream:
     name = os.path.splitext(os.path.basename(path))[0]
     save_outputs(output_dir, name, rgb, pred, seg)
     written.append(name)

@@ -6,6 +6,7 @@ The loop is a `lax.scan` over a static time grid, so the step count does not unr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -16,6 +17,36 @@ from flowseg_jax import flow
 
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
 METHODS = ("euler", "heun")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """How inference integrates the ODE: `sample`'s settings (hashable: compiled samplers are cached
+  per setting). Tasks build it from `config.eval` and their objective (`Task.sampler_options`).
+
+  adaptive: (dt_min, dt_max, iterations) of the prompted task's adaptive one-step rule, applied by
+  that task when num_steps == 1; None: plain Euler / Heun.
+  """
+
+  num_steps: int = 10
+  shift: float = 1.0
+  method: str = "euler"
+  prediction: str = "v"
+  t_eps: float = 0.05
+  adaptive: tuple[float, float, int] | None = None
+
+  def sample(self, apply_fn: ApplyFn, x0: jax.Array, *, return_trajectory: bool = False):
+    """`sample` with these settings."""
+    return sample(
+      apply_fn,
+      x0,
+      num_steps=self.num_steps,
+      shift=self.shift,
+      prediction=self.prediction,
+      t_eps=self.t_eps,
+      method=self.method,
+      return_trajectory=return_trajectory,
+    )
 
 
 def time_grid(num_steps: int, *, shift: float = 1.0) -> np.ndarray:

@@ -13,37 +13,14 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from flowseg_jax import (
-  checkpointing,
-  evaluate,
-  inference,
-  run_status,
-  sharding,
-  writers,
-)
-from flowseg_jax import run_records as records
+from flowseg_jax import checkpointing, evaluate, sharding, train_state
 from flowseg_jax.data import pipeline, sources
-from flowseg_jax.run_status import RunError
-from flowseg_jax.step import (  # noqa: F401 - the step is part of train's API
-  Setup,
-  check_batch_fits_mesh,
-  compile_train_step,
-  loss_fn,
-  refine_targets,
-  train_step,
-  validate_config,
-)
-from flowseg_jax.train_state import (  # noqa: F401 - state creation is part of train's API
-  TrainState,
-  abstract_train_state,
-  abstract_with_shardings,
-  create_train_state,
-  initialise,
-  load_pretrained_denoiser,
-  load_pretrained_projector,
-  load_pretrained_t2i,
-)
-from flowseg_jax.workdir_lock import WorkdirLock
+from flowseg_jax.run import files, writers
+from flowseg_jax.run import status as run_status
+from flowseg_jax.run.lock import WorkdirLock
+from flowseg_jax.run.progress import Progress
+from flowseg_jax.run.status import RunError
+from flowseg_jax.train_step import TrainSetup, check_batch_fits_mesh, compile_train_step
 
 # ------------------------------------------------------------------------------------------------
 # The loop.
@@ -146,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   faults raise a run_status.RunError with a one-line (or few-line) explanation.
   """
   os.makedirs(workdir, exist_ok=True)
-  setup = Setup(config)
+  setup = TrainSetup(config)
   mesh = sharding.mesh_from_config(config.mesh)
   check_batch_fits_mesh(config, mesh)
   with WorkdirLock(workdir):
@@ -161,10 +138,10 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     jax.device_count(),
     jax.process_count(),
   )
-  abstract, state_shardings = abstract_train_state(setup, mesh, rules, config.seed)
+  abstract, state_shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
   parameter_overview.log_parameter_overview(abstract.params, include_stats="sharding")
   manager = checkpointing.create_manager(
-    os.path.join(workdir, "checkpoints"),
+    os.path.join(workdir, files.CHECKPOINTS_DIR),
     keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
   )
@@ -174,11 +151,11 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     manager,
     abstract,
     make_data_iter,
-    config_diff=records.config_differences(workdir, config),
+    config_diff=files.config_differences(workdir, config),
   )
   if restored is not None:
     state, start_step, meta, data_iter = restored
-    done = records.finished_result(workdir, start_step, config.total_steps)
+    done = files.finished_result(workdir, start_step, config.total_steps)
     if done is not None:
       manager.close()
       logging.info("%s already finished at step %d: nothing to do.", workdir, start_step)
@@ -189,11 +166,11 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     data_start = data_iter.get_state()["input"]["start"]
   else:
     _check_eval_data(config)
-    state, origin = initialise(setup, mesh, rules, state_shardings)
+    state, origin = train_state.initialise(setup, mesh, rules, state_shardings)
     data_iter = make_data_iter({})
     start_step, position, data_start = 0, 0, 0
-  records.write_config(workdir, config)
-  records.truncate_metrics(workdir, start_step)
+  files.write_config(workdir, config)
+  files.truncate_metrics(workdir, start_step)
   logging.info("Starting at step %d (%s), data position %d.", start_step, origin, position)
   if setup.teacher_params is not None:
     setup.teacher_params = jax.device_put(setup.teacher_params, sharding.replicated(mesh))
@@ -202,9 +179,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
-  progress = inference.Progress(
-    "train", config.total_steps, config.log_every_steps, start=start_step
-  )
+  progress = Progress("train", config.total_steps, config.log_every_steps, start=start_step)
 
   history: list[dict] = []
   skipped_examples = 0
@@ -223,8 +198,9 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     if step not in manager.all_steps():
       save()
     checkpointing.check_saved(manager, wait=True)
-    result = evaluate.evaluate_state(
-      config, setup, state, mesh, workdir=workdir, step=step, writer=writer
+    params = (state.ema_params if config.eval.use_ema else state.params)["denoiser"]
+    result = evaluate.evaluate_params(
+      config, setup.task, params, mesh, workdir=workdir, step=step, writer=writer
     )
     checkpointing.record_metrics(
       manager, step, {checkpointing.BEST_METRIC: result[setup.task.best_metric]}
@@ -259,7 +235,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
               "Non-finite mean loss at step %d (updates skipped: %d).", step, summary["skipped"]
             )
           writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-          records.append_metrics(workdir, {"step": step, **summary})
+          files.append_metrics(workdir, {"step": step, **summary})
           skip_watch.update(skipped_flags, step)
 
         is_last = step == config.total_steps
@@ -282,7 +258,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
       _close_quietly(manager)
     records_failed = {"status": run_status.FAILED, "step": step, "error": str(e)}
     try:
-      records.write_result(workdir, records_failed)
+      files.write_result(workdir, records_failed)
     except OSError:
       pass  # e.g. the disk that failed the checkpoint is full
     raise
@@ -293,26 +269,8 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     "num_skipped_updates": int(jax.device_get(state.num_skipped)),
     **last_eval,
   }
-  records.write_result(workdir, result)
+  files.write_result(workdir, result)
   return result
-
-
-def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
-  """(setup, mesh, state, step) of the newest readable checkpoint of workdir: the whole TrainState
-  (online and EMA parameters, optimiser), e.g. to compare runs. Inference uses `Segmenter`."""
-  setup = Setup(config)
-  mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
-  manager = checkpointing.create_manager(
-    os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=False
-  )
-  restored = checkpointing.restore_latest(manager, abstract, None)
-  manager.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no readable checkpoint")
-  state, step = restored
-  return setup, mesh, state, step
 
 
 def _close_quietly(manager) -> None:

@@ -3,18 +3,19 @@ abstract first, born sharded; fresh starts from config.init_from, config.model_i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from flowseg_jax import checkpointing, sharding
-
-if TYPE_CHECKING:
-  from flowseg_jax.step import Setup
+from flowseg_jax.run import files
+from flowseg_jax.train_step import TrainSetup
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -35,7 +36,7 @@ class TrainState(flax.struct.PyTreeNode):
 # ------------------------------------------------------------------------------------------------
 
 
-def _init_boxed_fn(setup: Setup):
+def _init_boxed_fn(setup: TrainSetup):
   def init_boxed(rng):
     params = setup.init_params(rng)
     return TrainState(
@@ -50,15 +51,16 @@ def _init_boxed_fn(setup: Setup):
   return init_boxed
 
 
-def abstract_train_state(setup: Setup, mesh, rules, seed: int):
+def abstract_train_state(setup: TrainSetup, mesh, rules, seed: int):
   """(abstract state as ShapeDtypeStructs carrying shardings, state shardings); allocates nothing."""
+  key = jax.random.key(seed)  # outside the mesh context: it may hold abstract devices
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(_init_boxed_fn(setup), jax.random.key(seed))
+    boxed = jax.eval_shape(_init_boxed_fn(setup), key)
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   return abstract_with_shardings(nn.unbox(boxed), shardings), shardings
 
 
-def create_train_state(setup: Setup, mesh, rules, seed: int):
+def create_train_state(setup: TrainSetup, mesh, rules, seed: int):
   """(state, state_shardings): parameters initialised directly into their shardings."""
   _, shardings = abstract_train_state(setup, mesh, rules, seed)
   init_boxed = _init_boxed_fn(setup)
@@ -76,42 +78,13 @@ def abstract_with_shardings(state, shardings):
   )
 
 
-def load_pretrained_denoiser(setup: Setup, model_init: str):
-  """PixNerd params from a converted export, re-laid-out for this model (scan or not). Prompted
-  runs read the official PixNerd-T2I checkpoint itself (EMA weights)."""
-  if setup.task.name == "prompted":
-    return load_pretrained_t2i(setup, model_init)
-  from flowseg_jax.convert import pixnerd as pixnerd_convert
-
-  src_model, src_params = pixnerd_convert.load_converted(model_init)
-  if src_model.arch_config() != setup.model.arch_config():
-    raise ValueError(
-      f"config.model_init={model_init!r} holds architecture {src_model.arch_config()}, but "
-      f"config.model builds {setup.model.arch_config()}"
-    )
-  _, params = pixnerd_convert.relayout(src_params, src_model, scan_blocks=setup.model.scan_blocks)
-  return params
+def load_pretrained_denoiser(setup: TrainSetup, model_init: str):
+  """The network's parameters from `config.model_init`, as the task reads them (a converted PixNerd
+  export re-laid-out for this model; the official PixNerd-T2I checkpoint's EMA weights)."""
+  return setup.task.pretrained_params(model_init)
 
 
-def load_pretrained_t2i(setup: Setup, path: str):
-  from flowseg_jax.convert import pixnerd_t2i as t2i_convert
-
-  t2i = setup.model.t2i
-  src_model, params = t2i_convert.load_torch_checkpoint(path, "ema", scan_blocks=t2i.scan_blocks)
-  if src_model.arch_config() != t2i.arch_config():
-    raise ValueError(
-      f"config.model_init={path!r} holds architecture {src_model.arch_config()}, but "
-      f"config.prompted builds {t2i.arch_config()}"
-    )
-  if setup.model.num_prompts:
-    raise ValueError(
-      "config.model_init with a learned prompt table (config.prompted.condition='table') would "
-      "leave the table untrained against pretrained text features; use condition='cache'"
-    )
-  return {"t2i": params}
-
-
-def load_pretrained_projector(setup: Setup, model_init: str, params):
+def load_pretrained_projector(setup: TrainSetup, model_init: str, params):
   """The REPA projector stored in a converted PixNerd export, when REPA is on and asks for it."""
   if setup.projector is None or not setup.config.repa.init_projector:
     return None
@@ -157,3 +130,21 @@ def initialise(setup, mesh, rules, shardings):
       ema["projector"] = jax.device_put(projector, shardings.ema_params["projector"])
     return state.replace(params=params, ema_params=ema), "model_init"
   return state, "scratch"
+
+
+def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
+  """(setup, mesh, state, step) of the newest readable checkpoint of workdir: the whole TrainState
+  (online and EMA parameters, optimiser), e.g. to compare runs. Inference uses `Segmenter`."""
+  setup = TrainSetup(config)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
+  manager = checkpointing.create_manager(
+    os.path.join(workdir, files.CHECKPOINTS_DIR), keep=config.keep_checkpoints, async_save=False
+  )
+  restored = checkpointing.restore_latest(manager, abstract, None)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/{files.CHECKPOINTS_DIR} holds no readable checkpoint")
+  state, step = restored
+  return setup, mesh, state, step

@@ -12,14 +12,14 @@ def test_encode_decode_roundtrip_and_ignore():
   cents = centroids_lib.kronecker_centroids(171)
   labels = np.arange(171).reshape(1, 9, 19).astype(np.int32)
   labels[0, 0, 0] = 255
-  colors = centroids_lib.encode_labels(labels, cents)
-  np.testing.assert_array_equal(colors[0, 0, 0], cents[0])
-  decoded = np.asarray(centroids_lib.decode_colors(colors, cents, chunk_size=16))
+  colours = centroids_lib.encode_labels(labels, cents)
+  np.testing.assert_array_equal(colours[0, 0, 0], cents[0])
+  decoded = np.asarray(centroids_lib.decode_colours(colours, cents, chunk_size=16))
   expected = labels.copy()
   expected[0, 0, 0] = 0
   np.testing.assert_array_equal(decoded, expected)
-  colors_void = centroids_lib.encode_labels(labels, cents, ignore_index=5)
-  np.testing.assert_array_equal(colors_void[0, 0, 0], cents[5])
+  colours_void = centroids_lib.encode_labels(labels, cents, ignore_index=5)
+  np.testing.assert_array_equal(colours_void[0, 0, 0], cents[5])
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 200])
@@ -27,14 +27,14 @@ def test_chunked_decode_equals_full_argmin(chunk_size):
   cents = centroids_lib.kronecker_centroids(150)
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3), minval=-1.3, maxval=1.3)
   full = jnp.argmin(centroids_lib.squared_distances(x, cents), axis=-1)
-  np.testing.assert_array_equal(centroids_lib.decode_colors(x, cents, chunk_size=chunk_size), full)
+  np.testing.assert_array_equal(centroids_lib.decode_colours(x, cents, chunk_size=chunk_size), full)
 
 
 def test_decode_ties_go_to_lower_index_across_chunks():
   cents = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [1, 0, 0]], np.float32)  # 1 and 3 coincide
   x = np.array([[1.0, 0, 0]], np.float32)
-  assert int(centroids_lib.decode_colors(x, cents, chunk_size=2)[0]) == 1
-  assert int(centroids_lib.decode_colors(x, cents, chunk_size=3)[0]) == 1
+  assert int(centroids_lib.decode_colours(x, cents, chunk_size=2)[0]) == 1
+  assert int(centroids_lib.decode_colours(x, cents, chunk_size=3)[0]) == 1
 
 
 def test_decode_memory_is_bounded_by_chunk():
@@ -43,7 +43,7 @@ def test_decode_memory_is_bounded_by_chunk():
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
 
   def temp_bytes(chunk):
-    fn = jax.jit(lambda y: centroids_lib.decode_colors(y, cents, chunk_size=chunk))
+    fn = jax.jit(lambda y: centroids_lib.decode_colours(y, cents, chunk_size=chunk))
     return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
 
   full = 64 * 64 * 171 * 4
@@ -72,6 +72,6 @@ def test_check_labels():
   with pytest.raises(TypeError):
     centroids_lib.kronecker_centroids(2.0)
   with pytest.raises(ValueError, match="chunk_size"):
-    centroids_lib.decode_colors(
+    centroids_lib.decode_colours(
       np.zeros((1, 3)), centroids_lib.kronecker_centroids(3), chunk_size=0
     )

@@ -71,12 +71,12 @@ assert trajectory.shape == (NUM_STEPS, NUM_IMAGES, h, w, 3), trajectory.shape
 # The trajectory: the first frame is the input image, then one Euler step of the network's velocity
 # per frame; the last frame is x(1) and decodes to the labels drawn.
 np.testing.assert_array_equal(frames[0], images[:NUM_ROWS])
-y = jnp.full((NUM_IMAGES,), setup.cond_label, jnp.int32)
-v0 = np.asarray(setup.model.apply({"params": params}, images, jnp.zeros((NUM_IMAGES,)), y))
+y = jnp.full((NUM_IMAGES,), task.cond_label, jnp.int32)
+v0 = np.asarray(task.model.apply({"params": params}, images, jnp.zeros((NUM_IMAGES,)), y))
 assert np.abs(v0).max() > 1e-2, np.abs(v0).max()
 np.testing.assert_allclose(trajectory[0], images + (times[1] - times[0]) * v0, rtol=1e-4, atol=1e-4)
 np.testing.assert_array_equal(trajectory[-1], x1)
-np.testing.assert_array_equal(np.asarray(centroids_lib.decode_colors(trajectory[-1], real_centroids)), pred)
+np.testing.assert_array_equal(np.asarray(centroids_lib.decode_colours(trajectory[-1], real_centroids)), pred)
 assert np.all(np.diff(remaining) < 0), remaining  # every step gets closer to the end point
 # Trained, not only run: the loss fell, and held-out pixels are right well above chance.
 print("reduced-mode scores:", {n: (s["mIoU"], s["aAcc"]) for n, s in scores_by_steps.items()})

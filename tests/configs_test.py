@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from flowseg_jax import defaults, models, optim, train
+from flowseg_jax import defaults, models, optim, train_step
 from flowseg_jax.data import pipeline
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -29,7 +29,7 @@ def test_paper_stages():
   assert pipeline.num_classes(coco.input) == 171
   with pytest.raises(ValueError, match="stage"):
     load("flowseg_ade20k", "stage=3")
-  with pytest.raises(ValueError, match="unknown arguments"):
+  with pytest.raises(ValueError, match="unknown config argument .typo."):
     load("flowseg_ade20k", "stage=1,typo=2")
 
 
@@ -62,7 +62,7 @@ def test_ablations(ablation, fields):
     if config[section][k] != default[section][k]
   }
   assert changed == {k for k, v in fields.items() if v != default[k.split(".")[0]][k.split(".")[1]]}
-  train.Setup(config)  # a runnable combination
+  train_step.TrainSetup(config)  # a runnable combination
 
 
 def test_ablation_arguments_and_hard_base():
@@ -70,7 +70,7 @@ def test_ablation_arguments_and_hard_base():
   assert config.objective.tau == 0.5 and config.objective.eps == 1e-3
   assert pipeline.num_classes(config.input) == 48 and tuple(config.input.image_size) == (64, 64)
   assert tuple(config.input.synthetic.size) == (64, 64) and config.model.variant == "tiny/8"
-  train.Setup(config)
+  train_step.TrainSetup(config)
   with pytest.raises(ValueError, match="unknown ablation"):
     load("ablations", "ablation=annealed,base=demo")
   with pytest.raises(ValueError, match="base must be"):
@@ -79,25 +79,25 @@ def test_ablation_arguments_and_hard_base():
 
 def test_demo_builds_and_is_small():
   config = load("demo")
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   assert not config.repa.enabled and config.input.dataset == "synthetic"
-  assert setup.model.hidden_size <= 128
+  assert setup.task.model.hidden_size <= 128
   assert models.create_model(config.model).scan_blocks
   optim.learning_rate_schedule(config.optim, config.total_steps)
   assert load("ablations", "tau=2,base=demo").objective.tau == 2.0
 
 
 def test_rlfseg_configs():
-  demo = load("rlfseg_demo")
-  setup = train.Setup(demo)
-  assert setup.task.name == "prompted" and setup.model.t2i.hidden_size <= 128
+  demo = load("rlfseg/demo")
+  setup = train_step.TrainSetup(demo)
+  assert setup.task.name == "prompted" and setup.task.model.t2i.hidden_size <= 128
   assert not demo.objective.reshape and not demo.prompted.refine.enabled
-  assert load("rlfseg_demo", "refine,reshape").prompted.refine.enabled
-  adaptive = load("rlfseg_demo", "adaptive")
+  assert load("rlfseg/demo", "refine,reshape").prompted.refine.enabled
+  adaptive = load("rlfseg/demo", "adaptive")
   assert adaptive.prompted.adaptive.enabled and adaptive.eval.num_steps == 1
-  with pytest.raises(ValueError, match="unknown variant"):
-    load("rlfseg_demo", "typo")
-  ref = load("rlfseg_refcoco")
+  with pytest.raises(ValueError, match="unknown config argument"):
+    load("rlfseg/demo", "typo")
+  ref = load("rlfseg/refcoco")
   assert ref.input.dataset == "refcoco" and ref.prompted.condition == "cache"
   assert ref.prompted.variant == "released" and ref.eval.num_steps == 1
   with pytest.raises(ValueError, match="refs_json"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowseg_jax.convert import common as convert_common
 from flowseg_jax.convert import pixnerd as convert
 from flowseg_jax.convert import torch_files
 from flowseg_jax.models import pixnerd
@@ -281,7 +282,7 @@ def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monk
   torch.save(ckpt, path)
 
   loaded, read, released = {}, [], []
-  read_checkpoint, to_numpy = torch_files.read, convert._to_numpy
+  read_checkpoint, to_numpy = torch_files.read, convert_common.to_numpy
   release = torch_files.release_mapped_pages
 
   def spy_read(p, what):
@@ -299,7 +300,7 @@ def test_lazy_conversion_reads_only_the_chosen_copy(torch_models, tmp_path, monk
     np.testing.assert_array_equal(tensor.numpy(), before)  # re-read from the file, not zeroed
 
   monkeypatch.setattr(torch_files, "read", spy_read)
-  monkeypatch.setattr(convert, "_to_numpy", spy_to_numpy)
+  monkeypatch.setattr(convert_common, "to_numpy", spy_to_numpy)
   monkeypatch.setattr(torch_files, "release_mapped_pages", spy_release)
   convert.convert_to_orbax(path, tmp_path / "out", weights="ema")
 

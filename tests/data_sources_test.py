@@ -95,12 +95,12 @@ def test_class_names_and_palettes():
     cfg.dataset = name
     assert pipeline.num_classes(cfg) == n == len(pipeline.class_names(cfg))
     assert pipeline.palette(cfg).shape == (n, 3)
-  painted = classes.colorize(np.array([[0, 255]]), classes.make_palette(3))
+  painted = classes.colourise(np.array([[0, 255]]), classes.make_palette(3))
   np.testing.assert_array_equal(painted, [[classes.make_palette(3)[0], [255, 255, 255]]])
   # The centroid palette paints class 0 black: ignored pixels must get a colour no class has.
   for n in (2, 12, 150, 171):
     pal = np.asarray(centroids_lib.palette(centroids_lib.kronecker_centroids(n)))
-    ignore = classes.colorize(np.array([255]), pal)[0]
+    ignore = classes.colourise(np.array([255]), pal)[0]
     assert not (pal == ignore).all(-1).any(), (n, ignore)
 
 

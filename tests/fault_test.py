@@ -21,8 +21,10 @@ import pytest
 from jax._src import array
 from jax.sharding import PartitionSpec as P
 
-from flowseg_jax import checkpointing, evaluate, run_status, sharding, train, workdir_lock
+from flowseg_jax import checkpointing, evaluate, sharding, train, train_state
 from flowseg_jax.data import synthetic
+from flowseg_jax.run import lock as workdir_lock
+from flowseg_jax.run import status as run_status
 from tests.train_test import REPO, read_jsonl, tiny_config
 
 # FSDP over 2 devices, so that parameters are really split (see no_host_gathers).
@@ -210,7 +212,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_completes(run, dam
   damaged = os.listdir(os.path.join(run, "checkpoints", checkpointing.DAMAGED_DIR))
   assert len(damaged) == 1 and damaged[0].startswith("4-"), damaged
   assert steps_logged(run) == [1, 2, 3, 4]  # steps 3 and 4 retrained, each logged once
-  _, _, _, step = train.restore_train_state(config(), run)
+  _, _, _, step = train_state.restore_train_state(config(), run)
   assert step == 4
   before = snapshot(run)
   assert train.train_and_evaluate(config(), run) == json.loads(before["train_result.json"])
@@ -281,13 +283,13 @@ def test_checkpoint_is_on_disk_before_its_evaluation_starts(tmp_path, monkeypatc
   started, so the rerun does not retrain: it only runs the missing final evaluation."""
   seen = []
 
-  def crash(cfg, setup, state, mesh, *, workdir, step, writer=None):
+  def crash(cfg, task, params, mesh, *, workdir, step, writer=None):
     steps = os.listdir(os.path.join(workdir, "checkpoints"))
     seen.append((step, sorted(int(s) for s in steps if s.isdigit())))
     assert os.path.exists(os.path.join(workdir, "checkpoints", str(step), "commit_success.txt"))
     raise RuntimeError("evaluation crashed")
 
-  monkeypatch.setattr(evaluate, "evaluate_state", crash)
+  monkeypatch.setattr(evaluate, "evaluate_params", crash)
   workdir = str(tmp_path / "run")
   cfg = config(async_checkpointing=True)
   with pytest.raises(RuntimeError, match="evaluation crashed"):

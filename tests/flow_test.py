@@ -36,7 +36,7 @@ def jax_quantities(out, x0, labels, t, cents, **kw):
     return flow.flowseg_loss(o, x0, labels, t, cents, **kw)[0]
 
   loss, grad_out = jax.value_and_grad(loss_fn)(jnp.asarray(out))
-  terms = flow.flow_terms(out, x0, labels, t, cents, **kw)
+  terms = flow.flow_terms(out, x0, labels, t, cents, flow.Objective(**kw))
   return (
     np.asarray(loss),
     np.asarray(grad_out),
@@ -91,7 +91,7 @@ def assert_parity(n, *, dtype, rtol, atol, seed=0, jax_kw=None, **kw):
   t_loss, t_gout, t_gphi, t_tgt = torch_quantities(out, x0, labels, t, cents, **kw)
   per_sample = np.full(len(t), rtol)
   if dtype == np.float32:
-    x1_hat = np.asarray(flow.flow_terms(out, x0, labels, t, cents, **kw)["x1_hat"])
+    x1_hat = np.asarray(flow.flow_terms(out, x0, labels, t, cents, flow.Objective(**kw))["x1_hat"])
     per_sample = conditioning_rtol(x1_hat, labels, cents, rtol)
   v = valid[..., None]
   pairs = {
@@ -339,7 +339,7 @@ def test_loss_has_no_gradient_path_through_target():
       _, g_out, _, v_target, valid = jax_quantities(
         out, x0, labels, t, cents, prediction=prediction
       )
-      terms = flow.flow_terms(out, x0, labels, t, cents, prediction=prediction)
+      terms = flow.flow_terms(out, x0, labels, t, cents, flow.Objective(prediction=prediction))
       n_valid = valid.sum()
       dvdo = 1.0 if prediction == "v" else 1.0 / np.maximum(1 - t, 0.05)[:, None, None, None]
       expected = (
@@ -354,7 +354,7 @@ def test_interpolant_is_the_network_input_of_the_loss():
     cents = centroids_lib.class_centroids(19, ignore_as_class=not mask_ignored)
     out, x0, labels, t = make_inputs(np.random.default_rng(4), 19, dtype=np.float32)
     x_t = flow.interpolant(x0, labels, t, cents, mask_ignored=mask_ignored)
-    terms = flow.flow_terms(out, x0, labels, t, cents, mask_ignored=mask_ignored)
+    terms = flow.flow_terms(out, x0, labels, t, cents, flow.Objective(mask_ignored=mask_ignored))
     recovered = terms["x1_hat"] - (1 - t[:, None, None, None]) * terms["v_theta"]
     np.testing.assert_allclose(x_t, recovered, atol=1e-6)
     np.testing.assert_allclose(x_t[0], x0[0], atol=0)  # t = 0 is the image

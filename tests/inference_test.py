@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import inference, main, sampling, sharding, train
-from flowseg_jax import workdir as workdir_lib
+from flowseg_jax import inference, main, sampling, sharding, tasks, train, train_state, train_step
 from flowseg_jax.data import pipeline
+from flowseg_jax.run import files, progress
 from tests.train_test import REPO, tiny_config
 
 PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
@@ -35,13 +35,13 @@ def seg(workdir):
 
 def _reference_labels(config, params, rgb):
   """The same inference written out by hand: resize, Euler ODE, bilinear back, full argmin."""
-  setup = inference.InferenceSetup(config)
+  task = tasks.create_task(config)
   size = tuple(config.input.image_size)
   x0 = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.Resampling.BILINEAR), np.float32)
   x0 = x0 / 127.5 - 1.0
-  y = np.full((1,), setup.cond_label, np.int32)
+  y = np.full((1,), task.cond_label, np.int32)
   x1 = sampling.sample(
-    lambda x, t: setup.model.apply({"params": params}, x, t, y),
+    lambda x, t: task.model.apply({"params": params}, x, t, y),
     x0[None],
     num_steps=config.eval.num_steps,
     prediction=config.objective.prediction,
@@ -54,7 +54,7 @@ def _reference_labels(config, params, rgb):
     ],
     -1,
   )
-  mu = np.asarray(setup.centroids[: setup.num_classes])
+  mu = np.asarray(task.centroids[: task.num_classes])
   return np.argmin(((up[:, :, None, :] - mu) ** 2).sum(-1), axis=-1)
 
 
@@ -77,7 +77,7 @@ def test_segments_a_photograph_in_three_lines(workdir, tmp_path):
   written = np.asarray(Image.open(tmp_path / "grace_hopper_label.png"))
   np.testing.assert_array_equal(written, labels)
   mask = np.asarray(Image.open(tmp_path / "grace_hopper_mask.png"))
-  np.testing.assert_array_equal(mask, seg.colorize(labels))
+  np.testing.assert_array_equal(mask, seg.colourise(labels))
   np.testing.assert_array_equal(mask, seg.palette[labels])
 
 
@@ -95,7 +95,7 @@ def test_same_labels_on_one_and_eight_devices(workdir, seg):
 
 
 def test_restores_ema_weights_only(workdir, seg):
-  _, _, state, step = train.restore_train_state(tiny_config(), workdir)
+  _, _, state, step = train_state.restore_train_state(tiny_config(), workdir)
   assert seg.step == step == 6
   same = jax.tree.map(
     lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
@@ -171,7 +171,7 @@ def test_config_json_round_trip(seg):
   """workdir/config.json comes back with its types: tuples, typed None fields, nested groups."""
   for spec in ("demo.py:smoke", "flowseg_ade20k.py:stage=1"):
     config = main.load_config(os.path.join(REPO, "configs", spec), None, [], from_workdir=False)
-    back = workdir_lib.config_from_json(config.to_json_best_effort())
+    back = files.config_from_json(config.to_json_best_effort())
     want, got = config.to_dict(), back.to_dict()
     # Lists of lists hold no type information: the rules' inner tuples come back as lists.
     assert [list(map(_listed, r)) for r in want.pop("sharding_rules")] == got.pop("sharding_rules")
@@ -324,11 +324,11 @@ def test_logged_learning_rate_is_the_applied_one():
   """After a skipped (non-finite) update the optimiser's count lags the step: the learning rate logged
   is the schedule at the count of applied updates."""
   config = tiny_config(**{"optim.warmup_steps": 4})  # lr(k) = k / 4 * peak for k < 4
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
-  step_fn = train.compile_train_step(setup, mesh, shardings)
+  state, shardings = train_state.create_train_state(setup, mesh, rules, config.seed)
+  step_fn = train_step.compile_train_step(setup, mesh, shardings)
   it = pipeline.create_train_iterator(config.input, seed=0)
   good = next(it)
   good.pop("num_skipped")
@@ -348,13 +348,13 @@ def test_logged_learning_rate_is_the_applied_one():
 
 def test_progress_lines_carry_an_eta(monkeypatch):
   lines = []
-  monkeypatch.setattr(inference.logging, "info", lambda fmt, *args: lines.append(fmt % args))
-  progress = inference.Progress("evaluate", 10, 4)
+  monkeypatch.setattr(progress.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  report = progress.Progress("evaluate", 10, 4)
   for _ in range(10):
-    progress.update()
+    report.update()
   assert len(lines) == 2 and lines[0].startswith("evaluate: 4/10 (") and "ETA 0:00:0" in lines[0]
-  assert inference.progress_every(8) == 0  # a handful of images: quiet
-  assert inference.progress_every(2000) == 100
+  assert progress.every_for(8) == 0  # a handful of images: quiet
+  assert progress.every_for(2000) == 100
 
 
 def test_readme_quick_start_shows_the_three_lines():
@@ -367,3 +367,11 @@ def test_readme_quick_start_shows_the_three_lines():
     'labels = seg("photo.jpg")',
   ):
     assert line in quick, line
+
+
+def test_semantic_segmenter_refuses_a_prompt(seg):
+  image = np.zeros((8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match="takes no prompt"):
+    seg(image, prompt="a photo of a cat")
+  with pytest.raises(ValueError, match="takes no prompt"):
+    seg.trajectory(image, prompt=0)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import centroids, defaults, flow, inference, main, prompted_inference, tasks, train
+from flowseg_jax import centroids, defaults, flow, inference, main, tasks, train, train_step
 from flowseg_jax.data import pipeline, prompted, synthetic
-from flowseg_jax.prompted_inference import PromptedSegmenter
+from flowseg_jax.evaluators import refer_iou
 
 
 def _config(arg="smoke"):
-  return defaults.load_config_file("configs/rlfseg_demo.py", arg)
+  return defaults.load_config_file("configs/rlfseg/demo.py", arg)
 
 
 def test_one_prompted_example_per_class_present():
@@ -69,12 +69,12 @@ def test_image_grouped_order_keeps_each_images_examples_together():
 
 def test_wrong_prompts_are_another_examples_and_never_the_own():
   ids = [3, 3, 5, 1, 3, 5, 2, 2]
-  wrong = prompted_inference.wrong_prompts(ids, 8)
+  wrong = refer_iou.wrong_prompts(ids, 8)
   assert all(w != i for w, i in zip(wrong, ids, strict=True))
   assert wrong.tolist() == [5, 5, 2, 2, 5, 3, 5, 1]  # example i + 4, or the next that differs
-  assert prompted_inference.wrong_prompts([7, 7], 8).tolist() == [0, 0]
+  assert refer_iou.wrong_prompts([7, 7], 8).tolist() == [0, 0]
   with pytest.raises(ValueError, match="two prompts"):
-    prompted_inference.wrong_prompts([0, 0], 1)
+    refer_iou.wrong_prompts([0, 0], 1)
 
 
 class _OracleSegmenter:
@@ -87,15 +87,17 @@ class _OracleSegmenter:
     src, _ = pipeline._make_semantic_source(config.input, "validation", False)
     self.labels = {np.asarray(r["image"]).tobytes(): np.asarray(r["label"]) for r in src}
 
-  def stream(self, items, *, num_steps=None, adaptive=None):
-    for rgb, pid in items:
-      yield None, (self.labels[np.asarray(rgb).tobytes()] == pid).astype(np.int32), 1.0
+  def segment_stream(self, items, num_items, *, num_steps=None, mode=None, adaptive=None):
+    for key, rgb, pid in items:
+      yield key, None, (self.labels[np.asarray(rgb).tobytes()] == pid).astype(np.int32), 1.0
 
 
 def test_wrong_prompt_giou_drops_for_a_model_that_uses_its_prompt():
   cfg = _config()
   cfg.input.synthetic.num_eval = 16
-  r = prompted_inference.evaluate_segmenter(_OracleSegmenter(cfg), wrong_prompt=True)
+  cfg.prompted.eval_wrong_prompt = True
+  evaluator = refer_iou.ReferIouEvaluator(_OracleSegmenter(cfg))
+  r = evaluator.run(evaluator.settings())
   assert r["giou"] == pytest.approx(1.0) and r["ciou"] == pytest.approx(1.0)
   assert r["wrong_ciou"] == 0.0  # another class's region never overlaps the target
   assert r["wrong_giou"] == 0.0
@@ -103,38 +105,41 @@ def test_wrong_prompt_giou_drops_for_a_model_that_uses_its_prompt():
 
 def test_semantic_task_calls_the_model_as_before():
   cfg = defaults.load_config_file("configs/demo.py", "smoke")
-  task = tasks.create_task(cfg, 12)
+  task = tasks.create_task(cfg)
   x = jnp.ones((2, 8, 8, 3)) * 0.1
   t = jnp.asarray([0.2, 0.7])
   params = task.model.init(jax.random.key(0), x, t, jnp.zeros((2,), jnp.int32))["params"]
   y = jnp.full((2,), task.model.num_classes, jnp.int32)
   np.testing.assert_array_equal(
-    task.apply(params, x, t, None), task.model.apply({"params": params}, x, t, y)
+    task.apply(params, x, t, task.condition({"image": x})),
+    task.model.apply({"params": params}, x, t, y),
   )
 
 
 @pytest.fixture(scope="module")
 def prompted_setup():
-  setup = train.Setup(_config())
+  setup = train_step.TrainSetup(_config())
   params = setup.init_params(jax.random.key(0))
   return setup, nn.unbox(params)
 
 
 def test_prompted_loss_is_flowseg_loss_with_two_centroids(prompted_setup):
   setup, params = prompted_setup
-  np.testing.assert_array_equal(np.asarray(setup.centroids), [[-1, -1, -1], [1, 1, 1]])
+  np.testing.assert_array_equal(np.asarray(setup.task.centroids), [[-1, -1, -1], [1, 1, 1]])
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.choice([0, 1, 255], (2, 32, 32)), jnp.int32)
   prompts = jnp.asarray([1, 6], jnp.int32)
   key = jax.random.key(3)
   total = jnp.sum(labels != 255)
-  loss, _ = train.loss_fn(params, None, images, labels, key, total, prompts, setup=setup)
+  loss, _ = train_step.loss_fn(params, None, images, labels, key, total, prompts, setup=setup)
   obj = setup.config.objective
   t = flow.sample_t(key, (2,), distribution=obj.t_distribution, mean=obj.t_mean, std=obj.t_std)
-  x_t = flow.interpolant(images, labels, t, setup.centroids)
+  x_t = flow.interpolant(images, labels, t, setup.task.centroids)
   out = setup.task.apply(params["denoiser"], x_t, t, prompts)
-  want, _ = flow.flowseg_loss(out, images, labels, t, setup.centroids, **flow.loss_kwargs(obj))
+  want, _ = flow.flowseg_loss(
+    out, images, labels, t, setup.task.centroids, **setup.task.objective.loss_options()
+  )
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
   assert not obj.reshape  # RLFSeg's plain rectified-flow target by default
   # The prompt conditions the network (the zero-initialised final layer made non-zero).
@@ -160,7 +165,7 @@ def test_training_gradient_reaches_exactly_the_batchs_prompt_rows(prompted_setup
   prompts = jnp.asarray([2, 5], jnp.int32)
 
   def loss(p):
-    return train.loss_fn(
+    return train_step.loss_fn(
       p, None, images, labels, jax.random.key(0), jnp.sum(labels != 255), prompts, setup=setup
     )[0]
 
@@ -193,7 +198,6 @@ def test_training_reports_prompted_metrics_and_refines(trained):
 def test_segmenter_takes_prompts(trained):
   workdir, _ = trained
   seg = inference.Segmenter.from_workdir(workdir)
-  assert isinstance(seg, PromptedSegmenter)
   image = synthetic.make_example(5, num_classes=8, size=(40, 24))[0]
   by_text = seg(image, prompt="A photo of  TEXTURE_002")
   by_id = seg(image, prompt=2)
@@ -201,7 +205,7 @@ def test_segmenter_takes_prompts(trained):
   np.testing.assert_array_equal(by_text, by_id)
   with pytest.raises(ValueError, match="a photo of texture_000"):
     seg(image, prompt="a photo of a cat")
-  with pytest.raises(ValueError, match="prompt="):
+  with pytest.raises(ValueError, match="needs a prompt"):
     seg(image)
   one = seg(image, prompt=2, num_steps=1, adaptive=True)
   assert one.shape == (40, 24)
@@ -221,3 +225,45 @@ def test_cli_predict_with_prompt(trained, tmp_path):
 
 def test_centroid_table_is_kronecker_two():
   np.testing.assert_array_equal(centroids.kronecker_centroids(2), [[-1, -1, -1], [1, 1, 1]])
+
+
+def test_every_segmenter_method_honours_its_prompt(trained):
+  """__call__, segment_batch, segment_prompts and trajectory each segment with the prompt they are
+  given (checked against the ODE run by hand with that prompt), and refuse a missing one."""
+  workdir, _ = trained
+  seg = inference.Segmenter.from_workdir(workdir)
+  params = jax.tree.map(lambda a: a, seg.params)  # the prompt made to matter, as in the loss test
+  final = params["t2i"]["final_layer"]
+  final["kernel"] = 0.5 * jnp.ones_like(final["kernel"])
+  seg = inference.Segmenter(seg.config, params, task=seg.task, mesh=seg.mesh)
+  task = seg.task
+  image = synthetic.make_example(5, num_classes=8, size=(40, 24))[0]
+  x0 = inference.network_input(image, seg.config, "whole")[0]
+
+  def by_hand(prompt_id):
+    cond = jnp.full((1,), prompt_id, jnp.int32)
+    apply_fn = lambda x, t: task.apply(params, x, t, cond)
+    colours = np.asarray(task.sampler_options().sample(apply_fn, jnp.asarray(x0[None])))[0]
+    return colours, seg.decode(colours, image.shape[:2])
+
+  (c2, want2), (c5, want5) = by_hand(2), by_hand(5)
+  assert (want2 != want5).any()  # the two prompts give different masks: the test can tell
+  np.testing.assert_array_equal(seg(image, prompt=2), want2)
+  np.testing.assert_array_equal(seg(image, prompt=seg.prompts[5]), want5)
+  for got, want in zip(seg.segment_batch([image, image], prompts=[5, 2]), [want5, want2]):
+    np.testing.assert_array_equal(got, want)
+  got = seg.segment_prompts([image, image], [seg.prompts[2], 5])
+  np.testing.assert_array_equal(got[0], want2)
+  np.testing.assert_array_equal(got[1], want5)
+  np.testing.assert_allclose(seg.trajectory(image, prompt=5)[-1], c5, atol=1e-5)
+  np.testing.assert_allclose(seg.trajectory(image, prompt=2)[-1], c2, atol=1e-5)
+  for call in (
+    lambda: seg(image),
+    lambda: seg.segment_batch([image]),
+    lambda: seg.trajectory(image),
+    lambda: seg.segment_batch([image, image], prompts=[2, None]),
+  ):
+    with pytest.raises(ValueError, match="needs a prompt"):
+      call()
+  with pytest.raises(ValueError, match="one per image"):
+    seg.segment_prompts([image, image], [2])

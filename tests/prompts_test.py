@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers", reason="transformers is not installed (the `text` extra)")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (the `text` extra)")
 
-from flowseg_jax import prompts  # noqa: E402
+from flowseg_jax.tasks import prompts  # noqa: E402
 from tests import qwen3_testutil  # noqa: E402
 
 PROMPTS = ["the cat", "a big red ball on the left of the man", "dog", "zebra dog"]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowseg_jax import train_state, train_step
 from flowseg_jax.convert import dinov2 as convert
 from flowseg_jax.models import dinov2, repa
 from tests.torch_reference import dinov2 as ref
@@ -212,7 +213,7 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
   """A PixNerd checkpoint holding `diffusion_trainer.proj.*`: `flowseg convert pixnerd` stores the
   projector next to the denoiser, and model_init starts REPA's projector (online and EMA) from it,
   unless config.repa.init_projector is False (then it is the scratch initialisation)."""
-  from flowseg_jax import sharding, train
+  from flowseg_jax import sharding
   from flowseg_jax.convert import pixnerd as pixnerd_convert
   from flowseg_jax.models import pixnerd
   from tests.train_test import tiny_config
@@ -226,13 +227,13 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
   config.repa.enabled, config.repa.align_layer = True, 2
   config.repa.teacher_dir = str(tmp_path / "teacher")
   config.repa.init_projector = init_projector
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   rng = np.random.default_rng(11)
   random = lambda tree: jax.tree.map(  # noqa: E731
     lambda a: rng.normal(0.0, 0.05, a.shape).astype(np.float32), tree
   )
-  denoiser = random(pixnerd.abstract_params(setup.model))
-  d = setup.model.hidden_size
+  denoiser = random(pixnerd.abstract_params(setup.task.model))
+  d = setup.task.model.hidden_size
   projector = random(
     {
       "layers_0": {"kernel": np.zeros((d, d)), "bias": np.zeros(d)},
@@ -241,7 +242,8 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
     }
   )
   state_dict = {
-    f"ema_denoiser.{k}": v for k, v in pixnerd_convert.flax_to_torch(denoiser, setup.model).items()
+    f"ema_denoiser.{k}": v
+    for k, v in pixnerd_convert.flax_to_torch(denoiser, setup.task.model).items()
   }
   state_dict.update(convert.projector_to_torch(projector))
   torch.save(
@@ -254,9 +256,9 @@ def test_projector_restored_from_converted_pixnerd_checkpoint(tmp_path, init_pro
 
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
+  state, shardings = train_state.create_train_state(setup, mesh, rules, config.seed)
   scratch = jax.device_get(state.params["projector"])
-  restored, origin = train.initialise(setup, mesh, rules, shardings)
+  restored, origin = train_state.initialise(setup, mesh, rules, shardings)
   assert origin == "model_init"
   for tree in (restored.params, restored.ema_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree["denoiser"]), denoiser)

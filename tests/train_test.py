@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, defaults, evaluate, sharding, train
+from flowseg_jax import (
+  checkpointing,
+  defaults,
+  evaluate,
+  inference,
+  sharding,
+  train,
+  train_state,
+  train_step,
+)
 from flowseg_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +55,10 @@ def read_jsonl(workdir):
 
 
 def one_step(config, mesh, batch):
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train.create_train_state(setup, mesh, rules, config.seed)
-  step_fn = train.compile_train_step(setup, mesh, shardings)
+  state, shardings = train_state.create_train_state(setup, mesh, rules, config.seed)
+  step_fn = train_step.compile_train_step(setup, mesh, shardings)
   before = jax.device_get(state)  # the step donates `state`
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     new_state, metrics = step_fn(state, sharding.shard_batch(batch, mesh), setup.teacher_params)
@@ -159,7 +168,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 
 def _final_params(config, workdir):
-  _, _, state, step = train.restore_train_state(config, workdir)
+  _, _, state, step = train_state.restore_train_state(config, workdir)
   return step, [np.asarray(x).tobytes() for x in jax.tree.leaves(state.params)]
 
 
@@ -204,12 +213,13 @@ def test_evaluate_matches_hand_computed_metrics():
   config.objective.prediction = "x"
   config.eval.num_steps = 2
   config.eval.max_examples = 6
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   mesh = sharding.make_mesh(-1, 1)
   params = jax.tree.map(jnp.zeros_like, nn.unbox(setup.init_params(jax.random.key(0)))["denoiser"])
-  result, _ = evaluate.evaluate_params(config, setup, params, mesh)
-  n = setup.num_classes
-  c0 = int(np.argmin(np.linalg.norm(np.asarray(setup.centroids[:n]), axis=1)))
+  seg = inference.Segmenter(config, params, task=setup.task, mesh=mesh)
+  result, _ = evaluate.score(seg)
+  n = setup.task.num_classes
+  c0 = int(np.argmin(np.linalg.norm(np.asarray(setup.task.centroids[:n]), axis=1)))
   labels = [ex["label"] for _, ex in zip(range(6), pipeline.create_eval_dataset(config.input))]
   counts = np.bincount(np.concatenate([lab[lab != 255].ravel() for lab in labels]), minlength=n)
   total = counts.sum()
@@ -233,15 +243,15 @@ def test_bad_config_values_fail_clearly():
     ("model.variant", "XXL/2", "Unknown PixNerd variant"),
   ]:
     with pytest.raises(ValueError, match=match):
-      train.Setup(tiny_config(**{key: value}))
+      train_step.TrainSetup(tiny_config(**{key: value}))
   config = tiny_config()
   config.repa.enabled = True
   with pytest.raises(ValueError, match="config.repa.teacher_dir"):
-    train.Setup(config)
+    train_step.TrainSetup(config)
   config = tiny_config()
   config.input.batch_size = 6
   with pytest.raises(ValueError, match="divisible by the 8 devices"):
-    train.check_batch_fits_mesh(config, sharding.make_mesh(-1, 1))
+    train_step.check_batch_fits_mesh(config, sharding.make_mesh(-1, 1))
   with pytest.raises(ValueError, match="fsdp=3 does not divide"):
     sharding.make_mesh(-1, 3)
 
@@ -249,9 +259,9 @@ def test_bad_config_values_fail_clearly():
 def test_centroid_table_follows_mask_ignored():
   config = tiny_config()
   config.objective.mask_ignored = False
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   n = config.input.synthetic.num_classes
-  np.testing.assert_array_equal(setup.centroids, centroids_lib.kronecker_centroids(n + 1))
+  np.testing.assert_array_equal(setup.task.centroids, centroids_lib.kronecker_centroids(n + 1))
 
 
 _WORKER = """
@@ -334,7 +344,7 @@ def test_model_init_starts_from_converted_pixnerd(tmp_path):
   from flowseg_jax.models import pixnerd
 
   config = tiny_config(total_steps=1, **{"optim.warmup_steps": 1})
-  model = train.Setup(config).model
+  model = train_step.TrainSetup(config).task.model
   rng = np.random.default_rng(7)
   params = jax.tree.map(
     lambda a: rng.normal(0.0, 0.05, a.shape).astype(np.float32), pixnerd.abstract_params(model)
@@ -345,7 +355,7 @@ def test_model_init_starts_from_converted_pixnerd(tmp_path):
   config.model_init = str(tmp_path / "converted")
 
   train.train_and_evaluate(config, str(tmp_path / "run"))
-  _, _, state, step = train.restore_train_state(config, str(tmp_path / "run"))
+  _, _, state, step = train_state.restore_train_state(config, str(tmp_path / "run"))
   assert step == 1
   want = params  # model_init re-lays the converted (unscanned) weights out for this scanned model
   got_online, got_ema = jax.device_get((state.params["denoiser"], state.ema_params["denoiser"]))

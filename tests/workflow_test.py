@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import evaluate, inference, predict, sharding, train
+from flowseg_jax import evaluate, inference, predict, sharding, train, train_step
 from flowseg_jax.convert import dinov2 as dinov2_convert
 from flowseg_jax.data import pipeline
 from flowseg_jax.models import dinov2
@@ -35,7 +35,7 @@ def test_repa_step_trains_the_projector(tmp_path):
   batch = next(it)
   batch.pop("num_skipped")
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  setup_check = train.Setup(config)
+  setup_check = train_step.TrainSetup(config)
   assert setup_check.projector.out_dim == teacher.embed_dim
   before, after, metrics, _ = one_step(config, mesh, batch)
   repa_loss = float(metrics["repa_loss"])
@@ -79,15 +79,15 @@ def test_slide_with_one_window_equals_whole(trained_workdir):
   config = tiny_config()
   config.eval.max_examples = 4
   seg = inference.Segmenter.from_workdir(trained_workdir, config)
-  whole, _ = evaluate.evaluate_segmenter(seg)
+  whole = evaluate.score(seg)[0]
   config.eval.mode = "slide"
   config.eval.slide_short_side = 32
   config.eval.slide_stride = (16, 16)
-  slide, _ = evaluate.evaluate_segmenter(seg)
+  slide = evaluate.score(seg)[0]
   np.testing.assert_array_equal(whole["intersection"], slide["intersection"])
   np.testing.assert_array_equal(whole["union"], slide["union"])
   config.eval.slide_short_side = 48  # four overlapping windows per image now
-  overlapped, _ = evaluate.evaluate_segmenter(seg)
+  overlapped = evaluate.score(seg)[0]
   assert overlapped["num_examples"] == 4 and np.isfinite(overlapped["aAcc"])
 
 

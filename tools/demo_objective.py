@@ -60,7 +60,7 @@ def main() -> None:
   oracle = lambda x, tt: target + noise  # an imperfect 'x' prediction
   for steps in (1, 10):
     x1 = sampling.sample(oracle, images, num_steps=steps, prediction="x")
-    pred = centroids_lib.decode_colors(x1, cents)
+    pred = centroids_lib.decode_colours(x1, cents)
     cm = metrics.confusion_matrix(pred, labels, num_classes)
     result = metrics.summary_percent(metrics.compute_metrics(cm))
     print(f"\nEuler, {steps:2d} step(s), noisy oracle -> nearest centroid: {result}")

@@ -10,11 +10,33 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from flowseg_jax.convert.pixnerd import _set, _to_numpy
-
 Entry = tuple[str, tuple[str, ...], int | None, str]
+
+
+def to_numpy(value: Any, name: str) -> np.ndarray:
+  """A state-dict entry (torch.Tensor, NumPy or JAX array) as NumPy: float tensors of fewer than
+  4 bytes (bf16, fp16) are upcast to float32, other dtypes kept."""
+  if isinstance(value, np.ndarray):
+    return value
+  if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+    value = value.detach().cpu()
+    if not value.dtype.is_floating_point or value.dtype.itemsize >= 4:
+      return value.numpy()
+    return value.float().numpy()
+  if isinstance(value, jax.Array):
+    return np.asarray(value)
+  raise ValueError(f"State-dict entry {name!r} is a {type(value).__name__}, not a tensor.")
+
+
+def set_path(tree: dict, path: Iterable[str], value) -> None:
+  """tree[path[0]]...[path[-1]] = value, creating the intermediate dicts."""
+  *parents, leaf = path
+  for key in parents:
+    tree = tree.setdefault(key, {})
+  tree[leaf] = value
 
 
 def params_to_torch(
@@ -71,11 +93,11 @@ def torch_to_params(
   params: dict = {}
   stacks: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
   for name, path, index, kind in entries:
-    value = to_flax(_to_numpy(state_dict[name], name), kind).astype(np.dtype(dtype))
+    value = to_flax(to_numpy(state_dict[name], name), kind).astype(np.dtype(dtype))
     if index is None:
-      _set(params, path, np.ascontiguousarray(value))
+      set_path(params, path, np.ascontiguousarray(value))
     else:
       stacks.setdefault(path, {})[index] = value
   for path, layers in stacks.items():
-    _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+    set_path(params, path, np.stack([layers[i] for i in range(len(layers))]))
   return params

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowseg_jax.convert import torch_files
+from flowseg_jax.convert import common, torch_files
 from flowseg_jax.models import dinov2
 
 IGNORED_KEYS = ("mask_token",)
@@ -66,11 +66,9 @@ _BLOCK_ENTRIES = (
 )
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  """torch.Tensor / numpy / jax array -> float32 numpy (bf16 tensors are upcast first)."""
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    return value.detach().cpu().float().numpy()
-  return np.asarray(value, dtype=np.float32)
+def _float32(value: Any, name: str) -> np.ndarray:
+  """A state-dict entry as float32 NumPy (DINOv2's weights are all floats)."""
+  return np.asarray(common.to_numpy(value, name), np.float32)
 
 
 def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -120,12 +118,6 @@ def _get(tree: Mapping, path: Sequence[str]):
   for k in path:
     tree = tree[k]
   return tree
-
-
-def _set(tree: dict, path: Sequence[str], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def expected_torch_shapes(model: dinov2.DinoViT) -> dict[str, tuple[int, ...]]:
@@ -244,7 +236,9 @@ def dinov2_torch_to_flax(state_dict: Mapping[str, Any], model: dinov2.DinoViT) -
   _check_keys(state_dict, expected_torch_shapes(model), "dinov2_torch_to_flax")
   params: dict = {}
   for name, path, kind in _name_map(model):
-    _set(params, path, jnp.asarray(_to_flax_layout(_to_numpy(state_dict[name]), kind)))
+    common.set_path(
+      params, path, jnp.asarray(_to_flax_layout(_float32(state_dict[name], name), kind))
+    )
   return params
 
 
@@ -370,7 +364,7 @@ def projector_from_torch(state_dict: Mapping[str, Any], *, prefix: str = PROJECT
   missing = [k for k in names if k not in state_dict]
   if missing:
     raise ValueError(f"projector_from_torch: missing keys {missing}.")
-  arrays = {k: _to_numpy(state_dict[k]) for k in names}
+  arrays = {k: _float32(state_dict[k], k) for k in names}
   problems = []
   prev_out = None
   for i in PROJECTOR_LAYERS:

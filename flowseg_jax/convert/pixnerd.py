@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from flowseg_jax.convert import torch_files
+from flowseg_jax.convert import common, torch_files
 from flowseg_jax.models import pixnerd
 from flowseg_jax.models.pixnerd import PixNerDiT
 
@@ -152,25 +152,10 @@ def flax_to_torch(params: Mapping, model: PixNerDiT) -> dict[str, np.ndarray]:
   }
 
 
-def _to_numpy(value: Any, name: str) -> np.ndarray:
-  if isinstance(value, np.ndarray):
-    return value
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
-    value = value.detach().cpu()
-    if not value.dtype.is_floating_point or value.dtype.itemsize >= 4:
-      return value.numpy()
-    return value.float().numpy()
-  if isinstance(value, jax.Array):
-    return np.asarray(value)
-  raise ValueError(f"State-dict entry {name!r} is a {type(value).__name__}, not a tensor.")
-
-
 def check_state_dict(
   state_dict: Mapping[str, Any], model: PixNerDiT, *, source: str = "state dict"
 ) -> None:
   """Raises one ValueError naming every missing, unexpected and mis-shaped tensor."""
-  from flowseg_jax.convert import common  # common builds on this module's helpers
-
   header = f"{source} does not match PixNerDiT({_fmt_config(model.arch_config())}):"
   common.check_shapes(state_dict, expected_torch_shapes(model), header)
 
@@ -211,9 +196,9 @@ def _convert_tensors(state_dict, model, *, source, release=None, place=None) -> 
   depth["nerf_blocks"] = model.num_blocks - model.num_cond_blocks
   for name, path, index, kind in _entries(model):
     tensor = state_dict[name]
-    value = _to_flax_layout(_to_numpy(tensor, name), kind, model)
+    value = _to_flax_layout(common.to_numpy(tensor, name), kind, model)
     if index is None:  # a copy (never a view of the source), so that the source can be released
-      _set(params, path, place(np.array(value, dtype=dtype, order="C", copy=True)))
+      common.set_path(params, path, place(np.array(value, dtype=dtype, order="C", copy=True)))
     else:
       if path not in stacks:
         stacks[path] = np.empty((depth[path[0]],) + value.shape, dtype)
@@ -222,14 +207,8 @@ def _convert_tensors(state_dict, model, *, source, release=None, place=None) -> 
       release(tensor)
     del tensor, value
   for path in list(stacks):
-    _set(params, path, place(stacks.pop(path)))
+    common.set_path(params, path, place(stacks.pop(path)))
   return params
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
 
 
 def relayout(params: Mapping, model: PixNerDiT, *, scan_blocks: bool) -> tuple[PixNerDiT, dict]:

@@ -14,8 +14,6 @@ import functools
 
 import numpy as np
 
-IGNORE_LABEL = 255
-
 ADE20K_CLASSES: tuple[str, ...] = (
   # 0
   "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
@@ -156,7 +154,7 @@ def make_palette(num_classes: int) -> np.ndarray:
 _IGNORE_COLOURS = ((255, 255, 255), (128, 128, 128), (255, 0, 255))
 
 
-def colorize(label: np.ndarray, palette: np.ndarray, ignore_colour=None) -> np.ndarray:
+def colourise(label: np.ndarray, palette: np.ndarray, ignore_colour=None) -> np.ndarray:
   """Paints a label map with a palette.
 
   Args:

@@ -171,7 +171,7 @@ def _refcoco_config(cfg):
   if r is None or not all(r.get(k) for k in ("refs_json", "instances_json", "image_dir")):
     raise ValueError(
       "config.input.dataset='refcoco' needs config.input.refcoco.refs_json, .instances_json and "
-      ".image_dir (see configs/rlfseg_refcoco.py)"
+      ".image_dir (see configs/rlfseg/refcoco.py)"
     )
   return r
 

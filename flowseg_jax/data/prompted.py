@@ -29,9 +29,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from flowseg_jax.centroids import IGNORE_LABEL
 from flowseg_jax.data import sources
 
-IGNORE = sources.IGNORE_LABEL
 BINARY_LABEL_MAP = sources.train_id_label_map("prompted", 2)
 
 
@@ -54,7 +54,7 @@ def prompt_list(template: str, class_names: Sequence[str]) -> list[str]:
 def binary_mask(label: np.ndarray, cls: int) -> np.ndarray:
   """uint8 (H, W): 1 where label == cls, 255 where label == 255, else 0."""
   out = (label == cls).astype(np.uint8)
-  out[label == IGNORE] = IGNORE
+  out[label == IGNORE_LABEL] = IGNORE_LABEL
   return out
 
 
@@ -121,7 +121,7 @@ class ImageGroupedOrder:
   random order seeded by (seed, e), each image's records together in their source order. Batches
   then hold one image under several prompts with disjoint targets, whose difference only the
   prompt can explain: without it, a small model settles on a prompt-blind "segment some object"
-  (see configs/rlfseg_demo.py). Deterministic in the index, so resuming at any index is exact.
+  (see configs/rlfseg/demo.py). Deterministic in the index, so resuming at any index is exact.
   """
 
   def __init__(self, source, seed: int):

@@ -24,9 +24,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from flowseg_jax.centroids import IGNORE_LABEL
 from flowseg_jax.data import classes
-
-IGNORE_LABEL = classes.IGNORE_LABEL
 
 # Raw COCO-Stuff ids (0-based PNG values) that belong to no class: 11 COCO thing classes that were
 # never annotated (street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door, blender,

@@ -18,7 +18,7 @@ on average and exercises ignore handling.
 
 With `class_colours=True` (off by default) a labelled object's two colours are instead its class's
 fixed pair (`class_colour_pairs`) plus a small per-object jitter: the class is then visible in the
-colour as well as in the pattern. The prompted CPU demo uses it (configs/rlfseg_demo.py says why);
+colour as well as in the pattern. The prompted CPU demo uses it (configs/rlfseg/demo.py says why);
 the random stream is otherwise the same, so layouts and labels do not change.
 """
 
@@ -27,7 +27,7 @@ import functools
 
 import numpy as np
 
-from flowseg_jax.data import classes
+from flowseg_jax.centroids import IGNORE_LABEL
 
 TILE = 4
 MAX_CLASSES = 255
@@ -189,7 +189,7 @@ def make_example(
     if k > 0 and rng.uniform() < _UNLABELLED_PROB:
       # Unpatterned noise between the two colours: looks like no class, labelled 255.
       pattern = rng.uniform(0.0, 1.0, size=ys.size).astype(np.float32)
-      cls = classes.IGNORE_LABEL
+      cls = IGNORE_LABEL
     else:
       cls = int(rng.integers(num_classes))
       py, px = rng.integers(TILE, size=2)

@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from flowseg_jax.data import classes, sources
+from flowseg_jax.centroids import IGNORE_LABEL
+from flowseg_jax.data import sources
 
-IGNORE_LABEL = classes.IGNORE_LABEL
 # Value of padded image pixels after normalisation (mid-grey).
 IMAGE_PAD_VALUE = 0.0
 

@@ -1,4 +1,13 @@
-"""Networks: the PixNerd pixel neural-field DiT and the frozen DINOv2 teacher."""
+"""Networks: the PixNerd pixel neural-field DiT (class- and text-conditioned), the prompted task's
+denoiser, the frozen DINOv2 teacher and REPA, the Qwen3 text encoder.
+
+layers       shared blocks and logical partitioning
+pixnerd      PixNerDiT, PixNerd's class-to-image model (FlowSeg's network)
+pixnerd_t2i  PixNerd's text-to-image model
+prompted     PromptedDenoiser: PixNerd-T2I conditioned on a prompt id or text features
+dinov2, repa the REPA teacher, projector and loss
+qwen3        the text encoder of prompted runs
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ One-time preparation (paths are examples):
   # Qwen3-1.7B: a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
 
 Launch (the prompt features are computed once into cache_dir on the first start):
-  flowseg train --config configs/rlfseg_refcoco.py --workdir /runs/rlfseg_refcoco \\
+  flowseg train --config configs/rlfseg/refcoco.py --workdir /runs/rlfseg_refcoco \\
     --config.model_init=/ckpt/pixnerd_t2i/model.ckpt \\
     --config.prompted.encoder_dir=/ckpt/Qwen3-1.7B --config.prompted.cache_dir=/data/prompt_cache \\
     --config.input.refcoco.refs_json=/data/refcoco/refs_unc.json \\
@@ -25,13 +25,12 @@ full RefCOCO training split (~120k) on one host; stream the features from disk f
 
 import ml_collections
 
-from flowseg_jax import defaults, tasks
+from flowseg_jax import defaults
 
 
 def get_config(arg: str | None = None):
   config = defaults.get_base_config()
   config.task = "prompted"
-  config.prompted = tasks.prompted_config()
   config.prompted.variant = "released"  # 1536 wide, 24 heads, 16 + 2 blocks, 4 text blocks, p16
   config.prompted.condition = "cache"
   config.seed = 0
@@ -66,5 +65,5 @@ def get_config(arg: str | None = None):
   config.mesh.fsdp = -1
   config.mesh.data = 1
   if arg not in (None, "", "refcoco", "refcoco+", "refcocog"):
-    raise ValueError(f"configs/rlfseg_refcoco.py: unknown variant {arg!r}")
+    raise ValueError(f"configs/rlfseg/refcoco.py: unknown variant {arg!r}")
   return config

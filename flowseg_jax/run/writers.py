@@ -16,20 +16,16 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from flowseg_jax.run import files
 
-def flatten_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+
+def flatten_hparams(tree: Mapping[str, Any]) -> dict[str, Any]:
   """Nested config -> {'optim.learning_rate': 1e-4, ...}; values TensorBoard can show (bool, int,
   float, str): None, tuples and lists become strings."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten_hparams(value, name + "."))
-    elif isinstance(value, bool | int | float | str):
-      out[name] = value
-    else:
-      out[name] = str(value)
-  return out
+  return {
+    name: value if isinstance(value, bool | int | float | str) else str(value)
+    for name, value in files.flatten(tree).items()
+  }
 
 
 class MetricWriter:

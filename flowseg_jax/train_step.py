@@ -1,5 +1,6 @@
-"""The train step and what it closes over: `Setup` (model, optimiser, REPA teacher), the loss with
-REPA, the donated jit step with gradient accumulation, non-finite skip and EMA, label refinement."""
+"""The train step and what it closes over: `TrainSetup` (the task, the optimiser, the REPA teacher),
+the loss with REPA, the donated jit step with gradient accumulation, non-finite skip and EMA. What
+differs between tasks (the network call, conditions, centroids, refined targets) comes from the task."""
 
 from __future__ import annotations
 
@@ -13,33 +14,24 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import (
-  flow,
-  inference,
-  models,
-  optim,
-  prompted_flow,
-  sampling,
-  sharding,
-  tasks,
-)
+from flowseg_jax import flow, models, optim, sharding, tasks
 from flowseg_jax.models import repa
-from flowseg_jax.train_state import TrainState
 
 # ------------------------------------------------------------------------------------------------
 # Static pieces: model, projector, teacher, optimizer, centroids.
 # ------------------------------------------------------------------------------------------------
 
 
-class Setup(inference.InferenceSetup):
-  """Everything the step closes over: built once, from the config (the model, centroids and
-  conditioning label as inference builds them, plus the optimiser and the REPA teacher)."""
+class TrainSetup:
+  """Everything the step closes over, built once from the config: the task (network, conditions,
+  centroids, objective, as inference builds it), the optimiser and the REPA teacher."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, teacher=None):
     """teacher: optional REPA (DinoViT, params) used instead of loading config.repa.teacher_dir;
-    the params may be `jax.ShapeDtypeStruct`s (AOT planning, benchmarks/scale.py)."""
+    the params may be `jax.ShapeDtypeStruct`s (AOT planning, tools/scale.py)."""
     validate_config(config)
-    super().__init__(config)
+    self.config = config
+    self.task = tasks.create_task(config)
     self.tx = optim.create_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
     self.projector = self.teacher = self.teacher_params = None
@@ -55,33 +47,35 @@ class Setup(inference.InferenceSetup):
         "`flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out DIR` (or set "
         "config.repa.enabled=False)."
       )
-    if not 1 <= cfg.align_layer <= self.model.num_cond_blocks:
+    model = self.task.model
+    if not 1 <= cfg.align_layer <= model.num_cond_blocks:
       raise ValueError(
-        f"config.repa.align_layer={cfg.align_layer} must lie in [1, {self.model.num_cond_blocks}]"
+        f"config.repa.align_layer={cfg.align_layer} must lie in [1, {model.num_cond_blocks}]"
       )
     if teacher is None:
       dtype = models.DTYPES[cfg.teacher_dtype]
       teacher = dinov2_convert.load_orbax(cfg.teacher_dir, dtype=dtype)
     self.teacher, self.teacher_params = teacher
     self.projector = repa.Projector(
-      hidden_dim=cfg.proj_hidden_dim or self.model.hidden_size,
+      hidden_dim=cfg.proj_hidden_dim or model.hidden_size,
       out_dim=self.teacher.embed_dim,
-      dtype=self.model.dtype,
+      dtype=model.dtype,
     )
 
   def init_params(self, rng):
     """Boxed (logically partitioned) parameters {'denoiser': ..., ['projector': ...]}."""
-    x, t, y = tasks.init_inputs(self.task, self.config.input.image_size)
+    x, t, cond = self.task.init_inputs(self.config.input.image_size)
     k1, k2 = jax.random.split(rng)
-    params = {"denoiser": self.model.init(k1, x, t, y)["params"]}
+    params = {"denoiser": self.task.model.init(k1, x, t, cond)["params"]}
     if self.projector is not None:
-      tokens = jnp.zeros((1, 1, self.model.hidden_size), jnp.float32)
+      tokens = jnp.zeros((1, 1, self.task.model.hidden_size), jnp.float32)
       params["projector"] = self.projector.init(k2, tokens)["params"]
     return params
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for values that would otherwise fail deep inside jit."""
+  """Clear errors for values that would otherwise fail deep inside jit (the objective's own fields
+  are checked by `flow.Objective.from_config`, when the task is built)."""
   checks = [
     (config.total_steps > 0, f"config.total_steps must be > 0, got {config.total_steps}"),
     (
@@ -96,24 +90,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.eval_every_steps >= 0,
       f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}",
     ),
-    (
-      config.objective.prediction in flow.PREDICTIONS,
-      f"config.objective.prediction must be one of {flow.PREDICTIONS}, got {config.objective.prediction!r}",
-    ),
-    (
-      config.objective.transform in flow.TRANSFORMS,
-      f"config.objective.transform must be one of {flow.TRANSFORMS}, got {config.objective.transform!r}",
-    ),
-    (
-      config.objective.target in flow.TARGETS,
-      f"config.objective.target must be one of {flow.TARGETS}, got {config.objective.target!r}",
-    ),
-    (
-      config.objective.t_distribution in flow.T_DISTRIBUTIONS,
-      f"config.objective.t_distribution must be one of {flow.T_DISTRIBUTIONS}, got {config.objective.t_distribution!r}",
-    ),
-    (config.objective.tau > 0, f"config.objective.tau must be > 0, got {config.objective.tau}"),
-    (config.objective.eps >= 0, f"config.objective.eps must be >= 0, got {config.objective.eps}"),
     (
       0 <= config.optim.ema_decay < 1,
       f"config.optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}",
@@ -148,19 +124,12 @@ def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None, *, setup: Setup):
+def loss_fn(params, teacher_params, images, labels, key, total_valid, cond, *, setup: TrainSetup):
   """Loss of one micro-batch, scaled so that summing micro-batches gives the global-batch loss."""
-  cfg = setup.config.objective
-  b = images.shape[0]
-  t = flow.sample_t(
-    key,
-    (b,),
-    distribution=cfg.t_distribution,
-    mean=cfg.t_mean,
-    std=cfg.t_std,
-    shift=cfg.t_shift,
-  )
-  x_t = flow.interpolant(images, labels, t, setup.centroids, mask_ignored=cfg.mask_ignored)
+  task = setup.task
+  objective = task.objective
+  t = objective.sample_t(key, (images.shape[0],))
+  x_t = flow.interpolant(images, labels, t, task.centroids, mask_ignored=objective.mask_ignored)
   metrics = {}
   if setup.projector is None:
     out = setup.task.apply(params["denoiser"], x_t, t, cond)
@@ -170,12 +139,12 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None,
     )
     projected = setup.projector.apply({"params": params["projector"]}, tokens)
     target_tokens = repa.teacher_tokens(
-      setup.teacher, teacher_params, images, denoiser_patch=setup.model.patch_size
+      setup.teacher, teacher_params, images, denoiser_patch=task.model.patch_size
     )
     metrics["repa_loss"] = repa.repa_loss(
       projected, target_tokens, eps=setup.config.repa.cosine_eps
     )
-  loss, aux = flow.flowseg_loss(out, images, labels, t, setup.centroids, **flow.loss_kwargs(cfg))
+  loss, aux = flow.flowseg_loss(out, images, labels, t, task.centroids, **objective.loss_options())
   # flowseg_loss normalises by this micro-batch's valid pixels; the objective normalises by the whole
   # global batch's, so weight by the share of valid pixels (exact for any accumulation).
   share = aux["num_valid"].astype(jnp.float32) / jnp.maximum(total_valid, 1).astype(jnp.float32)
@@ -193,17 +162,18 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, cond=None,
   return total, metrics
 
 
-def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
+def train_step(state, batch, teacher_params, *, setup: TrainSetup):
   """One optimiser step on the global batch; non-finite updates are skipped and counted."""
   config = setup.config
   accum = config.optim.grad_accum_steps
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images, labels = batch["image"], batch["label"]
-  cond = setup.task.condition(batch)
-  refine_metrics = {}
-  if setup.task.name == "prompted" and config.prompted.refine.enabled:
-    labels, refine_metrics = refine_targets(state, images, labels, cond, setup=setup)
-  valid = labels != centroids_lib.IGNORE_LABEL if config.objective.mask_ignored else labels >= 0
+  task = setup.task
+  cond = task.condition(batch)
+  labels, target_metrics = task.train_targets(
+    state.ema_params["denoiser"], images, labels, cond, state.step
+  )
+  valid = labels != centroids_lib.IGNORE_LABEL if task.objective.mask_ignored else labels >= 0
   total_valid = jnp.sum(valid.astype(jnp.int32))
 
   def micro(x):  # (B, ...) -> (accum, B / accum, ...): micro-batch i takes rows i, i + accum, ...
@@ -263,32 +233,12 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: Setup):
     learning_rate=optim.applied_learning_rate(state.opt_state, setup.lr_schedule),
     skipped=(~finite).astype(jnp.int32),
     num_valid=total_valid,
-    **refine_metrics,
+    **target_metrics,
   )
   return new_state, metrics
 
 
-def refine_targets(state: TrainState, images, labels, cond, *, setup: Setup):
-  """Label refinement (`prompted_flow.refine_labels`): the EMA network's one-step prediction from
-  the clean image replaces confident, differing boundary targets after the warm-up."""
-  cfg = setup.config.prompted.refine
-  t0 = jnp.zeros((images.shape[0],), jnp.float32)
-  out = setup.task.apply(jax.lax.stop_gradient(state.ema_params["denoiser"]), images, t0, cond)
-  obj = setup.config.objective
-  v = sampling.velocity(out, images, t0, prediction=obj.prediction, t_eps=obj.t_eps)
-  refined, changed = prompted_flow.refine_labels(
-    labels,
-    images + v,
-    setup.centroids,
-    state.step,
-    warmup_steps=cfg.warmup_steps,
-    boundary_width=cfg.boundary_width,
-    margin=cfg.margin,
-  )
-  return refined, {"refined_pixels": changed}
-
-
-def compile_train_step(setup: Setup, mesh, state_shardings):
+def compile_train_step(setup: TrainSetup, mesh, state_shardings):
   data_sharding = sharding.batch_sharding(mesh)
   repl = NamedSharding(mesh, P())
   teacher_sharding = None

@@ -20,9 +20,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from flowseg_jax.run_status import RunError
-
-LOCK_FILE = "LOCK"
+from flowseg_jax.run.files import LOCK_FILE
+from flowseg_jax.run.status import RunError
 
 
 class WorkdirLockedError(RunError):

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowseg_jax import centroids, prompted_flow
+from flowseg_jax import centroids
+from flowseg_jax.tasks import prompted
 
 MU = jnp.asarray(centroids.kronecker_centroids(2))
 
@@ -20,12 +21,12 @@ def _square_labels():
 
 
 def test_boundary_mask_marks_both_sides_within_width():
-  b = np.asarray(prompted_flow.boundary_mask(jnp.asarray(_square_labels()), 1))[0]
+  b = np.asarray(prompted.boundary_mask(jnp.asarray(_square_labels()), 1))[0]
   expect = np.zeros((8, 8), bool)
   expect[1:7, 1:7] = True
   expect[3:5, 3:5] = False  # interior of the square, 2 pixels from the background
   np.testing.assert_array_equal(b, expect)
-  assert not np.asarray(prompted_flow.boundary_mask(jnp.asarray(_square_labels()), 0)).any()
+  assert not np.asarray(prompted.boundary_mask(jnp.asarray(_square_labels()), 0)).any()
 
 
 def _prediction(fg):
@@ -42,25 +43,25 @@ def test_refine_replaces_only_confident_differing_boundary_pixels_after_warmup()
   pred[0, 7, 7] = True  # disagrees far from the boundary: kept
   x1_hat = _prediction(pred)
   kw = dict(warmup_steps=10, boundary_width=1, margin=0.5)
-  out, n = prompted_flow.refine_labels(jnp.asarray(labels), x1_hat, MU, jnp.asarray(10), **kw)
+  out, n = prompted.refine_labels(jnp.asarray(labels), x1_hat, MU, jnp.asarray(10), **kw)
   expect = labels.copy()
   expect[0, 6, 2:6] = 1
   np.testing.assert_array_equal(np.asarray(out), expect)
   assert int(n) == 4
   # Before the warm-up: nothing changes.
-  out, n = prompted_flow.refine_labels(jnp.asarray(labels), x1_hat, MU, jnp.asarray(9), **kw)
+  out, n = prompted.refine_labels(jnp.asarray(labels), x1_hat, MU, jnp.asarray(9), **kw)
   np.testing.assert_array_equal(np.asarray(out), labels)
   assert int(n) == 0
   # An unconfident prediction (near the midpoint) changes nothing.
   weak = 0.05 * x1_hat
-  out, n = prompted_flow.refine_labels(jnp.asarray(labels), weak, MU, jnp.asarray(10), **kw)
+  out, n = prompted.refine_labels(jnp.asarray(labels), weak, MU, jnp.asarray(10), **kw)
   assert int(n) == 0
 
 
 def test_refine_is_jittable():
   labels = jnp.asarray(_square_labels())
   fn = jax.jit(
-    lambda lab, x, s: prompted_flow.refine_labels(
+    lambda lab, x, s: prompted.refine_labels(
       lab, x, MU, s, warmup_steps=0, boundary_width=1, margin=0.5
     )
   )
@@ -74,9 +75,9 @@ def test_adaptive_step_rescales_a_uniformly_short_velocity():
   x0 = jnp.asarray(rng.uniform(-0.3, 0.3, (2, 4, 4, 3)), jnp.float32)
   target = jnp.where(jnp.asarray(rng.uniform(size=(2, 4, 4, 1)) > 0.5), 1.0, -1.0) * jnp.ones(3)
   v = (target - x0) / jnp.asarray([1.6, 0.8])[:, None, None, None]  # image 0 short, 1 long
-  x1, dt = prompted_flow.adaptive_one_step(x0, v, MU, dt_min=0.5, dt_max=2.0)
+  x1, dt = prompted.adaptive_one_step(x0, v, MU, dt_min=0.5, dt_max=2.0)
   np.testing.assert_allclose(np.asarray(dt), [1.6, 0.8], rtol=1e-5)
   np.testing.assert_allclose(np.asarray(x1), np.asarray(target), atol=1e-5)
   # Clipped to the range.
-  _, dt = prompted_flow.adaptive_one_step(x0, v, MU, dt_min=0.9, dt_max=1.2)
+  _, dt = prompted.adaptive_one_step(x0, v, MU, dt_min=0.9, dt_max=1.2)
   np.testing.assert_allclose(np.asarray(dt), [1.2, 0.9], rtol=1e-6)

@@ -1,0 +1,235 @@
+"""Metrics of prompted (referring) segmentation: gIoU, cIoU and precision at IoU thresholds.
+
+Each example is one (image, prompt) pair with a binary target mask (1 = the referred region,
+0 = background, `ignore_index` = not evaluated) and a binary prediction. Per example, I and U are
+the foreground intersection and union over the evaluated pixels.
+- gIoU (generalised / mean IoU): the mean over examples of I / U. An example whose target and
+  prediction are both empty (U = 0) counts as IoU 1: the model correctly found nothing (the
+  gRefCOCO convention; it never arises on RefCOCO, where every target is non-empty).
+- cIoU (cumulative, also called oIoU): sum of I over the dataset / sum of U (1 when both sums
+  are 0). Large objects weigh more than in gIoU.
+- prec@k: the fraction of examples with IoU > k (strictly, as LAVT/CRIS evaluate), k in
+  PREC_THRESHOLDS.
+Per batch the counts are computed on device (int32: a batch has far fewer than 2^31 pixels);
+across batches `PromptedIoU` sums them on the host in float64 / int64.
+
+`ReferIouEvaluator` scores a prompted Segmenter on its eval split: gIoU / cIoU / prec@k, the
+all-background prediction's figures for scale, and the wrong-prompt figures (`wrong_prompts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+
+from flowseg_jax.centroids import IGNORE_LABEL
+from flowseg_jax.evaluators import common
+
+PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def intersection_union(
+  predictions: jax.Array, targets: jax.Array, *, ignore_index: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
+  """Per-example foreground intersection and union, each (B,) int32. jit-able.
+
+  Args:
+    predictions: (B, ...) bool or int; nonzero = foreground.
+    targets: (B, ...) int; 1 = foreground, 0 = background, ignore_index = not evaluated.
+  """
+  if predictions.shape != targets.shape:
+    raise ValueError(
+      f"intersection_union: predictions {predictions.shape} and targets {targets.shape} differ"
+    )
+  b = predictions.shape[0]
+  targets = targets.reshape(b, -1).astype(jnp.int32)
+  valid = targets != ignore_index
+  pred = (predictions.reshape(b, -1) != 0) & valid
+  true = (targets == 1) & valid
+  inter = jnp.sum(pred & true, axis=1, dtype=jnp.int32)
+  union = jnp.sum(pred | true, axis=1, dtype=jnp.int32)
+  return inter, union
+
+
+@flax.struct.dataclass
+class PromptedIoU(clu_metrics.Metric):
+  """A clu Metric accumulating gIoU / cIoU / prec@k statistics.
+
+  Build it per batch with `PromptedIoU.from_model_output(predictions=..., targets=...,
+  mask=...)` (mask (B,): 0 for padding examples of a ragged last batch); merge on the host after
+  `to_host()`; `compute()` returns {'giou', 'ciou', 'prec@0.5', ..., 'num_examples'}.
+  """
+
+  iou_sum: jax.Array
+  count: jax.Array
+  inter_sum: jax.Array
+  union_sum: jax.Array
+  hits: jax.Array  # (len(PREC_THRESHOLDS),) examples with IoU > threshold
+
+  @classmethod
+  def empty(cls) -> PromptedIoU:
+    zero = np.zeros((), np.float64)
+    return cls(zero, zero, zero, zero, np.zeros(len(PREC_THRESHOLDS), np.float64))
+
+  @classmethod
+  def from_model_output(
+    cls, *, predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None, **_
+  ) -> PromptedIoU:
+    inter, union = intersection_union(predictions, targets)
+    w = jnp.ones(inter.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+    thresholds = jnp.asarray(PREC_THRESHOLDS, jnp.float32)
+    return cls(
+      iou_sum=jnp.sum(w * iou),
+      count=jnp.sum(w),
+      inter_sum=jnp.sum(w * inter),
+      union_sum=jnp.sum(w * union),
+      hits=jnp.sum(w[:, None] * (iou[:, None] > thresholds[None, :]), axis=0),
+    )
+
+  def merge(self, other: PromptedIoU) -> PromptedIoU:
+    return jax.tree.map(lambda a, b: a + b, self, other)
+
+  def to_host(self) -> PromptedIoU:
+    """A float64 copy on the host (fetches from device)."""
+    return jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float64), self)
+
+  def compute(self) -> dict[str, Any]:
+    count = float(self.count)
+    if count == 0:
+      raise ValueError("PromptedIoU.compute: no examples were accumulated.")
+    union = float(self.union_sum)
+    out = {
+      "giou": float(self.iou_sum) / count,
+      "ciou": float(self.inter_sum) / union if union > 0 else 1.0,
+      "num_examples": int(round(count)),
+    }
+    for k, hits in zip(PREC_THRESHOLDS, np.asarray(self.hits)):
+      out[f"prec@{k}"] = float(hits) / count
+    return out
+
+
+def wrong_prompts(prompts: Sequence[int], num_prompts: int) -> np.ndarray:
+  """Each example's prompt replaced by another example's, different from its own: example i takes
+  the prompt of example (i + n // 2) mod n, or of the next one after it whose prompt differs (when
+  all n are the same prompt p: p + 1 mod num_prompts).
+
+  On the synthetic demo this is another class's prompt, of a class present in the image or not:
+  a model that uses its prompt segments that class (disjoint from the target) or nothing, so its
+  gIoU against the original targets collapses; a model that ignores its prompt keeps its gIoU.
+  """
+  if num_prompts < 2:
+    raise ValueError(f"wrong-prompt evaluation needs at least two prompts, got {num_prompts}")
+  ids = np.asarray(prompts, np.int64)
+  n = len(ids)
+  if n and np.all(ids == ids[0]):
+    return (ids + 1) % num_prompts
+  out = np.empty_like(ids)
+  for i in range(n):
+    j = (i + n // 2) % n
+    while ids[j] == ids[i]:
+      j = (j + 1) % n
+    out[i] = ids[j]
+  return out
+
+
+class ReferIouEvaluator(common.Evaluator):
+  """gIoU / cIoU / prec@k of a prompted Segmenter, with the all-background baseline and, when
+  `config.prompted.eval_wrong_prompt`, the wrong-prompt gIoU / cIoU ('wrong_giou', 'wrong_ciou')."""
+
+  SCALARS = (
+    "giou",
+    "ciou",
+    "baseline_giou",
+    "baseline_ciou",
+    "wrong_giou",
+    "wrong_ciou",
+    "mean_dt",
+  )
+
+  def settings(self, *, num_steps=None, mode=None, adaptive=None) -> dict:
+    if mode not in (None, "whole"):
+      raise ValueError(f"prompted evaluation runs in 'whole' mode only, got mode={mode!r}")
+    steps = int(self.config.eval.num_steps if num_steps is None else num_steps)
+    adaptive = self.config.prompted.adaptive.enabled if adaptive is None else adaptive
+    return {"num_steps": steps, "adaptive_one_step": bool(adaptive and steps == 1)}
+
+  def output_name(self, step: int, settings: dict) -> str:
+    suffix = "_adaptive" if settings["adaptive_one_step"] else ""
+    return f"step_{step}_steps{settings['num_steps']}{suffix}"
+
+  def run(self, settings: dict) -> dict:
+    seg = self.segmenter
+    dataset, examples, _ = common.local_examples(self.config)
+    examples = list(examples)
+    targets = [ex["label"][None] for ex in examples]
+    ids = [int(ex["prompt"]) for ex in examples]
+    model, dts = self._score(examples, ids, targets, settings)
+    background = PromptedIoU.empty()
+    for target in targets:
+      background = background.merge(
+        PromptedIoU.from_model_output(predictions=np.zeros_like(target), targets=target)
+      )
+    result = _summed(model).compute()
+    base = _summed(background).compute()
+    result["baseline_giou"], result["baseline_ciou"] = base["giou"], base["ciou"]
+    if bool(self.config.prompted.get("eval_wrong_prompt", False)):
+      wrong, _ = self._score(examples, wrong_prompts(ids, len(seg.prompts)), targets, settings)
+      wrong = _summed(wrong).compute()
+      result["wrong_giou"], result["wrong_ciou"] = wrong["giou"], wrong["ciou"]
+    dt_sum = common.sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
+    result["mean_dt"] = float(dt_sum[0] / max(dt_sum[1], 1))
+    result["num_skipped_examples"] = dataset.num_skipped
+    return result
+
+  def _score(self, examples, ids, targets, settings):
+    """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes)."""
+    items = [(i, ex["image_orig"], int(p)) for i, (ex, p) in enumerate(zip(examples, ids))]
+    metric, dts = PromptedIoU.empty(), []
+    stream = self.segmenter.segment_stream(
+      items,
+      len(items),
+      num_steps=settings["num_steps"],
+      mode="whole",
+      adaptive=settings["adaptive_one_step"],
+    )
+    for target, (_, _, pred, dt) in zip(targets, stream, strict=True):
+      metric = metric.merge(PromptedIoU.from_model_output(predictions=pred[None], targets=target))
+      dts.append(dt)
+    return metric, dts
+
+  def write(self, workdir, name, step, result, settings, writer=None) -> str:
+    path = common.write_json(workdir, name, {"step": step, **result, **settings})
+    if writer is not None:
+      scalars = {f"eval/{k}": result[k] for k in self.SCALARS if k in result}
+      writer.write_scalars(step, scalars)
+    return path
+
+  def summary(self, result: dict) -> str:
+    return (
+      f"gIoU {100 * result['giou']:.2f}% cIoU {100 * result['ciou']:.2f}% (all-background: gIoU "
+      f"{100 * result['baseline_giou']:.2f}% cIoU {100 * result['baseline_ciou']:.2f}%)"
+    )
+
+  def log_line(self, result: dict) -> str:
+    wrong = ""
+    if "wrong_giou" in result:
+      wrong = (
+        f"; wrong prompt: gIoU {100 * result['wrong_giou']:.2f} "
+        f"cIoU {100 * result['wrong_ciou']:.2f}"
+      )
+    return (
+      f"gIoU {100 * result['giou']:.2f} cIoU {100 * result['ciou']:.2f} (all-background: gIoU "
+      f"{100 * result['baseline_giou']:.2f} cIoU {100 * result['baseline_ciou']:.2f}{wrong}) "
+      f"over {result['num_examples']} examples"
+    )
+
+
+def _summed(metric: PromptedIoU) -> PromptedIoU:
+  return common.sum_over_processes(metric.to_host())

@@ -1,0 +1,101 @@
+"""What every task shares: the objective, decoding, sampling, parameter shapes.
+
+A task is built once from a config and decides what the trainer, the sampler and the evaluator would
+otherwise each decide: the network and its call, the condition of each example, the centroid table
+(`centroids`, the training table; `decode_centroids`, what predictions decode to), the objective
+(`flow.Objective`, the only reader of `config.objective`), the sampler settings and the evaluator.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flowseg_jax import flow, sampling, sharding
+
+
+class Task(abc.ABC):
+  """A task: subclasses set the network, the tables, the condition and the evaluator."""
+
+  name: str
+  best_metric: str  # the evaluator's result key that picks the best checkpoint
+  batch_keys: tuple[str, ...]
+  model: nn.Module
+  num_classes: int  # classes a prediction can take
+  centroids: jax.Array  # (table size, 3) float32: the training table
+  evaluator: type  # built with a Segmenter of this task (evaluators/)
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.objective = flow.Objective.from_config(config.objective)
+
+  @property
+  def decode_centroids(self) -> np.ndarray:
+    """(num_classes, 3) float32: the colours a prediction decodes to (no ignore colour)."""
+    return np.asarray(self.centroids[: self.num_classes], np.float32)
+
+  # -- the network ---------------------------------------------------------------------------------
+
+  @abc.abstractmethod
+  def condition(self, batch) -> jax.Array:
+    """int32 (B,): each training example's condition (class label or prompt id)."""
+
+  @abc.abstractmethod
+  def condition_of(self, prompt) -> int:
+    """The condition inference passes for one image given the user's `prompt` argument."""
+
+  def apply(self, params, x, t, cond, **kw):
+    """The network: x (B, H, W, 3), t (B,), cond int32 (B,) -> output (B, H, W, 3)."""
+    return self.model.apply({"params": params}, x, t, cond, **kw)
+
+  def init_inputs(self, image_size) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dummy (x, t, cond) of batch 1 for `model.init`."""
+    x = jnp.zeros((1, *tuple(image_size), 3), jnp.float32)
+    return x, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+
+  def abstract_params(self, mesh, rules):
+    """The network's parameters as ShapeDtypeStructs laid out by the logical-axis rules on mesh."""
+    x, t, cond = self.init_inputs(self.config.input.image_size)
+    key = jax.random.key(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      boxed = jax.eval_shape(self.model.init, key, x, t, cond)["params"]
+      shardings = sharding.logical_shardings(boxed, mesh, rules)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+
+  # -- training ------------------------------------------------------------------------------------
+
+  @abc.abstractmethod
+  def pretrained_params(self, path: str):
+    """The network's parameters from a pretrained checkpoint (`config.model_init`)."""
+
+  def train_targets(self, ema_params, images, labels, cond, step):
+    """(labels the step trains toward, metrics): the annotations, unless the task refines them."""
+    del ema_params, images, cond, step
+    return labels, {}
+
+  # -- sampling ------------------------------------------------------------------------------------
+
+  def sampler_options(
+    self, num_steps: int | None = None, adaptive: bool | None = None
+  ) -> sampling.SamplerOptions:
+    """`config.eval`'s sampler with the objective's prediction; num_steps overrides the config."""
+    del adaptive  # only tasks with an adaptive rule use it
+    cfg = self.config.eval
+    return sampling.SamplerOptions(
+      num_steps=int(cfg.num_steps if num_steps is None else num_steps),
+      shift=float(cfg.shift),
+      method=cfg.method,
+      prediction=self.objective.prediction,
+      t_eps=float(self.objective.t_eps),
+    )
+
+  def integrate(self, apply_fn, x0, options: sampling.SamplerOptions):
+    """(x at t = 1 (B, H, W, 3), step scale dt (B,)): the ODE from the image to its colours."""
+    return options.sample(apply_fn, x0), jnp.ones((x0.shape[0],), jnp.float32)
