@@ -10,29 +10,31 @@ import jax
 import numpy as np
 
 from benchmarks import flops, hardware
-from flowseg_jax import sharding, train
+from flowseg_jax import sharding, train_state, train_step
 
 
 class JaxTrainStep:
   """The project's jitted train step on one case, compiled ahead of time, with its own state."""
 
   def __init__(
-    self, setup: train.Setup, batch: dict[str, np.ndarray], *, mesh=None, count_flops=True
+    self, setup: train_step.TrainSetup, batch: dict[str, np.ndarray], *, mesh=None, count_flops=True
   ):
     self.setup = setup
     config = setup.config
     self.mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     self.rules = sharding.rules_from_config(config.sharding_rules)
-    train.check_batch_fits_mesh(config, self.mesh)
+    train_step.check_batch_fits_mesh(config, self.mesh)
     teacher = self.setup.teacher_params
     if teacher is not None:
       teacher = jax.device_put(teacher, sharding.replicated(self.mesh))
     self.teacher = teacher
     # create_train_state enters the mesh and the rules itself (unboxing must happen outside them).
-    self.state, shardings = train.create_train_state(self.setup, self.mesh, self.rules, config.seed)
+    self.state, shardings = train_state.create_train_state(
+      self.setup, self.mesh, self.rules, config.seed
+    )
     self.batch = sharding.shard_batch(batch, self.mesh)
     with self.context():
-      jitted = train.compile_train_step(self.setup, self.mesh, shardings)
+      jitted = train_step.compile_train_step(self.setup, self.mesh, shardings)
       self.matmul_flops = (
         flops.jaxpr_matmul_flops(jitted, self.state, self.batch, teacher) if count_flops else None
       )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compiled_step, configs, flags, output, timing
-from flowseg_jax import flow, train
+from flowseg_jax import flow, train_step
 
 
 def parse_args(argv=None):
@@ -39,8 +39,8 @@ def parse_args(argv=None):
 class LossOnly:
   """jit(value_and_grad of flowseg_loss w.r.t. the network output) on a fixed batch."""
 
-  def __init__(self, setup: train.Setup, batch: dict[str, np.ndarray], *, reshape: bool):
-    kwargs = {**flow.loss_kwargs(setup.config.objective), "reshape": reshape}
+  def __init__(self, setup: train_step.TrainSetup, batch: dict[str, np.ndarray], *, reshape: bool):
+    kwargs = {**setup.task.objective.loss_options(), "reshape": reshape}
     rng = np.random.default_rng(1)
     b = batch["image"].shape[0]
     self.args = (
@@ -48,7 +48,7 @@ class LossOnly:
       jnp.asarray(batch["image"]),
       jnp.asarray(batch["label"]),
       jnp.asarray(rng.uniform(0, 1, (b,)).astype(np.float32)),  # t
-      setup.centroids,
+      setup.task.centroids,
     )
 
     def loss(out, x0, labels, t, centroids):
@@ -84,10 +84,10 @@ def bench_case(case: configs.Case, base, args, dtype: str) -> dict:
     attention_impl=args.attention_impl,
   )
   setups = {
-    "reshaped": train.Setup(make(reshape=True)),
-    "vanilla": train.Setup(make(reshape=False)),
+    "reshaped": train_step.TrainSetup(make(reshape=True)),
+    "vanilla": train_step.TrainSetup(make(reshape=False)),
   }
-  batch = configs.random_batch(setups["reshaped"].config, setups["reshaped"].num_classes)
+  batch = configs.random_batch(setups["reshaped"].config, setups["reshaped"].task.num_classes)
   steps = {k: compiled_step.JaxTrainStep(s, batch, count_flops=False) for k, s in setups.items()}
   times = timing.interleaved_rounds(
     {k: s.run for k, s in steps.items()}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
@@ -108,7 +108,7 @@ def bench_case(case: configs.Case, base, args, dtype: str) -> dict:
   row = {
     "case": case.label,
     "dtype": dtype,
-    "num_classes": setups["reshaped"].num_classes,
+    "num_classes": setups["reshaped"].task.num_classes,
     "step_reshaped_s": step_r,
     "step_vanilla_s": step_v,
     "step_overhead": step_r["median"] / step_v["median"] - 1.0,

@@ -1,8 +1,8 @@
 """Inference throughput: images/s of the Euler sampler (image -> colour mask -> labels), JAX vs PyTorch.
 
-JAX side: `evaluate.make_sample_fn` (the evaluation's own jitted sampler: `sampling.sample` over
-`config.eval.num_steps` steps, then nearest-centroid decoding), compiled ahead of time, for each
-step count in `--num-steps`. PyTorch side, same process: the reference PixNerDiT in an Euler loop
+JAX side: `inference.sample_fn` (the jitted sampler evaluation and `Segmenter` run: the task's ODE
+over `task.sampler_options(num_steps)`, then nearest-centroid decoding), compiled ahead of time, for
+each step count in `--num-steps`. PyTorch side, same process: the reference PixNerDiT in an Euler loop
 under `no_grad` (bf16 autocast on CUDA) followed by an argmin over centroid distances. Prints
 images/s, model FLOPs (steps x forward), MFU and XLA's peak memory. Goal on one H100: 10 steps at
 512x512 >= 40 images/s.
@@ -19,11 +19,10 @@ import time
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 from benchmarks import configs, flags, flops, hardware, output, timing
-from flowseg_jax import evaluate, sampling, sharding, train
+from flowseg_jax import inference, sampling, sharding, train_step
 
 DEFAULT_CPU_CASES = "S/16:64:4"
 DEFAULT_ACCEL_CASES = "XL/16:512:32,XL/16:256:64"
@@ -43,36 +42,39 @@ def parse_args(argv=None):
 class JaxSampler:
   """The evaluation sampler of one case and step count, compiled ahead of time."""
 
-  def __init__(self, setup: train.Setup, params, images, mesh):
-    self.params, self.images = params, images
-    fn = evaluate.make_sample_fn(setup, mesh)  # traces setup.config.eval.num_steps
-    self.matmul_flops = flops.jaxpr_matmul_flops(fn, params, images)  # = steps x forward
+  def __init__(self, task, params, images, conds, mesh, num_steps: int):
+    self.args = (params, images, conds)
+    fn = inference.sample_fn(task, mesh, task.sampler_options(num_steps))
+    self.matmul_flops = flops.jaxpr_matmul_flops(fn, *self.args)  # = steps x forward
     start = time.perf_counter()
-    self.compiled = fn.lower(params, images).compile()
+    self.compiled = fn.lower(*self.args).compile()
     self.compile_s = time.perf_counter() - start
     self.memory = hardware.memory_summary(self.compiled)
 
   def run(self, n: int) -> None:
     out = None
     for _ in range(n):
-      out = self.compiled(self.params, self.images)
+      out = self.compiled(*self.args)
     jax.block_until_ready(out)
 
 
 class TorchSampler:
   """Reference PixNerDiT, Euler steps on the same time grid, then nearest-centroid labels."""
 
-  def __init__(self, setup: train.Setup, images: np.ndarray, device, *, bf16: bool, num_steps: int):
+  def __init__(
+    self, setup: train_step.TrainSetup, images: np.ndarray, device, *, bf16: bool, num_steps: int
+  ):
     import torch
 
     from tests.torch_reference import pixnerd as torch_pixnerd
 
     self.torch, self.device = torch, device
     torch.manual_seed(setup.config.seed)
-    self.model = torch_pixnerd.PixNerDiT(**setup.model.arch_config()).to(device).eval()
+    task = setup.task
+    self.model = torch_pixnerd.PixNerDiT(**task.model.arch_config()).to(device).eval()
     self.x0 = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    self.y = torch.full((images.shape[0],), setup.cond_label, dtype=torch.long, device=device)
-    centroids = np.asarray(setup.centroids)[: setup.num_classes]
+    self.y = torch.full((images.shape[0],), task.cond_label, dtype=torch.long, device=device)
+    centroids = task.decode_centroids
     self.centroids = torch.tensor(centroids, device=device)
     self.grid = sampling.time_grid(num_steps, shift=setup.config.eval.shift).tolist()
     self.bf16 = bf16
@@ -94,7 +96,7 @@ class TorchSampler:
     hardware.torch_sync(self.device)
 
 
-def init_params(setup: train.Setup, mesh, rules):
+def init_params(setup: train_step.TrainSetup, mesh, rules):
   """Freshly initialised denoiser parameters (sampling speed does not depend on their values)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = jax.jit(lambda k: nn.unbox(setup.init_params(k)))(jax.random.key(0))
@@ -105,21 +107,21 @@ def bench_case(case, base, args, dtype, peak, device) -> list[dict]:
   config = configs.case_config(
     base, case, dtype=dtype, remat="none", scan=args.scan, attention_impl=args.attention_impl
   )
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
+  task = setup.task
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
   params = init_params(setup, mesh, rules)
-  images_np = configs.random_batch(config, setup.num_classes)["image"]
-  images = sharding.shard_batch({"image": images_np}, mesh)["image"]
+  images_np = configs.random_batch(config, task.num_classes)["image"]
+  conds = np.full((case.batch,), task.cond_label, np.int32)
+  arrays = sharding.shard_batch({"image": images_np, "cond": conds}, mesh)
   forward = flops.pixnerd_forward_flops(
-    setup.model.arch_config(), case.batch, case.height, case.width
+    task.model.arch_config(), case.batch, case.height, case.width
   )["total"]
   rows = []
   for n in (int(s) for s in args.num_steps.split(",")):
-    # One config per step count: make_sample_fn compiles one sampler per (setup, mesh, sampler settings).
-    config_n = ml_collections.ConfigDict(config.to_dict())
-    config_n.eval.num_steps = n
-    sampler = JaxSampler(train.Setup(config_n), params, images, mesh)
+    # sample_fn compiles one sampler per (task, mesh, sampler options): one per step count.
+    sampler = JaxSampler(task, params, arrays["image"], arrays["cond"], mesh, n)
     fns = {"jax": sampler.run}
     if args.torch:
       tsampler = TorchSampler(setup, images_np, device, bf16=dtype == "bfloat16", num_steps=n)

@@ -1,7 +1,7 @@
 """The real FlowSeg train step (forward + backward + optimiser + EMA): JAX vs the PyTorch reference.
 
-JAX side: `train.Setup` -> `train.create_train_state` -> `train.compile_train_step`, compiled ahead
-of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
+JAX side: `train_step.TrainSetup` -> `train_state.create_train_state` ->
+`train_step.compile_train_step`, compiled ahead of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
 `jax.block_until_ready`. PyTorch side, same process and shapes: `tests/torch_reference/pixnerd.py`
 + `tests/torch_reference/flowseg.py` loss + AdamW + global-norm clipping + EMA (bf16 autocast on
 CUDA, float32 on CPU). Prints steps/s, images/s, model FLOPs per step (benchmarks/flops.py),
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from benchmarks import compiled_step, configs, flags, flops, hardware, input_rate, output, timing
-from flowseg_jax import flow, train
+from flowseg_jax import train_step
 
 
 def parse_args(argv=None):
@@ -81,17 +81,23 @@ class TorchTrainStep:
   """Eager PyTorch: reference PixNerDiT + reference FlowSeg loss + AdamW + clipping + EMA."""
 
   def __init__(
-    self, setup: train.Setup, batch: dict[str, np.ndarray], device, *, bf16: bool, model=None
+    self,
+    setup: train_step.TrainSetup,
+    batch: dict[str, np.ndarray],
+    device,
+    *,
+    bf16: bool,
+    model=None,
   ):
     import torch
 
     from tests.torch_reference import pixnerd as torch_pixnerd
 
-    cfg = setup.config
-    self.torch, self.device, self.cfg = torch, device, cfg
+    cfg, task = setup.config, setup.task
+    self.torch, self.device, self.cfg, self.objective = torch, device, cfg, task.objective
     torch.manual_seed(cfg.seed)
     if model is None:
-      model = torch_pixnerd.PixNerDiT(**setup.model.arch_config())
+      model = torch_pixnerd.PixNerDiT(**task.model.arch_config())
     self.model = model.to(device)
     self.params = [p for p in self.model.parameters() if p.requires_grad]
     self.ema = [p.detach().clone() for p in self.params]
@@ -103,11 +109,11 @@ class TorchTrainStep:
       weight_decay=cfg.optim.weight_decay,
       fused=device.type == "cuda",
     )
-    self.centroids = torch.tensor(np.asarray(setup.centroids), device=device)
+    self.centroids = torch.tensor(np.asarray(task.centroids), device=device)
     self.x0 = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
     self.labels = torch.from_numpy(batch["label"]).long().to(device)
     b = self.x0.shape[0]
-    self.y = torch.full((b,), setup.cond_label, dtype=torch.long, device=device)
+    self.y = torch.full((b,), task.cond_label, dtype=torch.long, device=device)
     self.autocast = functools.partial(
       torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16
     )
@@ -141,7 +147,7 @@ class TorchTrainStep:
       self.labels,
       t,
       self.centroids,
-      **flow.loss_kwargs(obj, schedule=False),
+      **self.objective.reference_options(),
     )
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -171,11 +177,11 @@ def official_source(src: str) -> str:
   return path
 
 
-def official_model(src: str, setup: train.Setup):
+def official_model(src: str, setup: train_step.TrainSetup):
   """The official PixNerd class-to-image network, from a local checkout, with JAX's initial weights.
 
   Imports `src/models/transformer/pixnerd_c2i.py` of the checkout by path (it needs only torch)
-  and loads the parameters `train.create_train_state` starts from (the same seed), converted by
+  and loads the parameters `train_state.create_train_state` starts from (the same seed), converted by
   `convert.pixnerd.flax_to_torch`, so both frameworks train the same network from the same point.
   """
   import importlib.util
@@ -188,7 +194,7 @@ def official_model(src: str, setup: train.Setup):
   spec = importlib.util.spec_from_file_location("pixnerd_official_c2i", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   model = module.PixNerDiT(
     in_channels=arch["in_channels"],
     num_groups=arch["num_heads"],
@@ -201,7 +207,7 @@ def official_model(src: str, setup: train.Setup):
     num_classes=arch["num_classes"],
   )
   params = nn.unbox(jax.jit(setup.init_params)(jax.random.key(setup.config.seed)))["denoiser"]
-  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.model)
+  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.task.model)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   return model
 
@@ -257,8 +263,8 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     attention_impl=args.attention_impl,
     teacher_dir=args.teacher_dir,
   )
-  setup = train.Setup(config)
-  batch = configs.random_batch(config, setup.num_classes, seed=config.seed)
+  setup = train_step.TrainSetup(config)
+  batch = configs.random_batch(config, setup.task.num_classes, seed=config.seed)
   fns, tstep = {}, None
   torch_times, torch_peak = None, None
   if args.torch and not interleave:  # torch first, then free its memory for JAX
@@ -298,7 +304,7 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
       attention_impl=args.attention_impl,
       teacher_dir=args.teacher_dir,
     )
-    ustep = compiled_step.JaxTrainStep(train.Setup(uconfig), batch, count_flops=False)
+    ustep = compiled_step.JaxTrainStep(train_step.TrainSetup(uconfig), batch, count_flops=False)
     fns["unrolled"] = ustep.run
   if args.torch and interleave:
     tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
@@ -317,7 +323,7 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
 
   jt = timing.summarize(times["jax"])
   _dump_diagnostics(jstep, case, args)
-  arch = jstep.setup.model.arch_config()
+  arch = jstep.setup.task.model.arch_config()
   model_flops = flops.train_step_flops(arch, case.batch, case.height, case.width)
   row = {
     "case": case.label,

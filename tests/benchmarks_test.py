@@ -203,10 +203,11 @@ def test_decode_order_compares_both_orders_on_finer_annotations():
   from flowseg_jax import inference, sharding, tasks
 
   config = configs.load_config("configs/demo.py:smoke")
-  setup = inference.InferenceSetup(config)
-  x, t, y = tasks.init_inputs(setup.task, config.input.image_size)
-  params = setup.model.init(jax.random.key(1), x, t, y)["params"]
-  seg = inference.Segmenter(config, params, mesh=sharding.make_mesh(1, 1, jax.devices()[:1]))
+  task = tasks.create_task(config)
+  x, t, y = task.init_inputs(config.input.image_size)
+  params = task.model.init(jax.random.key(1), x, t, y)["params"]
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  seg = inference.Segmenter(config, params, task=task, mesh=mesh)
   same = decode_order.compare_orders(seg, decode_order.scaled_eval_examples(config, 1, 3))
   new, old = (same[o] for o in decode_order.ORDERS)
   np.testing.assert_array_equal(new["intersection"], old["intersection"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import configs
-from flowseg_jax import defaults, sharding, train
+from flowseg_jax import defaults, sharding, train_state, train_step
 from tools import abstract_inputs, scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +45,9 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
   config = configs.load_config("configs/demo.py:smoke")
   config.repa.update(enabled=True, teacher_variant="tiny/14", align_layer=2)
   config.mesh.update(data=2, fsdp=4)
-  setup = train.Setup(config, teacher=abstract_inputs.abstract_teacher(config))
+  setup = train_step.TrainSetup(config, teacher=abstract_inputs.abstract_teacher(config))
   mesh = sharding.make_mesh(2, 4)
-  state, _ = train.abstract_train_state(
+  state, _ = train_state.abstract_train_state(
     setup, mesh, sharding.rules_from_config(config.sharding_rules), 0
   )
   b, (h, w) = config.input.batch_size, config.input.image_size

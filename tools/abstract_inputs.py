@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flowseg_jax import models, sharding, train
+from flowseg_jax import models, sharding, train_state, train_step
 from flowseg_jax.models import dinov2
 
 
@@ -23,8 +23,8 @@ def abstract_teacher(config):
 def train_step_inputs(config, mesh, rules):
   """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
   teacher = abstract_teacher(config) if config.repa.enabled else None
-  setup = train.Setup(config, teacher=teacher)
-  state, shardings = train.abstract_train_state(setup, mesh, rules, config.seed)
+  setup = train_step.TrainSetup(config, teacher=teacher)
+  state, shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
   data = sharding.batch_sharding(mesh)
   b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
   batch = {
@@ -40,8 +40,11 @@ def train_step_inputs(config, mesh, rules):
   return setup, state, shardings, batch, teacher_params
 
 
-def sampler_images(config, mesh) -> jax.ShapeDtypeStruct:
-  """The images one sampler call takes: `config.eval.batch_per_device` per device (B, H, W, 3)."""
-  b = config.eval.batch_per_device * mesh.size  # what evaluation and Segmenter run per call
+def sampler_inputs(config, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """(images float32 (B, H, W, 3), conditions int32 (B,)) of one sampler call:
+  `config.eval.batch_per_device` images per device, what evaluation and `Segmenter` run per call."""
+  b = config.eval.batch_per_device * mesh.size
   h, w = tuple(config.input.image_size)
-  return jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  data = sharding.batch_sharding(mesh)
+  images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data)
+  return images, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)

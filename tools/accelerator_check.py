@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import configs, objective_overhead, sampling, train_step
-from flowseg_jax import train
+from benchmarks import configs, objective_overhead, sampling
+from benchmarks import train_step as train_step_benchmark
+from flowseg_jax import tasks, train_step
 
 FULL = {
   "train": "XL/16:256:64,XL/16:512:16",
@@ -49,27 +50,30 @@ ATTENTION_RTOL = 2e-2
 
 def _params_and_batch(config, seed: int = 0):
   """Initial parameters with a random (not zero) output layer, and a random batch."""
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   params = jax.jit(lambda k: nn.unbox(setup.init_params(k)))(jax.random.key(seed))
   final = params["denoiser"]["final_layer"]["linear"]
   final["kernel"] = 0.02 * jax.random.normal(jax.random.key(seed + 1), final["kernel"].shape)
-  batch = configs.random_batch(config, setup.num_classes, seed=seed)
+  batch = configs.random_batch(config, setup.task.num_classes, seed=seed)
   return params, jax.tree.map(jnp.asarray, batch)
 
 
 def _loss(config, params, batch) -> float:
-  setup = train.Setup(config)
+  setup = train_step.TrainSetup(config)
   valid = jnp.sum((batch["label"] != 255).astype(jnp.int32))
-  fn = jax.jit(lambda p, x, y: train.loss_fn(p, None, x, y, jax.random.key(0), valid, setup=setup))
+  cond = setup.task.condition(batch)
+  fn = jax.jit(
+    lambda p, x, y: train_step.loss_fn(p, None, x, y, jax.random.key(0), valid, cond, setup=setup)
+  )
   return float(fn(params, batch["image"], batch["label"])[0])
 
 
 def _output(config, params, batch) -> np.ndarray:
-  setup = train.Setup(config)
+  task = tasks.create_task(config)
   b = batch["image"].shape[0]
   t = jnp.linspace(0.1, 0.9, b)
-  y = jnp.full((b,), setup.cond_label, jnp.int32)
-  fn = jax.jit(lambda p, x: setup.model.apply({"params": p["denoiser"]}, x, t, y))
+  y = jnp.full((b,), task.cond_label, jnp.int32)
+  fn = jax.jit(lambda p, x: task.apply(p["denoiser"], x, t, y))
   return np.asarray(fn(params, batch["image"]), np.float32)
 
 
@@ -126,7 +130,7 @@ def main(argv=None) -> dict:
   start, results = time.perf_counter(), {}
   print(f"== accelerator check on {jax.devices()[0].device_kind} ({jax.device_count()} devices)")
   print(f"== 1. train step, {dtype}, remat {args.remat}, attention {attn or 'default'}", flush=True)
-  results["train_step"] = train_step.main(
+  results["train_step"] = train_step_benchmark.main(
     [
       *common_flags,
       "--cases",

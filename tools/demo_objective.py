@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import flow, metrics, sampling
+from flowseg_jax import flow, sampling
+from flowseg_jax.evaluators import miou
 
 
 def make_batch(key, batch=4, size=32, num_classes=19):
@@ -61,8 +62,8 @@ def main() -> None:
   for steps in (1, 10):
     x1 = sampling.sample(oracle, images, num_steps=steps, prediction="x")
     pred = centroids_lib.decode_colours(x1, cents)
-    cm = metrics.confusion_matrix(pred, labels, num_classes)
-    result = metrics.summary_percent(metrics.compute_metrics(cm))
+    cm = miou.confusion_matrix(pred, labels, num_classes)
+    result = miou.summary_percent(miou.compute_metrics(cm))
     print(f"\nEuler, {steps:2d} step(s), noisy oracle -> nearest centroid: {result}")
 
 

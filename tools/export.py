@@ -3,8 +3,8 @@
 `jax.export` lowers a jitted function to StableHLO for platforms other than the one it runs on:
 nothing is compiled or run for the target, so a CPU-only box proves that the real programs lower
 for 'tpu' and 'cuda' with the configured shardings. For each platform this exports the train step
-(`train.compile_train_step` on `train.abstract_train_state`, over a `--mesh DATAxFSDP` of this
-machine's devices) and the Euler sampler (`inference.make_sample_fn`), and reports the StableHLO
+(`train_step.compile_train_step` on `train_state.abstract_train_state`, over a `--mesh DATAxFSDP` of
+this machine's devices) and the Euler sampler (`inference.sample_fn`), and reports the StableHLO
 size, the custom calls (the cuDNN fused attention with `attention_impl='cudnn'` on CUDA), and the
 checks that the bfloat16 paths stay clean: no float64 value and no host callback.
 
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 
 from benchmarks import configs, output
-from flowseg_jax import inference, sharding, train
+from flowseg_jax import inference, sharding, train_step
 from tools import abstract_inputs, config_overrides
 
 CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
@@ -94,10 +94,11 @@ def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
   setup, state, shardings, batch, teacher = abstract_inputs.train_step_inputs(config, mesh, rules)
-  images = abstract_inputs.sampler_images(config, mesh)
+  images, conds = abstract_inputs.sampler_inputs(config, mesh)
+  sampler = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
   programs = {
-    "train_step": (train.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
-    "sampler": (inference.make_sample_fn(setup, mesh), (state.ema_params["denoiser"], images)),
+    "train_step": (train_step.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
+    "sampler": (sampler, (state.ema_params["denoiser"], images, conds)),
   }
   results = {}
   for platform in platforms:

@@ -3,9 +3,9 @@
 For a config and each device count N (host-platform CPU devices, one subprocess per N with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`, since the count is fixed when JAX starts)
 and each mesh shape (data x fsdp = N, fsdp a power of two) and remat policy, this lowers and
-compiles the train step (`train.compile_train_step` on `train.abstract_train_state`, with the
-REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is allocated) and
-the Euler sampler (`inference.make_sample_fn`, `config.eval.num_steps` steps), and prints per
+compiles the train step (`train_step.compile_train_step` on `train_state.abstract_train_state`,
+with the REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is
+allocated) and the Euler sampler (`inference.sample_fn`, `config.eval.num_steps` steps), and prints per
 device: argument, output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments
 + non-aliased outputs + temporaries), XLA's FLOPs (`cost_analysis()`, a while-loop body counted
 once) next to the model FLOPs / N, the bytes of every all-gather / reduce-scatter / all-reduce /
@@ -158,7 +158,7 @@ def plan_train_step(config, mesh, rules) -> dict:
   import jax
 
   from benchmarks import flops
-  from flowseg_jax import train
+  from flowseg_jax import train_step
   from tools import abstract_inputs
 
   setup, state, shardings, batch, teacher_params = abstract_inputs.train_step_inputs(
@@ -166,11 +166,11 @@ def plan_train_step(config, mesh, rules) -> dict:
   )
   b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = train.compile_train_step(setup, mesh, shardings)
+    jitted = train_step.compile_train_step(setup, mesh, shardings)
     start = time.perf_counter()
     compiled = jitted.lower(state, batch, teacher_params).compile()
     compile_s = time.perf_counter() - start
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   return (
     {
       "compile_s": compile_s,
@@ -195,14 +195,14 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   from tools import abstract_inputs
 
   n = mesh.size
-  images = abstract_inputs.sampler_images(config, mesh)
+  images, conds = abstract_inputs.sampler_inputs(config, mesh)
   b, h, w, _ = images.shape
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = inference.make_sample_fn(setup, mesh)
+    fn = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
     start = time.perf_counter()
-    compiled = fn.lower(state.ema_params["denoiser"], images).compile()
+    compiled = fn.lower(state.ema_params["denoiser"], images, conds).compile()
     compile_s = time.perf_counter() - start
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   steps = config.eval.num_steps
   return {
     "batch": b,
@@ -229,7 +229,7 @@ def plan_devices(
   import ml_collections
 
   from benchmarks import configs
-  from flowseg_jax import sharding, train
+  from flowseg_jax import sharding, train_step
 
   if jax.device_count() < n:
     raise ValueError(f"this process has {jax.device_count()} devices, the plan needs {n}")
@@ -257,7 +257,7 @@ def plan_devices(
       )
       mesh = sharding.make_mesh(n // fsdp, fsdp, devices)
       try:
-        train.check_batch_fits_mesh(config, mesh)
+        train_step.check_batch_fits_mesh(config, mesh)
       except ValueError as e:
         row["error"] = str(e)
         continue
