@@ -7,9 +7,9 @@ its peak resident memory (`ru_maxrss`) against the size of the copy it converts.
 from a memory-mapped pool of random numbers, so writing it needs little memory; XL/16 with the
 optimizer state is ~11 GB on disk.
 
-  python benchmarks/convert_memory.py                      # XL/16, online + EMA + Adam moments
-  python benchmarks/convert_memory.py --no-optimizer       # online + EMA only (~5.6 GB)
-  python benchmarks/convert_memory.py --model B/16 --baseline /path/to/other/checkout
+  python -m benchmarks.convert_memory                      # XL/16, online + EMA + Adam moments
+  python -m benchmarks.convert_memory --no-optimizer       # online + EMA only (~5.6 GB)
+  python -m benchmarks.convert_memory --model B/16 --baseline /path/to/other/checkout
 
 --baseline runs the same conversion with the converter of another checkout (PYTHONPATH), e.g. the
 code before a change, on the same file.
@@ -27,11 +27,10 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from flowseg_jax.convert import pixnerd as convert
+from flowseg_jax.models import pixnerd
 
-from flowseg_jax.convert import pixnerd as convert  # noqa: E402
-from flowseg_jax.models import pixnerd  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # "this checkout"
 
 # Offsets (in floats) between the copies' views of the random pool, so that the copies differ.
 _COPY_SHIFT = 1 << 20

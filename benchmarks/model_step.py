@@ -5,8 +5,8 @@ Both sides run the same weights (the torch reference's random weights converted 
 ratios (< 1: Flax faster), XLA's compiled memory (`memory_analysis()`), the compile times and
 the forward-output agreement. PyTorch's peak memory is reported on CUDA only.
 
-  python benchmarks/model_step.py                         # small CPU default (< 1 min)
-  python benchmarks/model_step.py --variant XL/16 --batch 32 --res 256 --dtype bfloat16 \
+  python -m benchmarks.model_step                         # small CPU default (< 1 min)
+  python -m benchmarks.model_step --variant XL/16 --batch 32 --res 256 --dtype bfloat16 \
       --remat full --attention-impl cudnn --json /tmp/xl.json    # on a GPU
 """
 
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import jax
@@ -23,12 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import common  # noqa: E402
-from flowseg_jax.convert import pixnerd as convert  # noqa: E402
-from flowseg_jax.models import pixnerd  # noqa: E402
-from tests.torch_reference import pixnerd as torch_ref  # noqa: E402
+from benchmarks import timing
+from flowseg_jax.convert import pixnerd as convert
+from flowseg_jax.models import pixnerd
+from tests.torch_reference import pixnerd as torch_ref
 
 
 def parse_args(argv=None):
@@ -68,7 +64,7 @@ def bench_flax(model, params, x, t, y, args):
     mem = compiled.memory_analysis()
     run = lambda c=compiled, a=fn_args: jax.block_until_ready(c(*a))
     results[name] = dict(
-      time_s=common.median_time(run, args.steps, args.warmup),
+      time_s=timing.median_time(run, args.steps, args.warmup),
       compile_s=compile_s,
       temp_bytes=int(mem.temp_size_in_bytes) if mem else None,
       argument_bytes=int(mem.argument_size_in_bytes) if mem else None,
@@ -99,7 +95,7 @@ def bench_torch(model, x, t, y, args, device):
     if device.type == "cuda":
       torch.cuda.reset_peak_memory_stats()
       base = torch.cuda.memory_allocated()
-    timed = common.median_time(fn, args.steps, args.warmup)
+    timed = timing.median_time(fn, args.steps, args.warmup)
     if device.type == "cuda":
       peak = torch.cuda.max_memory_allocated() - base
     results[name] = dict(time_s=timed, peak_bytes=peak)

@@ -12,8 +12,8 @@ Read both numbers: with reshape=False `flow.flowseg_loss` evaluates no potential
 `grad_phi_norm` metric is 0), so the step-level delta is the whole cost of reshaping; the
 loss-only delta (`potential/step`) isolates it from the model's timing noise.
 
-  python benchmarks/objective_overhead.py                              # CPU: S/16 at 64 and 128
-  python benchmarks/objective_overhead.py --cases XL/16:256:64 --json overhead.json   # one GPU
+  python -m benchmarks.objective_overhead                              # CPU: S/16 at 64 and 128
+  python -m benchmarks.objective_overhead --cases XL/16:256:64 --json overhead.json   # one GPU
 """
 
 from __future__ import annotations
@@ -21,30 +21,26 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common, train_step  # noqa: E402
-from flowseg_jax import flow, train  # noqa: E402
+from benchmarks import compiled_step, configs, flags, output, timing
+from flowseg_jax import flow, train_step
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  train_step.add_common_flags(p, torch=False)
+  flags.add_common_flags(p, torch=False)
   return p.parse_args(argv)
 
 
 class LossOnly:
   """jit(value_and_grad of flowseg_loss w.r.t. the network output) on a fixed batch."""
 
-  def __init__(self, setup: train.Setup, batch: dict[str, np.ndarray], *, reshape: bool):
-    kwargs = {**flow.loss_kwargs(setup.config.objective), "reshape": reshape}
+  def __init__(self, setup: train_step.TrainSetup, batch: dict[str, np.ndarray], *, reshape: bool):
+    kwargs = {**setup.task.objective.loss_options(), "reshape": reshape}
     rng = np.random.default_rng(1)
     b = batch["image"].shape[0]
     self.args = (
@@ -52,7 +48,7 @@ class LossOnly:
       jnp.asarray(batch["image"]),
       jnp.asarray(batch["label"]),
       jnp.asarray(rng.uniform(0, 1, (b,)).astype(np.float32)),  # t
-      setup.centroids,
+      setup.task.centroids,
     )
 
     def loss(out, x0, labels, t, centroids):
@@ -77,9 +73,9 @@ class LossOnly:
     jax.block_until_ready(out)
 
 
-def bench_case(case: common.Case, base, args, dtype: str) -> dict:
+def bench_case(case: configs.Case, base, args, dtype: str) -> dict:
   make = functools.partial(
-    common.case_config,
+    configs.case_config,
     base,
     case,
     dtype=dtype,
@@ -88,35 +84,35 @@ def bench_case(case: common.Case, base, args, dtype: str) -> dict:
     attention_impl=args.attention_impl,
   )
   setups = {
-    "reshaped": train.Setup(make(reshape=True)),
-    "vanilla": train.Setup(make(reshape=False)),
+    "reshaped": train_step.TrainSetup(make(reshape=True)),
+    "vanilla": train_step.TrainSetup(make(reshape=False)),
   }
-  batch = common.random_batch(setups["reshaped"].config, setups["reshaped"].num_classes)
-  steps = {k: train_step.JaxTrainStep(s, batch, count_flops=False) for k, s in setups.items()}
-  times = common.interleaved_rounds(
+  batch = configs.random_batch(setups["reshaped"].config, setups["reshaped"].task.num_classes)
+  steps = {k: compiled_step.JaxTrainStep(s, batch, count_flops=False) for k, s in setups.items()}
+  times = timing.interleaved_rounds(
     {k: s.run for k, s in steps.items()}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
   )
   losses = {
     k: LossOnly(setups["reshaped"], batch, reshape=k == "reshaped") for k in ("reshaped", "vanilla")
   }
-  loss_times = common.interleaved_rounds(
+  loss_times = timing.interleaved_rounds(
     {k: lo.run for k, lo in losses.items()},
     rounds=args.rounds,
     steps=max(args.steps, 5),
     warmup=args.warmup,
   )
-  step_r, step_v = (common.summarize(times[k]) for k in ("reshaped", "vanilla"))
-  loss_r, loss_v = (common.summarize(loss_times[k]) for k in ("reshaped", "vanilla"))
+  step_r, step_v = (timing.summarize(times[k]) for k in ("reshaped", "vanilla"))
+  loss_r, loss_v = (timing.summarize(loss_times[k]) for k in ("reshaped", "vanilla"))
   per_round = [r / v - 1.0 for r, v in zip(times["reshaped"], times["vanilla"])]
   potential_s = loss_r["median"] - loss_v["median"]
   row = {
     "case": case.label,
     "dtype": dtype,
-    "num_classes": setups["reshaped"].num_classes,
+    "num_classes": setups["reshaped"].task.num_classes,
     "step_reshaped_s": step_r,
     "step_vanilla_s": step_v,
     "step_overhead": step_r["median"] / step_v["median"] - 1.0,
-    "step_overhead_per_round": common.summarize(per_round),
+    "step_overhead_per_round": timing.summarize(per_round),
     "loss_reshaped_s": loss_r,
     "loss_vanilla_s": loss_v,
     "potential_s": potential_s,
@@ -132,9 +128,9 @@ def bench_case(case: common.Case, base, args, dtype: str) -> dict:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  cases, dtype, _ = train_step.setup_run(args)
-  base = common.load_config(args.config)
-  env = common.environment()
+  cases, dtype, _ = flags.setup_run(args)
+  base = configs.load_config(args.config)
+  env = output.environment()
   print(
     f"objective overhead: JAX {env['jax']} on {env['backend']} ({env['device_kind']}), {dtype}, "
     f"remat={args.remat}, scan={args.scan}; {args.rounds} rounds x {args.steps} steps, "
@@ -159,13 +155,13 @@ def main(argv=None) -> dict:
         "loss_v": f"{r['loss_vanilla_s']['median'] * 1e3:.2f}",
         "loss_r": f"{r['loss_reshaped_s']['median'] * 1e3:.2f}",
         "share": f"{r['potential_share_of_step']:+.1%}",
-        "bytes": common.fmt(r["loss_bytes_accessed"]["reshaped"], ".1f", 2**-20),
+        "bytes": output.fmt(r["loss_bytes_accessed"]["reshaped"], ".1f", 2**-20),
         "mem": "{:+.1f}".format(
           ((mem["reshaped"]["peak_bytes"] or 0) - (mem["vanilla"]["peak_bytes"] or 0)) / 2**20
         ),
       }
     )
-  common.print_table(
+  output.print_table(
     table,
     [
       ("case", "case"),
@@ -182,7 +178,7 @@ def main(argv=None) -> dict:
     ],
   )
   result = {"benchmark": "objective_overhead", "args": vars(args), "environment": env, "rows": rows}
-  common.write_json(args.json, result)
+  output.write_json(args.json, result)
   return result
 
 

@@ -1,15 +1,15 @@
 """The real FlowSeg train step (forward + backward + optimiser + EMA): JAX vs the PyTorch reference.
 
-JAX side: `train.Setup` -> `train.create_train_state` -> `train.compile_train_step`, compiled ahead
-of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
+JAX side: `train_step.TrainSetup` -> `train_state.create_train_state` ->
+`train_step.compile_train_step`, compiled ahead of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
 `jax.block_until_ready`. PyTorch side, same process and shapes: `tests/torch_reference/pixnerd.py`
 + `tests/torch_reference/flowseg.py` loss + AdamW + global-norm clipping + EMA (bf16 autocast on
-CUDA, float32 on CPU). Prints steps/s, images/s, model FLOPs per step (benchmarks/common.py),
+CUDA, float32 on CPU). Prints steps/s, images/s, model FLOPs per step (benchmarks/flops.py),
 MFU, XLA's FLOP count and peak memory, the JAX/PyTorch throughput ratio (> 1: JAX faster) and the
-input pipeline's images/s against what the step consumes (benchmarks/data_pipeline.py).
+input pipeline's images/s against what the step consumes (benchmarks/input_rate.py).
 
-  python benchmarks/train_step.py                                   # CPU: S/16 at 64 and 128
-  python benchmarks/train_step.py --cases XL/16:256:64,XL/16:512:16 --json xl.json   # one GPU
+  python -m benchmarks.train_step                                   # CPU: S/16 at 64 and 128
+  python -m benchmarks.train_step --cases XL/16:256:64,XL/16:512:16 --json xl.json   # one GPU
 """
 
 from __future__ import annotations
@@ -19,57 +19,19 @@ import contextlib
 import functools
 import gc
 import os
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402  (before any JAX backend starts: allocator setting)
-from flowseg_jax import flow, sharding, train  # noqa: E402
-
-DEFAULT_CPU_CASES = "tiny/4:32:16,S/16:64:2,S/16:128:8"
-DEFAULT_ACCEL_CASES = "XL/16:256:64,XL/16:512:16,B/16:256:64,S/16:256:64"
-
-
-def add_common_flags(p: argparse.ArgumentParser, *, torch: bool = True) -> None:
-  """Flags shared by train_step.py, objective_overhead.py and sampling.py."""
-  p.add_argument("--config", default=common.DEFAULT_CONFIG, help="config file[:arg] to start from")
-  p.add_argument(
-    "--cases",
-    default=None,
-    help="VARIANT:RES:BATCH list, e.g. 'S/16:64:2,XL/16:256:64' (default depends on the backend)",
-  )
-  p.add_argument(
-    "--dtype", default="auto", help="auto (CPU float32, else bfloat16) | float32 | bfloat16"
-  )
-  p.add_argument("--remat", default="none", help="'none', 'full' or a jax.checkpoint_policies name")
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"])
-  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
-  p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
-  p.add_argument("--warmup", type=int, default=2, help="steps before timing")
-  if torch:
-    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument(
-      "--torch-threads",
-      type=int,
-      default=None,
-      help="torch.set_num_threads (default: the cores this process may use, as XLA:CPU uses)",
-    )
-  else:
-    p.set_defaults(torch=False, torch_threads=None)
-  p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
-  p.add_argument("--json", default=None, help="write the results here")
+from benchmarks import compiled_step, configs, flags, flops, hardware, input_rate, output, timing
+from flowseg_jax import train_step
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  add_common_flags(p)
+  flags.add_common_flags(p)
   p.add_argument(
     "--teacher-dir",
     default=None,
@@ -110,78 +72,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def setup_run(args) -> tuple[list[common.Case], str, int]:
-  """Cases, compute dtype and torch threads from the flags; applies the torch thread count."""
-  cases = common.parse_cases(
-    args.cases or (DEFAULT_CPU_CASES if jax.default_backend() == "cpu" else DEFAULT_ACCEL_CASES)
-  )
-  dtype = common.resolve_dtype(args.dtype)
-  threads = args.torch_threads or common.cpu_info()["cores"]
-  if args.torch or getattr(args, "official_src", None):
-    import torch
-
-    torch.set_num_threads(threads)
-  return cases, dtype, threads
-
-
-def peak_flops(args, dtype: str) -> tuple[float | None, str]:
-  if args.peak_tflops:
-    return args.peak_tflops * 1e12, "--peak-tflops"
-  return common.device_peak_flops(jax.devices()[0], dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# JAX.
-# ------------------------------------------------------------------------------------------------
-
-
-class JaxTrainStep:
-  """The project's jitted train step on one case, compiled ahead of time, with its own state."""
-
-  def __init__(
-    self, setup: train.Setup, batch: dict[str, np.ndarray], *, mesh=None, count_flops=True
-  ):
-    self.setup = setup
-    config = setup.config
-    self.mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    self.rules = sharding.rules_from_config(config.sharding_rules)
-    train.check_batch_fits_mesh(config, self.mesh)
-    teacher = self.setup.teacher_params
-    if teacher is not None:
-      teacher = jax.device_put(teacher, sharding.replicated(self.mesh))
-    self.teacher = teacher
-    # create_train_state enters the mesh and the rules itself (unboxing must happen outside them).
-    self.state, shardings = train.create_train_state(self.setup, self.mesh, self.rules, config.seed)
-    self.batch = sharding.shard_batch(batch, self.mesh)
-    with self.context():
-      jitted = train.compile_train_step(self.setup, self.mesh, shardings)
-      self.matmul_flops = (
-        common.jaxpr_matmul_flops(jitted, self.state, self.batch, teacher) if count_flops else None
-      )
-      start = time.perf_counter()
-      self.compiled = jitted.lower(self.state, self.batch, teacher).compile()
-      self.compile_s = time.perf_counter() - start
-    self.memory = common.memory_summary(self.compiled)
-    self.xla_flops = common.xla_flops(self.compiled)
-    self.metrics = None
-
-  def context(self):
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
-
-  def run(self, n: int) -> None:
-    """n steps, blocking at the end (the device queue stays full in between)."""
-    state, metrics = self.state, None
-    for _ in range(n):
-      state, metrics = self.compiled(state, self.batch, self.teacher)
-    self.state, self.metrics = jax.block_until_ready((state, metrics))
-
-  def last_loss(self) -> float | None:
-    return None if self.metrics is None else float(jax.device_get(self.metrics["loss"]))
-
-
 # ------------------------------------------------------------------------------------------------
 # PyTorch reference.
 # ------------------------------------------------------------------------------------------------
@@ -191,17 +81,23 @@ class TorchTrainStep:
   """Eager PyTorch: reference PixNerDiT + reference FlowSeg loss + AdamW + clipping + EMA."""
 
   def __init__(
-    self, setup: train.Setup, batch: dict[str, np.ndarray], device, *, bf16: bool, model=None
+    self,
+    setup: train_step.TrainSetup,
+    batch: dict[str, np.ndarray],
+    device,
+    *,
+    bf16: bool,
+    model=None,
   ):
     import torch
 
     from tests.torch_reference import pixnerd as torch_pixnerd
 
-    cfg = setup.config
-    self.torch, self.device, self.cfg = torch, device, cfg
+    cfg, task = setup.config, setup.task
+    self.torch, self.device, self.cfg, self.objective = torch, device, cfg, task.objective
     torch.manual_seed(cfg.seed)
     if model is None:
-      model = torch_pixnerd.PixNerDiT(**setup.model.arch_config())
+      model = torch_pixnerd.PixNerDiT(**task.model.arch_config())
     self.model = model.to(device)
     self.params = [p for p in self.model.parameters() if p.requires_grad]
     self.ema = [p.detach().clone() for p in self.params]
@@ -213,11 +109,11 @@ class TorchTrainStep:
       weight_decay=cfg.optim.weight_decay,
       fused=device.type == "cuda",
     )
-    self.centroids = torch.tensor(np.asarray(setup.centroids), device=device)
+    self.centroids = torch.tensor(np.asarray(task.centroids), device=device)
     self.x0 = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
     self.labels = torch.from_numpy(batch["label"]).long().to(device)
     b = self.x0.shape[0]
-    self.y = torch.full((b,), setup.cond_label, dtype=torch.long, device=device)
+    self.y = torch.full((b,), task.cond_label, dtype=torch.long, device=device)
     self.autocast = functools.partial(
       torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16
     )
@@ -251,7 +147,7 @@ class TorchTrainStep:
       self.labels,
       t,
       self.centroids,
-      **flow.loss_kwargs(obj, schedule=False),
+      **self.objective.reference_options(),
     )
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -265,7 +161,7 @@ class TorchTrainStep:
   def run(self, n: int) -> None:
     for _ in range(n):
       self.step()
-    common.torch_sync(self.device)
+    hardware.torch_sync(self.device)
 
   def peak_bytes(self) -> int | None:
     if self.device.type != "cuda":
@@ -281,11 +177,11 @@ def official_source(src: str) -> str:
   return path
 
 
-def official_model(src: str, setup: train.Setup):
+def official_model(src: str, setup: train_step.TrainSetup):
   """The official PixNerd class-to-image network, from a local checkout, with JAX's initial weights.
 
   Imports `src/models/transformer/pixnerd_c2i.py` of the checkout by path (it needs only torch)
-  and loads the parameters `train.create_train_state` starts from (the same seed), converted by
+  and loads the parameters `train_state.create_train_state` starts from (the same seed), converted by
   `convert.pixnerd.flax_to_torch`, so both frameworks train the same network from the same point.
   """
   import importlib.util
@@ -298,7 +194,7 @@ def official_model(src: str, setup: train.Setup):
   spec = importlib.util.spec_from_file_location("pixnerd_official_c2i", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   model = module.PixNerDiT(
     in_channels=arch["in_channels"],
     num_groups=arch["num_heads"],
@@ -311,7 +207,7 @@ def official_model(src: str, setup: train.Setup):
     num_classes=arch["num_classes"],
   )
   params = nn.unbox(jax.jit(setup.init_params)(jax.random.key(setup.config.seed)))["denoiser"]
-  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.model)
+  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.task.model)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   return model
 
@@ -321,9 +217,10 @@ def official_model(src: str, setup: train.Setup):
 # ------------------------------------------------------------------------------------------------
 
 
-def measure_pipeline(kind: str, case: common.Case, *, workers: int, batches: int, root: str | None):
-  """Images/s of `create_train_iterator` at the case's size (benchmarks/data_pipeline.py)."""
-  from benchmarks import data_pipeline
+def measure_pipeline(
+  kind: str, case: configs.Case, *, workers: int, batches: int, root: str | None
+):
+  """Images/s of `create_train_iterator` at the case's size (benchmarks/input_rate.py)."""
   from flowseg_jax.data import pipeline
 
   cfg = pipeline.default_input_config()
@@ -332,7 +229,7 @@ def measure_pipeline(kind: str, case: common.Case, *, workers: int, batches: int
     cfg.update(dataset="ade20k", data_dir=root, random_scale=(0.5, 2.0), random_flip=True)
   else:
     cfg.synthetic.size = (case.height, case.width)
-  rate, _ = data_pipeline.measure(cfg, batches, warmup=2)
+  rate, _ = input_rate.measure(cfg, batches, warmup=2)
   return rate
 
 
@@ -341,11 +238,11 @@ def measure_pipeline(kind: str, case: common.Case, *, workers: int, batches: int
 # ------------------------------------------------------------------------------------------------
 
 
-def _case_slug(case: common.Case) -> str:
+def _case_slug(case: configs.Case) -> str:
   return f"{case.variant.replace('/', '_')}_{case.height}x{case.width}_b{case.batch}"
 
 
-def _dump_diagnostics(jstep: JaxTrainStep, case: common.Case, args) -> None:
+def _dump_diagnostics(jstep: compiled_step.JaxTrainStep, case: configs.Case, args) -> None:
   """The compiled HLO (fusions, copies, layouts) and a profiler trace, for the levers to pull."""
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
@@ -357,7 +254,7 @@ def _dump_diagnostics(jstep: JaxTrainStep, case: common.Case, args) -> None:
 
 
 def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
-  config = common.case_config(
+  config = configs.case_config(
     base,
     case,
     dtype=dtype,
@@ -366,13 +263,13 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     attention_impl=args.attention_impl,
     teacher_dir=args.teacher_dir,
   )
-  setup = train.Setup(config)
-  batch = common.random_batch(config, setup.num_classes, seed=config.seed)
+  setup = train_step.TrainSetup(config)
+  batch = configs.random_batch(config, setup.task.num_classes, seed=config.seed)
   fns, tstep = {}, None
   torch_times, torch_peak = None, None
   if args.torch and not interleave:  # torch first, then free its memory for JAX
     tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
-    torch_times = common.interleaved_rounds(
+    torch_times = timing.interleaved_rounds(
       {"torch": tstep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
     )["torch"]
     torch_peak = tstep.peak_bytes()
@@ -388,17 +285,17 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     ostep = TorchTrainStep(
       setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
     )
-    official_times = common.interleaved_rounds(
+    official_times = timing.interleaved_rounds(
       {"official": ostep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
     )["official"]
     del ostep
     ostep = None
     gc.collect()
-  jstep = JaxTrainStep(setup, batch)
+  jstep = compiled_step.JaxTrainStep(setup, batch)
   fns["jax"] = jstep.run
   ustep = None
   if args.also_unrolled and args.scan:
-    uconfig = common.case_config(
+    uconfig = configs.case_config(
       base,
       case,
       dtype=dtype,
@@ -407,7 +304,7 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
       attention_impl=args.attention_impl,
       teacher_dir=args.teacher_dir,
     )
-    ustep = JaxTrainStep(train.Setup(uconfig), batch, count_flops=False)
+    ustep = compiled_step.JaxTrainStep(train_step.TrainSetup(uconfig), batch, count_flops=False)
     fns["unrolled"] = ustep.run
   if args.torch and interleave:
     tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
@@ -417,17 +314,17 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
       setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
     )
     fns["official"] = ostep.run
-  times = common.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+  times = timing.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
   if official_times is None and "official" in times:
     official_times = times["official"]
   if torch_times is None and "torch" in times:
     torch_times = times["torch"]
     torch_peak = tstep.peak_bytes()
 
-  jt = common.summarize(times["jax"])
+  jt = timing.summarize(times["jax"])
   _dump_diagnostics(jstep, case, args)
-  arch = jstep.setup.model.arch_config()
-  model_flops = common.train_step_flops(arch, case.batch, case.height, case.width)
+  arch = jstep.setup.task.model.arch_config()
+  model_flops = flops.train_step_flops(arch, case.batch, case.height, case.width)
   row = {
     "case": case.label,
     "variant": case.variant,
@@ -442,18 +339,18 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     "jax_steps_per_s": 1.0 / jt["median"],
     "jax_images_per_s": case.batch / jt["median"],
     "model_flops": model_flops,
-    "forward_flops": common.pixnerd_forward_flops(arch, case.batch, case.height, case.width),
+    "forward_flops": flops.pixnerd_forward_flops(arch, case.batch, case.height, case.width),
     "jaxpr_matmul_flops": jstep.matmul_flops,
     "xla_flops": jstep.xla_flops,
     "achieved_tflops": model_flops / jt["median"] / 1e12,
     "mfu": model_flops / jt["median"] / peak if peak else None,
     "compile_s": jstep.compile_s,
     "xla_memory": jstep.memory,
-    "device_peak_bytes_in_use": common.device_peak_bytes_in_use(),
+    "device_peak_bytes_in_use": hardware.device_peak_bytes_in_use(),
     "jax_loss": jstep.last_loss(),
   }
   if torch_times is not None:
-    tt = common.summarize(torch_times)
+    tt = timing.summarize(torch_times)
     row.update(
       torch_step_s=tt,
       torch_images_per_s=case.batch / tt["median"],
@@ -462,9 +359,9 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     )
     if interleave:  # per-round ratios: each pair ran back to back under the same load
       ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
-      row["speedup_per_round"] = common.summarize(ratios)
+      row["speedup_per_round"] = timing.summarize(ratios)
   if official_times is not None:
-    ot = common.summarize(official_times)
+    ot = timing.summarize(official_times)
     row.update(
       official_step_s=ot,
       official_loss=None if ostep is None else float(ostep.loss.detach()),
@@ -472,12 +369,12 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     )
     if interleave:
       ratios = [o / j for o, j in zip(times["official"], times["jax"])]
-      row["official_speedup_per_round"] = common.summarize(ratios)
+      row["official_speedup_per_round"] = timing.summarize(ratios)
   if ustep is not None:
     row.update(
-      unrolled_step_s=common.summarize(times["unrolled"]),
-      scan_cost=jt["median"] / common.summarize(times["unrolled"])["median"],
-      scan_cost_per_round=common.summarize(
+      unrolled_step_s=timing.summarize(times["unrolled"]),
+      scan_cost=jt["median"] / timing.summarize(times["unrolled"])["median"],
+      scan_cost_per_round=timing.summarize(
         [j / u for j, u in zip(times["jax"], times["unrolled"])]
       ),
     )
@@ -499,28 +396,26 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.official_src:
     official_source(args.official_src)  # fail before compiling anything
-  cases, dtype, threads = setup_run(args)
-  base = common.load_config(args.config)
-  peak, peak_source = peak_flops(args, dtype)
-  device = common.torch_device() if args.torch or args.official_src else None
+  cases, dtype, threads = flags.setup_run(args)
+  base = configs.load_config(args.config)
+  peak, peak_source = flags.peak_flops(args, dtype)
+  device = hardware.torch_device() if args.torch or args.official_src else None
   interleave = args.interleave == "on" or (
     args.interleave == "auto" and (device is None or device.type == "cpu")
   )
-  env = common.environment(threads if args.torch else None)
+  env = output.environment(threads if args.torch else None)
   print(
     f"train step: JAX {env['jax']} on {env['backend']} ({env['device_kind']}), "
     f"torch {env.get('torch')} on {device.type if device else 'off'} ({threads} threads), "
-    f"{dtype}, remat={args.remat}, scan={args.scan}; peak {common.fmt(peak, '.2f', 1e-12)} "
+    f"{dtype}, remat={args.remat}, scan={args.scan}; peak {output.fmt(peak, '.2f', 1e-12)} "
     f"TFLOP/s ({peak_source}); {args.rounds} rounds x {args.steps} steps, load {env['load_average']}"
   )
   rows = []
   with contextlib.ExitStack() as stack:
     root = None
     if args.data == "ade20k":
-      from benchmarks import data_pipeline
-
       root = stack.enter_context(tempfile.TemporaryDirectory())
-      data_pipeline.write_fake_ade20k(root, num_images=16)
+      input_rate.write_fake_ade20k(root, num_images=16)
     for case in cases:
       row = bench_case(case, base, args, dtype, peak, device, interleave)
       if args.data != "none":
@@ -541,21 +436,21 @@ def main(argv=None) -> dict:
         "img_s": f"{r['jax_images_per_s']:.1f}",
         "gflop": f"{r['model_flops'] / 1e9:.1f}",
         "tflops": f"{r['achieved_tflops']:.3f}",
-        "mfu": common.fmt(r["mfu"], ".1%"),
-        "xla_vs_model": common.fmt(r["xla_flops"] and r["xla_flops"] / r["model_flops"], ".2f"),
-        "mem": common.fmt(r["xla_memory"]["peak_bytes"], ".0f", 2**-20),
+        "mfu": output.fmt(r["mfu"], ".1%"),
+        "xla_vs_model": output.fmt(r["xla_flops"] and r["xla_flops"] / r["model_flops"], ".2f"),
+        "mem": output.fmt(r["xla_memory"]["peak_bytes"], ".0f", 2**-20),
         "compile": f"{r['compile_s']:.1f}",
-        "torch_ms": common.fmt(r.get("torch_step_s", {}).get("median"), ".1f", 1e3),
-        "speedup": common.fmt(r.get("speedup"), ".2f"),
-        "official_ms": common.fmt(r.get("official_step_s", {}).get("median"), ".1f", 1e3),
+        "torch_ms": output.fmt(r.get("torch_step_s", {}).get("median"), ".1f", 1e3),
+        "speedup": output.fmt(r.get("speedup"), ".2f"),
+        "official_ms": output.fmt(r.get("official_step_s", {}).get("median"), ".1f", 1e3),
         "official": _ratio_text(r, "official_speedup"),
-        "unrolled_ms": common.fmt(r.get("unrolled_step_s", {}).get("median"), ".1f", 1e3),
+        "unrolled_ms": output.fmt(r.get("unrolled_step_s", {}).get("median"), ".1f", 1e3),
         "scan_cost": _ratio_text(r, "scan_cost"),
-        "data_img_s": common.fmt(r.get("data_images_per_s"), ".0f"),
-        "data_ratio": common.fmt(r.get("data_over_consumption"), ".1f"),
+        "data_img_s": output.fmt(r.get("data_images_per_s"), ".0f"),
+        "data_ratio": output.fmt(r.get("data_over_consumption"), ".1f"),
       }
     )
-  common.print_table(
+  output.print_table(
     table,
     [
       ("case", "case"),
@@ -587,7 +482,7 @@ def main(argv=None) -> dict:
     "interleaved": interleave,
     "rows": rows,
   }
-  common.write_json(args.json, result)
+  output.write_json(args.json, result)
   return result
 
 

@@ -1,9 +1,10 @@
-"""The benchmark scripts: FLOP formula, peak table, helpers, and a one-step smoke run of each main."""
+"""The benchmark scripts and their helpers: FLOP formula, peak table, a one-step smoke run of each main,
+the accelerator check (tools/) and the decoding-order experiment (experiments/)."""
 
 import json
 import math
 import os
-import sys
+import re
 import types
 
 import jax
@@ -11,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks import configs, flops, hardware, objective_overhead, sampling, timing, train_step
+from flowseg_jax.models import pixnerd
 
-from benchmarks import common, objective_overhead, sampling, train_step  # noqa: E402
-from flowseg_jax.models import pixnerd  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--cases", "tiny/4:16:2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
 
@@ -30,10 +30,10 @@ def test_forward_flops_formula_matches_traced_matmuls(variant, h, w, b, scan):
   x = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((b,), jnp.float32)
   y = jax.ShapeDtypeStruct((b,), jnp.int32)
-  counted = common.jaxpr_matmul_flops(
+  counted = flops.jaxpr_matmul_flops(
     lambda p, x, t, y: model.apply({"params": p}, x, t, y), params, x, t, y
   )
-  formula = common.pixnerd_forward_flops(pixnerd.VARIANTS[variant], b, h, w)
+  formula = flops.pixnerd_forward_flops(pixnerd.VARIANTS[variant], b, h, w)
   assert formula["total"] == counted
   assert formula["total"] == formula["embed"] + formula["trunk"] + formula["decoder"]
   assert 0 < formula["attention"] < formula["trunk"]
@@ -43,54 +43,54 @@ def test_jaxpr_matmul_flops_sees_through_jit_scan_cond_and_grad():
   a = jax.ShapeDtypeStruct((2, 3), jnp.float32)
   m = jax.ShapeDtypeStruct((3, 4), jnp.float32)
   one = 2 * 2 * 4 * 3
-  assert common.jaxpr_matmul_flops(lambda a, m: a @ m, a, m) == one
-  assert common.jaxpr_matmul_flops(jax.jit(lambda a, m: a @ m), a, m) == one
+  assert flops.jaxpr_matmul_flops(lambda a, m: a @ m, a, m) == one
+  assert flops.jaxpr_matmul_flops(jax.jit(lambda a, m: a @ m), a, m) == one
 
   def scanned(a, m):
     return jax.lax.scan(lambda c, _: (c, jnp.sum(c @ m)), a, None, length=5)[1]
 
-  assert common.jaxpr_matmul_flops(scanned, a, m) == 5 * one
+  assert flops.jaxpr_matmul_flops(scanned, a, m) == 5 * one
   pick = lambda a, m: jax.lax.cond(True, lambda: (a @ m) @ m.T, lambda: jnp.zeros((2, 3)))
-  assert common.jaxpr_matmul_flops(pick, a, m) == one + 2 * 2 * 3 * 4
+  assert flops.jaxpr_matmul_flops(pick, a, m) == one + 2 * 2 * 3 * 4
   # d/dm sum(a @ m) only needs a^T @ g (the gradient w.r.t. `a` is not asked for).
-  assert common.jaxpr_matmul_flops(jax.grad(lambda m, a: jnp.sum(a @ m)), m, a) == 2 * one
+  assert flops.jaxpr_matmul_flops(jax.grad(lambda m, a: jnp.sum(a @ m)), m, a) == 2 * one
 
 
 def test_device_peaks_and_cpu_estimate():
   dev = lambda kind, platform="gpu": types.SimpleNamespace(device_kind=kind, platform=platform)
-  assert common.device_peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16")[0] == pytest.approx(
+  assert hardware.device_peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16")[0] == pytest.approx(
     989.4e12
   )
-  assert common.device_peak_flops(dev("NVIDIA H100 PCIe"), "bfloat16")[0] == pytest.approx(756e12)
-  assert common.device_peak_flops(dev("NVIDIA H200"), "float32")[0] == pytest.approx(494.7e12)
-  assert common.device_peak_flops(dev("NVIDIA A100-SXM4-80GB"), "bfloat16")[0] == pytest.approx(
+  assert hardware.device_peak_flops(dev("NVIDIA H100 PCIe"), "bfloat16")[0] == pytest.approx(756e12)
+  assert hardware.device_peak_flops(dev("NVIDIA H200"), "float32")[0] == pytest.approx(494.7e12)
+  assert hardware.device_peak_flops(dev("NVIDIA A100-SXM4-80GB"), "bfloat16")[0] == pytest.approx(
     312e12
   )
-  assert common.device_peak_flops(dev("TPU v5 lite", "tpu"))[0] == pytest.approx(197e12)
-  assert common.device_peak_flops(dev("TPU v5p", "tpu"))[0] == pytest.approx(459e12)
-  assert common.device_peak_flops(dev("TPU v6 lite", "tpu"))[0] == pytest.approx(918e12)
-  assert common.device_peak_flops(dev("Mystery accelerator"))[0] is None
-  assert common.cpu_flops_per_cycle({"avx512f", "avx2", "fma"}) == 64
-  assert common.cpu_flops_per_cycle({"avx2", "fma"}) == 32
-  assert common.cpu_flops_per_cycle({"sse2"}) == 8
-  peak, how = common.device_peak_flops(dev("cpu", "cpu"))
-  info = common.cpu_info()
+  assert hardware.device_peak_flops(dev("TPU v5 lite", "tpu"))[0] == pytest.approx(197e12)
+  assert hardware.device_peak_flops(dev("TPU v5p", "tpu"))[0] == pytest.approx(459e12)
+  assert hardware.device_peak_flops(dev("TPU v6 lite", "tpu"))[0] == pytest.approx(918e12)
+  assert hardware.device_peak_flops(dev("Mystery accelerator"))[0] is None
+  assert hardware.cpu_flops_per_cycle({"avx512f", "avx2", "fma"}) == 64
+  assert hardware.cpu_flops_per_cycle({"avx2", "fma"}) == 32
+  assert hardware.cpu_flops_per_cycle({"sse2"}) == 8
+  peak, how = hardware.device_peak_flops(dev("cpu", "cpu"))
+  info = hardware.cpu_info()
   if info["ghz"]:
-    per_cycle = common.cpu_flops_per_cycle(info["flags"])
+    per_cycle = hardware.cpu_flops_per_cycle(info["flags"])
     assert peak == pytest.approx(info["cores"] * info["ghz"] * 1e9 * per_cycle)
     assert "estimate" in how
 
 
 def test_cases_summaries_and_configs():
-  cases = common.parse_cases("S/16:64:2, XL/16:256x512:8")
-  assert cases == [common.Case("S/16", 64, 64, 2), common.Case("XL/16", 256, 512, 8)]
+  cases = configs.parse_cases("S/16:64:2, XL/16:256x512:8")
+  assert cases == [configs.Case("S/16", 64, 64, 2), configs.Case("XL/16", 256, 512, 8)]
   for bad in ("S/16:64", "Q/3:64:2", "S/16:64:x", "S/16:0:2", ""):
     with pytest.raises(ValueError):
-      common.parse_cases(bad)
-  s = common.summarize([3.0, 1.0, 2.0])
+      configs.parse_cases(bad)
+  s = timing.summarize([3.0, 1.0, 2.0])
   assert (s["median"], s["min"], s["max"], s["spread"]) == (2.0, 1.0, 3.0, 0.5)
-  base = common.load_config(common.DEFAULT_CONFIG)
-  config = common.case_config(base, cases[1], dtype="bfloat16", remat="full", reshape=False)
+  base = configs.load_config(configs.DEFAULT_CONFIG)
+  config = configs.case_config(base, cases[1], dtype="bfloat16", remat="full", reshape=False)
   assert tuple(config.input.image_size) == (256, 512) and config.input.batch_size == 8
   assert (config.model.variant, config.model.dtype, config.model.remat_policy) == (
     "XL/16",
@@ -100,7 +100,7 @@ def test_cases_summaries_and_configs():
   assert not config.objective.reshape and not config.repa.enabled
   assert base.repa.enabled and base.objective.reshape  # the base config is left untouched
   with pytest.raises(ValueError, match="does not exist"):
-    common.load_config("configs/nope.py")
+    configs.load_config("configs/nope.py")
 
 
 def test_train_step_main_smoke(tmp_path):
@@ -109,7 +109,7 @@ def test_train_step_main_smoke(tmp_path):
   argv = [*TINY, "--data", "synthetic", "--data-batches", "1", "--json", path, "--hlo-dir", hlo_dir]
   result = train_step.main(argv)
   (row,) = result["rows"]
-  forward = common.pixnerd_forward_flops(pixnerd.VARIANTS["tiny/4"], 2, 16, 16)["total"]
+  forward = flops.pixnerd_forward_flops(pixnerd.VARIANTS["tiny/4"], 2, 16, 16)["total"]
   assert row["model_flops"] == 3 * forward
   # The traced step: forward + both backward products, less the input layers' input gradients.
   assert 2.5 * forward < row["jaxpr_matmul_flops"] <= 3 * forward
@@ -149,11 +149,11 @@ def test_sampling_main_smoke():
 
 
 def test_accelerator_check_script_tiny(tmp_path):
-  """benchmarks/accelerator_check.sh end to end on a tiny model (CPU: the cuDNN stage is skipped)."""
+  """tools/accelerator_check.sh end to end on a tiny model (CPU: the cuDNN stage is skipped)."""
   import subprocess
 
   env = {**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  cmd = ["bash", os.path.join(REPO, "benchmarks", "accelerator_check.sh"), "--tiny"]
+  cmd = ["bash", os.path.join(REPO, "tools", "accelerator_check.sh"), "--tiny"]
   cmd += ["--rounds", "1", "--steps", "1"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -167,8 +167,6 @@ def test_accelerator_check_script_tiny(tmp_path):
 
 
 FAKE_OFFICIAL = """
-import sys
-sys.path.insert(0, {repo!r})
 from tests.torch_reference import pixnerd as reference
 
 
@@ -183,7 +181,7 @@ def test_train_step_official_src(tmp_path):
   """--official-src: the official constructor's signature, JAX's initial weights (strict load)."""
   module = tmp_path / "src" / "models" / "transformer" / "pixnerd_c2i.py"
   module.parent.mkdir(parents=True)
-  module.write_text(FAKE_OFFICIAL.format(repo=REPO))
+  module.write_text(FAKE_OFFICIAL)
   argv = [*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path), "--also-unrolled"]
   result = train_step.main(argv)
   (row,) = result["rows"]
@@ -199,16 +197,17 @@ def test_train_step_official_src(tmp_path):
 
 
 def test_decode_order_compares_both_orders_on_finer_annotations():
-  """benchmarks/decode_order.py: at scale 1 both orders are one map; at scale 2 the labels are
+  """experiments/decode_order.py: at scale 1 both orders are one map; at scale 2 the labels are
   twice as fine and both orders score every labelled pixel."""
-  from benchmarks import decode_order
+  from experiments import decode_order
   from flowseg_jax import inference, sharding, tasks
 
-  config = common.load_config("configs/demo.py:smoke")
-  setup = inference.InferenceSetup(config)
-  x, t, y = tasks.init_inputs(setup.task, config.input.image_size)
-  params = setup.model.init(jax.random.key(1), x, t, y)["params"]
-  seg = inference.Segmenter(config, params, mesh=sharding.make_mesh(1, 1, jax.devices()[:1]))
+  config = configs.load_config("configs/demo.py:smoke")
+  task = tasks.create_task(config)
+  x, t, y = task.init_inputs(config.input.image_size)
+  params = task.model.init(jax.random.key(1), x, t, y)["params"]
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  seg = inference.Segmenter(config, params, task=task, mesh=mesh)
   same = decode_order.compare_orders(seg, decode_order.scaled_eval_examples(config, 1, 3))
   new, old = (same[o] for o in decode_order.ORDERS)
   np.testing.assert_array_equal(new["intersection"], old["intersection"])
@@ -221,3 +220,15 @@ def test_decode_order_compares_both_orders_on_finer_annotations():
     assert int(result[order]["label_area"].sum()) == labelled
   first, second = (result[o]["pred_area"] for o in decode_order.ORDERS)
   assert not np.array_equal(first, second)  # the orders differ where the labels are finer
+
+
+def test_scripts_are_modules_of_packages_without_path_edits():
+  """Every script runs from the repository root as `python -m <package>.<script>`."""
+  for package in ("benchmarks", "tools", "experiments"):
+    folder = os.path.join(REPO, package)
+    assert os.path.isfile(os.path.join(folder, "__init__.py")), package
+    for name in sorted(os.listdir(folder)):
+      if name.endswith((".py", ".sh")):
+        with open(os.path.join(folder, name)) as f:
+          text = f.read()
+        assert not re.search(r"sys\.path\.(insert|append)|PYTHONPATH=", text), f"{package}/{name}"

@@ -5,17 +5,12 @@ must lower with no float64 value and no host callback; with attention_impl='cudn
 programs contain cuDNN's fused attention (forward, and backward in the train step).
 """
 
-import os
-import sys
-
 import jax
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from benchmarks import common, export, scale  # noqa: E402
-from flowseg_jax import sharding  # noqa: E402
+from benchmarks import configs
+from flowseg_jax import sharding
+from tools import config_overrides, export
 
 BF16_REPA = {
   "model.dtype": "bfloat16",
@@ -27,8 +22,8 @@ BF16_REPA = {
 
 
 def tiny_config(**overrides):
-  config = common.load_config("configs/demo.py:smoke")
-  scale.apply_overrides(config, {**BF16_REPA, **overrides})
+  config = configs.load_config("configs/demo.py:smoke")
+  config_overrides.apply_overrides(config, {**BF16_REPA, **overrides})
   return config
 
 

@@ -1,18 +1,17 @@
-"""benchmarks/scale.py: the AOT memory planner on a tiny config, its HLO collective count, fit rule."""
+"""tools/scale.py: the AOT memory planner on a tiny config, its HLO collective count, fit rule."""
 
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks import configs
+from flowseg_jax import defaults, sharding, train_state, train_step
+from tools import abstract_inputs, scale
 
-from benchmarks import common, scale  # noqa: E402
-from flowseg_jax import defaults, sharding, train  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_REPA = [
   "--config",
@@ -43,12 +42,12 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
   assert (row["data"], row["fsdp"], row["repa"]) == (2, 4, True)
   mem = row["train"]["memory"]
   # The arguments are exactly the sharded state, the batch shard and the replicated teacher.
-  config = common.load_config("configs/demo.py:smoke")
+  config = configs.load_config("configs/demo.py:smoke")
   config.repa.update(enabled=True, teacher_variant="tiny/14", align_layer=2)
   config.mesh.update(data=2, fsdp=4)
-  setup = train.Setup(config, teacher=scale.abstract_teacher(config))
+  setup = train_step.TrainSetup(config, teacher=abstract_inputs.abstract_teacher(config))
   mesh = sharding.make_mesh(2, 4)
-  state, _ = train.abstract_train_state(
+  state, _ = train_state.abstract_train_state(
     setup, mesh, sharding.rules_from_config(config.sharding_rules), 0
   )
   b, (h, w) = config.input.batch_size, config.input.image_size

@@ -1,17 +1,13 @@
-"""benchmarks/study.py: runs settings x seeds end to end, skips finished runs, reports their own numbers."""
+"""experiments/study.py: runs settings x seeds end to end, skips finished runs, reports their own numbers."""
 
 import json
 import math
 import os
-import sys
 
 import jax
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from benchmarks import study  # noqa: E402
+from experiments import study
 
 
 @pytest.fixture(scope="module")

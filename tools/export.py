@@ -3,8 +3,8 @@
 `jax.export` lowers a jitted function to StableHLO for platforms other than the one it runs on:
 nothing is compiled or run for the target, so a CPU-only box proves that the real programs lower
 for 'tpu' and 'cuda' with the configured shardings. For each platform this exports the train step
-(`train.compile_train_step` on `train.abstract_train_state`, over a `--mesh DATAxFSDP` of this
-machine's devices) and the Euler sampler (`inference.make_sample_fn`), and reports the StableHLO
+(`train_step.compile_train_step` on `train_state.abstract_train_state`, over a `--mesh DATAxFSDP` of
+this machine's devices) and the Euler sampler (`inference.sample_fn`), and reports the StableHLO
 size, the custom calls (the cuDNN fused attention with `attention_impl='cudnn'` on CUDA), and the
 checks that the bfloat16 paths stay clean: no float64 value and no host callback.
 
@@ -14,8 +14,8 @@ raises `RuntimeError: cuDNN is not detected.`. `--assume-cudnn 90800` lets that 
 version only gates features of newer GPUs), so the CUDA program can be lowered here. cuDNN's custom
 calls carry no serialization-compatibility guarantee, so the export allows them explicitly.
 
-  python benchmarks/export.py --config configs/flowseg_ade20k.py:stage=1 --platforms tpu,cuda
-  python benchmarks/export.py --config configs/demo.py --set model.attention_impl=cudnn \\
+  python -m tools.export --config configs/flowseg_ade20k.py:stage=1 --platforms tpu,cuda
+  python -m tools.export --config configs/demo.py --set model.attention_impl=cudnn \\
       --set model.dtype=bfloat16 --platforms cuda --assume-cudnn 90800 --out /tmp/exports
 """
 
@@ -25,17 +25,14 @@ import argparse
 import contextlib
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks import common, scale  # noqa: E402
-from flowseg_jax import inference, sharding, train  # noqa: E402
+from benchmarks import configs, output
+from flowseg_jax import inference, sharding, train_step
+from tools import abstract_inputs, config_overrides
 
 CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 _CUSTOM_CALL = re.compile(r"stablehlo\.custom_call @([\w$.\-]+)")
@@ -96,15 +93,12 @@ def export_programs(
 def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
-  setup, state, shardings, batch, teacher = scale.abstract_inputs(config, mesh, rules)
-  images = jax.ShapeDtypeStruct(
-    (config.eval.batch_per_device * mesh.size, *config.input.image_size, 3),
-    jnp.float32,
-    sharding=sharding.batch_sharding(mesh),
-  )
+  setup, state, shardings, batch, teacher = abstract_inputs.train_step_inputs(config, mesh, rules)
+  images, conds = abstract_inputs.sampler_inputs(config, mesh)
+  sampler = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
   programs = {
-    "train_step": (train.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
-    "sampler": (inference.make_sample_fn(setup, mesh), (state.ema_params["denoiser"], images)),
+    "train_step": (train_step.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),
+    "sampler": (sampler, (state.ema_params["denoiser"], images, conds)),
   }
   results = {}
   for platform in platforms:
@@ -149,8 +143,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  config = common.load_config(args.config)
-  scale.apply_overrides(config, dict(scale.parse_override(s) for s in args.set))
+  config = configs.load_config(args.config)
+  config_overrides.apply_overrides(
+    config, dict(config_overrides.parse_override(s) for s in args.set)
+  )
   data, fsdp = (int(x) for x in args.mesh.split("x"))
   config.mesh.data, config.mesh.fsdp = data, fsdp
   mesh = sharding.make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
@@ -171,7 +167,7 @@ def main(argv=None) -> dict:
         f"device(s): {r['stablehlo_chars'] / 1e6:.2f} M chars StableHLO, f64: {r['has_f64']}, "
         f"host callbacks: {r['host_callbacks'] or 'none'}, custom calls: {r['custom_calls']}"
       )
-  common.write_json(args.json, {"benchmark": "export", "args": vars(args), "results": results})
+  output.write_json(args.json, {"benchmark": "export", "args": vars(args), "results": results})
   return results
 
 

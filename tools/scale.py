@@ -3,9 +3,9 @@
 For a config and each device count N (host-platform CPU devices, one subprocess per N with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`, since the count is fixed when JAX starts)
 and each mesh shape (data x fsdp = N, fsdp a power of two) and remat policy, this lowers and
-compiles the train step (`train.compile_train_step` on `train.abstract_train_state`, with the
-REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is allocated) and
-the Euler sampler (`inference.make_sample_fn`, `config.eval.num_steps` steps), and prints per
+compiles the train step (`train_step.compile_train_step` on `train_state.abstract_train_state`,
+with the REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is
+allocated) and the Euler sampler (`inference.sample_fn`, `config.eval.num_steps` steps), and prints per
 device: argument, output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments
 + non-aliased outputs + temporaries), XLA's FLOPs (`cost_analysis()`, a while-loop body counted
 once) next to the model FLOPs / N, the bytes of every all-gather / reduce-scatter / all-reduce /
@@ -20,8 +20,8 @@ and the difference between XLA:CPU's fusion and layout decisions and XLA:TPU/GPU
 reserves 75% of the memory by default: use `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the plans
 marked "yes". Capacities (GiB, usable): H100 80, A100 40, TPU v4 32, v5e 16, v5p 95, v6e 32.
 
-  python benchmarks/scale.py --config configs/flowseg_ade20k.py:stage=1 --devices 8,16,64
-  python benchmarks/scale.py --config configs/flowseg_ade20k.py:stage=2 --devices 8,16 \\
+  python -m tools.scale --config configs/flowseg_ade20k.py:stage=1 --devices 8,16,64
+  python -m tools.scale --config configs/flowseg_ade20k.py:stage=2 --devices 8,16 \\
       --remat none,dots_with_no_batch_dims_saveable,nothing_saveable --markdown plan.md
 """
 
@@ -36,8 +36,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import config_overrides
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the worker runs from here
 GIB = 2**30
 HEADROOM = 0.85
 # Usable device memory, GiB (H100 SXM: 80 GB HBM3; A100: the 40 GB model).
@@ -141,50 +142,14 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def abstract_teacher(config):
-  """(DinoViT, params as ShapeDtypeStructs) of `config.repa.teacher_variant`: no weights."""
-  from flowseg_jax import models
-  from flowseg_jax.models import dinov2
-
-  teacher = dinov2.make_model(
-    config.repa.teacher_variant, dtype=models.DTYPES[config.repa.teacher_dtype]
-  )
-  return teacher, dinov2.abstract_params(teacher)
-
-
-def abstract_inputs(config, mesh, rules):
-  """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
-  import jax
-  import jax.numpy as jnp
-
-  from flowseg_jax import sharding, train
-
-  teacher = abstract_teacher(config) if config.repa.enabled else None
-  setup = train.Setup(config, teacher=teacher)
-  state, shardings = train.abstract_train_state(setup, mesh, rules, config.seed)
-  data = sharding.batch_sharding(mesh)
-  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
-  batch = {
-    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
-    "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
-  }
-  teacher_params = None
-  if teacher is not None:
-    repl = sharding.replicated(mesh)
-    teacher_params = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
-    )
-  return setup, state, shardings, batch, teacher_params
-
-
 def fsdp_sizes(n: int) -> list[int]:
   return [f for f in (2**i for i in range(n.bit_length())) if n % f == 0]
 
 
 def _memory(compiled) -> dict:
-  from benchmarks import common
+  from benchmarks import hardware
 
-  return common.memory_summary(compiled)
+  return hardware.memory_summary(compiled)
 
 
 def plan_train_step(config, mesh, rules) -> dict:
@@ -192,23 +157,26 @@ def plan_train_step(config, mesh, rules) -> dict:
   import flax.linen as nn
   import jax
 
-  from benchmarks import common
-  from flowseg_jax import train
+  from benchmarks import flops
+  from flowseg_jax import train_step
+  from tools import abstract_inputs
 
-  setup, state, shardings, batch, teacher_params = abstract_inputs(config, mesh, rules)
+  setup, state, shardings, batch, teacher_params = abstract_inputs.train_step_inputs(
+    config, mesh, rules
+  )
   b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = train.compile_train_step(setup, mesh, shardings)
+    jitted = train_step.compile_train_step(setup, mesh, shardings)
     start = time.perf_counter()
     compiled = jitted.lower(state, batch, teacher_params).compile()
     compile_s = time.perf_counter() - start
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   return (
     {
       "compile_s": compile_s,
       "memory": _memory(compiled),
-      "xla_flops": common.xla_flops(compiled),
-      "model_flops": common.train_step_flops(arch, b, h, w) / mesh.size,
+      "xla_flops": flops.xla_flops(compiled),
+      "model_flops": flops.train_step_flops(arch, b, h, w) / mesh.size,
       "collective_bytes": collective_bytes(compiled.as_text()),
       "num_params": sum(int(a.size) for a in jax.tree.leaves(state.params)),
     },
@@ -221,29 +189,28 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   """Compiles the Euler sampler on the EMA denoiser (sharded like training), config.eval.batch_per_device images per device."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
 
-  from benchmarks import common
-  from flowseg_jax import inference, sharding
+  from benchmarks import flops
+  from flowseg_jax import inference
+  from tools import abstract_inputs
 
   n = mesh.size
-  b = config.eval.batch_per_device * n  # what evaluation and Segmenter run per call
-  h, w = tuple(config.input.image_size)
-  images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  images, conds = abstract_inputs.sampler_inputs(config, mesh)
+  b, h, w, _ = images.shape
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = inference.make_sample_fn(setup, mesh)
+    fn = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
     start = time.perf_counter()
-    compiled = fn.lower(state.ema_params["denoiser"], images).compile()
+    compiled = fn.lower(state.ema_params["denoiser"], images, conds).compile()
     compile_s = time.perf_counter() - start
-  arch = setup.model.arch_config()
+  arch = setup.task.model.arch_config()
   steps = config.eval.num_steps
   return {
     "batch": b,
     "num_steps": steps,
     "compile_s": compile_s,
     "memory": _memory(compiled),
-    "xla_flops": common.xla_flops(compiled),
-    "model_flops": steps * common.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
+    "xla_flops": flops.xla_flops(compiled),
+    "model_flops": steps * flops.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
     "collective_bytes": collective_bytes(compiled.as_text()),
   }
 
@@ -261,14 +228,14 @@ def plan_devices(
   import jax
   import ml_collections
 
-  from benchmarks import common
-  from flowseg_jax import sharding, train
+  from benchmarks import configs
+  from flowseg_jax import sharding, train_step
 
   if jax.device_count() < n:
     raise ValueError(f"this process has {jax.device_count()} devices, the plan needs {n}")
   devices = jax.devices()[:n]
-  base = common.load_config(config_spec)
-  apply_overrides(base, overrides or {})
+  base = configs.load_config(config_spec)
+  config_overrides.apply_overrides(base, overrides or {})
   rows = []
   for remat in remats or [base.model.remat_policy]:
     for fsdp in fsdps or fsdp_sizes(n):
@@ -290,7 +257,7 @@ def plan_devices(
       )
       mesh = sharding.make_mesh(n // fsdp, fsdp, devices)
       try:
-        train.check_batch_fits_mesh(config, mesh)
+        train_step.check_batch_fits_mesh(config, mesh)
       except ValueError as e:
         row["error"] = str(e)
         continue
@@ -332,14 +299,9 @@ def run_device_count(args, n: int) -> list[dict]:
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [
-    sys.executable,
-    os.path.abspath(__file__),
-    "--worker",
-    json.dumps([args.config, n, options]),
-  ]
+  cmd = [sys.executable, "-m", "tools.scale", "--worker", json.dumps([args.config, n, options])]
   start = time.perf_counter()
-  proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, timeout=args.timeout)
+  proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, timeout=args.timeout)
   if proc.returncode:
     return [{"config": args.config, "devices": n, "error": f"worker exit {proc.returncode}"}]
   rows = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -416,25 +378,6 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def parse_override(text: str):
-  """'model.dtype=bfloat16' -> ('model.dtype', 'bfloat16'); values are JSON when they parse."""
-  key, _, value = text.partition("=")
-  try:
-    return key, json.loads(value)
-  except json.JSONDecodeError:
-    return key, value
-
-
-def apply_overrides(config, overrides: dict) -> None:
-  """Sets dotted config leaves in place: {'repa.enabled': True}."""
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = value
-
-
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default="configs/flowseg_ade20k.py:stage=1")
@@ -453,7 +396,7 @@ def parse_args(argv=None):
   args.devices = [int(x) for x in args.devices.split(",")]
   args.fsdp = [int(x) for x in args.fsdp.split(",")] if args.fsdp else None
   args.remat = args.remat.split(",") if args.remat else None
-  args.set = dict(parse_override(s) for s in args.set)
+  args.set = dict(config_overrides.parse_override(s) for s in args.set)
   return args
 
 
@@ -466,14 +409,14 @@ def main(argv=None) -> list[dict]:
   rows = []
   for n in args.devices:
     rows.extend(run_device_count(args, n))
-  from benchmarks import common
+  from benchmarks import output
 
   table = table_rows(rows)
-  common.print_table(table, [c for c in COLUMNS if any(c[0] in r for r in table)])
+  output.print_table(table, [c for c in COLUMNS if any(c[0] in r for r in table)])
   if args.markdown:
     with open(args.markdown, "a") as f:
       f.write(f"\n`{args.config}`\n\n" + markdown(table) + "\n")
-  common.write_json(args.json, {"benchmark": "scale", "args": vars(args), "rows": rows})
+  output.write_json(args.json, {"benchmark": "scale", "args": vars(args), "rows": rows})
   return rows
 
 

@@ -1,15 +1,15 @@
 """RLFSeg demo ablations: label refinement on/off x sampler (1 step, adaptive 1 step, N steps).
 
-  python benchmarks/rlfseg_ablations.py --workdir /tmp/rlfseg_runs [--seeds 0] [--steps 10]
+  python -m experiments.rlfseg_ablations --workdir /tmp/rlfseg_runs [--seeds 0] [--steps 10]
       [--arms baseline,refine,zeroshot,textures]
 
-For each seed trains `configs/rlfseg_demo.py` (refinement off), `configs/rlfseg_demo.py:refine`
-and, when asked, `configs/rlfseg_demo.py:zeroshot` (train on classes 0-5, evaluate on 6-7) and
-`configs/rlfseg_demo.py:textures` (objects in random colours, the class only in the texture) into
+For each seed trains `configs/rlfseg/demo.py` (refinement off), `configs/rlfseg/demo.py:refine`
+and, when asked, `configs/rlfseg/demo.py:zeroshot` (train on classes 0-5, evaluate on 6-7) and
+`configs/rlfseg/demo.py:textures` (objects in random colours, the class only in the texture) into
 WORKDIR/<arm>_seed<k> (a finished workdir is reused: rerunning a finished run changes nothing),
 then scores the EMA weights on the eval split with one Euler step (dt = 1), adaptive one-step
 sampling, and `--steps` Euler steps. Prints one table (gIoU / cIoU in %, the same with every
-example's prompt replaced by another example's (`prompted_inference.wrong_prompts`: a model that
+example's prompt replaced by another example's (`evaluators.refer_iou.wrong_prompts`: a model that
 uses its prompt collapses there, one that ignores it does not), the all-background baseline, the
 adaptive step's mean dt, seconds per evaluation) and writes it to WORKDIR/ablations.json.
 """
@@ -21,8 +21,9 @@ import json
 import os
 import time
 
-from flowseg_jax import defaults, prompted_inference, train
+from flowseg_jax import defaults, evaluate, train
 from flowseg_jax.inference import Segmenter
+from flowseg_jax.run import files
 
 ARMS = {"baseline": "", "refine": "refine", "zeroshot": "zeroshot", "textures": "textures"}
 
@@ -34,7 +35,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--arms", default="baseline,refine")
   args = parser.parse_args()
-  config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "rlfseg_demo.py")
+  config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "rlfseg", "demo.py")
   rows = []
   for seed in (int(s) for s in args.seeds.split(",")):
     for arm in args.arms.split(","):
@@ -44,16 +45,16 @@ def main() -> None:
       start = time.perf_counter()
       train.train_and_evaluate(config, workdir)
       train_s = time.perf_counter() - start
-      seg = Segmenter.from_workdir(workdir)
+      run_config = files.load_config(workdir)
+      run_config.prompted.eval_wrong_prompt = True  # the wrong-prompt columns
+      seg = Segmenter.from_workdir(workdir, run_config)
       for name, steps, adaptive in (
         ("1 step", 1, False),
         ("1 step adaptive", 1, True),
         (f"{args.steps} steps", args.steps, False),
       ):
         start = time.perf_counter()
-        r = prompted_inference.evaluate_segmenter(
-          seg, num_steps=steps, adaptive=adaptive, wrong_prompt=True
-        )
+        r, _ = evaluate.score(seg, num_steps=steps, adaptive=adaptive)
         rows.append(
           dict(arm=arm, seed=seed, sampler=name, giou=r["giou"], ciou=r["ciou"],
                wrong_giou=r["wrong_giou"], wrong_ciou=r["wrong_ciou"],

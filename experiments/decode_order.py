@@ -9,22 +9,19 @@ the eval images at k times the trained size with k-pixel texture cells
 while their labels keep the shapes' edges at k times the resolution, as real annotations do.
 
   flowseg train --config configs/demo.py --workdir /tmp/flowseg_demo      # first, ~4 min on a CPU
-  python benchmarks/decode_order.py --workdir /tmp/flowseg_demo --scales 1,2,4
+  python -m experiments.decode_order --workdir /tmp/flowseg_demo --scales 1,2,4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from flowseg_jax import inference, metrics  # noqa: E402
-from flowseg_jax.data import synthetic, transforms  # noqa: E402
+from flowseg_jax import inference
+from flowseg_jax.data import synthetic, transforms
+from flowseg_jax.evaluators import miou
 
 ORDERS = ("resize_then_decode", "decode_then_resize")
 
@@ -33,8 +30,8 @@ def compare_orders(segmenter: inference.Segmenter, examples, *, num_steps=None) 
   """(uint8 image, uint8 label) pairs -> {order: mmseg metrics (fractions)} for both orders."""
   n = segmenter.num_classes
   matrices = {order: np.zeros((n, n), np.int64) for order in ORDERS}
-  items = ((i, image) for i, (image, _) in enumerate(examples))
-  for i, colours, labels in segmenter.segment_stream(items, len(examples), num_steps=num_steps):
+  items = ((i, image, None) for i, (image, _) in enumerate(examples))
+  for i, colours, labels, _ in segmenter.segment_stream(items, len(examples), num_steps=num_steps):
     label = examples[i][1]
     coarse = inference.decode_colours_host(colours, segmenter.centroids)
     preds = {
@@ -42,8 +39,8 @@ def compare_orders(segmenter: inference.Segmenter, examples, *, num_steps=None) 
       "decode_then_resize": transforms.resize_label(coarse, label.shape),
     }
     for order, pred in preds.items():
-      matrices[order] += np.asarray(metrics.confusion_matrix(pred, label, n), np.int64)
-  return {order: metrics.compute_metrics(m) for order, m in matrices.items()}
+      matrices[order] += miou.confusion_matrix(pred, label, n)
+  return {order: miou.compute_metrics(m) for order, m in matrices.items()}
 
 
 def scaled_eval_examples(config, scale: int, num: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,8 +1,8 @@
 """The paper's ablations at small scale: named settings x seeds on the built-in data, tables and plots.
 
-  python benchmarks/study.py train --out /tmp/study --rows table2 --seeds 0,1,2 --steps 600
-  python benchmarks/study.py sampling --out /tmp/study --setting static --num-steps 1,2,5,10,25,50
-  python benchmarks/study.py report --out /tmp/study      # report.md, report.json, *.png
+  python -m experiments.study train --out /tmp/study --rows table2 --seeds 0,1,2 --steps 600
+  python -m experiments.study sampling --out /tmp/study --setting static --num-steps 1,2,5,10,25,50
+  python -m experiments.study report --out /tmp/study      # report.md, report.json, *.png
 
 Every run trains through `flowseg_jax.train.train_and_evaluate` in its own workdir,
 OUT/runs/<setting>/seed_<k>, and is skipped when its final eval json exists; a killed study
@@ -30,11 +30,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+from flowseg_jax import defaults
 
-from flowseg_jax import defaults  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = os.path.join(REPO, "configs")
 
@@ -149,12 +147,12 @@ def train_one(out: str, base: str, setting: str, seed: int, steps: int) -> str:
 
 
 def _child_env(threads: int, out: str) -> dict:
+  """The environment of one run's subprocess (`python -m experiments.study one`, from REPO)."""
   env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "jax_cache"))
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.abspath(out), "jax_cache"))
   if threads == 1:
     flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
   return env
 
 
@@ -173,11 +171,11 @@ def train_all(out, base, settings, seeds, steps, parallel: int, threads: int) ->
       setting, seed = jobs.pop(0)
       workdir = run_dir(out, setting, seed)
       os.makedirs(workdir, exist_ok=True)
-      cmd = [sys.executable, os.path.abspath(__file__), "one", "--out", out, "--base", base]
-      cmd += ["--setting", setting, "--seed", str(seed), "--steps", str(steps)]
+      cmd = [sys.executable, "-m", "experiments.study", "one", "--out", os.path.abspath(out)]
+      cmd += ["--base", base, "--setting", setting, "--seed", str(seed), "--steps", str(steps)]
       log = open(os.path.join(workdir, "log.txt"), "a")  # noqa: SIM115 (closed with the process)
       proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads, out)
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads, out), cwd=REPO
       )
       log.close()
       running.append((proc, setting, seed, time.time()))

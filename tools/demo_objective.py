@@ -1,9 +1,10 @@
 """Runs the FlowSeg objective and sampler on a real batch and prints what they compute.
 
-`python -m flowseg_jax.demo_objective`: no data or weights needed. A batch of images with label maps (some
-pixels ignored) gets its Kronecker colours; the loss is evaluated for an untrained (zero) network in every
-objective mode; then an 'x'-prediction oracle that knows the mask, corrupted by noise, is integrated from the
-image to t = 1 with Euler, decoded by nearest centroid and scored with mIoU.
+`python -m tools.demo_objective` (from the repository root): no data or weights needed. A batch of
+images with label maps (some pixels ignored) gets its Kronecker colours; the loss is evaluated for an
+untrained (zero) network in every objective mode; then an 'x'-prediction oracle that knows the mask,
+corrupted by noise, is integrated from the image to t = 1 with Euler, decoded by nearest centroid
+and scored with mIoU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import flow, metrics, sampling
+from flowseg_jax import flow, sampling
+from flowseg_jax.evaluators import miou
 
 
 def make_batch(key, batch=4, size=32, num_classes=19):
@@ -60,8 +62,8 @@ def main() -> None:
   for steps in (1, 10):
     x1 = sampling.sample(oracle, images, num_steps=steps, prediction="x")
     pred = centroids_lib.decode_colours(x1, cents)
-    cm = metrics.confusion_matrix(pred, labels, num_classes)
-    result = metrics.summary_percent(metrics.compute_metrics(cm))
+    cm = miou.confusion_matrix(pred, labels, num_classes)
+    result = miou.summary_percent(miou.compute_metrics(cm))
     print(f"\nEuler, {steps:2d} step(s), noisy oracle -> nearest centroid: {result}")
 
 

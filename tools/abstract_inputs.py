@@ -1,0 +1,50 @@
+"""The inputs of the train step and the sampler as `ShapeDtypeStruct`s with shardings: nothing allocated.
+
+What the planner (scale.py) compiles and the exports (export.py) lower, for any mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flowseg_jax import models, sharding, train_state, train_step
+from flowseg_jax.models import dinov2
+
+
+def abstract_teacher(config):
+  """(DinoViT, params as ShapeDtypeStructs) of `config.repa.teacher_variant`: no weights."""
+  teacher = dinov2.make_model(
+    config.repa.teacher_variant, dtype=models.DTYPES[config.repa.teacher_dtype]
+  )
+  return teacher, dinov2.abstract_params(teacher)
+
+
+def train_step_inputs(config, mesh, rules):
+  """(setup, abstract state, shardings, batch, teacher params): ShapeDtypeStructs, nothing allocated."""
+  teacher = abstract_teacher(config) if config.repa.enabled else None
+  setup = train_step.TrainSetup(config, teacher=teacher)
+  state, shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
+  data = sharding.batch_sharding(mesh)
+  b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
+  batch = {
+    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
+    "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
+  }
+  teacher_params = None
+  if teacher is not None:
+    repl = sharding.replicated(mesh)
+    teacher_params = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), teacher[1]
+    )
+  return setup, state, shardings, batch, teacher_params
+
+
+def sampler_inputs(config, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """(images float32 (B, H, W, 3), conditions int32 (B,)) of one sampler call:
+  `config.eval.batch_per_device` images per device, what evaluation and `Segmenter` run per call."""
+  b = config.eval.batch_per_device * mesh.size
+  h, w = tuple(config.input.image_size)
+  data = sharding.batch_sharding(mesh)
+  images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data)
+  return images, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)
