@@ -36,7 +36,7 @@ def apply_stage(config, stage: str) -> None:
 
 
 # Presets per target (accelerator kind - number of chips): the mesh, remat policy and gradient
-# accumulation that `benchmarks/scale.py` found to fit with 15% headroom (XL/16, REPA on, bf16;
+# accumulation that `tools/scale.py` found to fit with 15% headroom (XL/16, REPA on, bf16;
 # table in benchmarks/RESULTS.md). Preference: the least parameter traffic (data parallelism
 # before FSDP) and no recomputation where the memory allows. Stage 2's global batch of 16 cannot
 # be split over more than 16 devices.

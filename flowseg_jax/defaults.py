@@ -65,7 +65,7 @@ def optim_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0  # [PixNerd] (when set: Dense kernels only)
   # [ours] global-norm clipping; 0 disables. PixNerd configures none and the paper states none: the
   # reshaped target's early losses are ~20x vanilla FM's (DESIGN.md), and 1.0 trained stably at small
-  # scale. benchmarks/STUDY.md's `clip` rows measure it.
+  # scale. experiments/STUDY.md's `clip` rows measure it.
   c.grad_clip_norm = 1.0
   c.ema_decay = 0.9999  # [PixNerd]
   c.grad_accum_steps = (
