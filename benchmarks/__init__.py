@@ -1,9 +1,9 @@
 """Timing scripts (`python -m benchmarks.<script>` from the repository root) and their helpers.
 
-Helpers: `timing` (medians, interleaved rounds), `flops` (model and traced FLOPs), `device` (peaks,
-memory, the torch device), `cases` (cases, configs, batches), `output` (environment, tables, JSON),
-`step_flags` (the flags of the step benchmarks), `compiled_step` (the project's compiled train
-step), `input_rate` (the input pipeline's images/s on a fake ADE20K).
+Helpers: `timing` (medians, interleaved rounds), `flops` (model and traced FLOPs), `hardware` (peaks,
+memory, the torch device), `configs` (cases, configs, batches), `output` (environment, tables, JSON),
+`flags` (the flags of the step benchmarks), `compiled_step` (the project's compiled train step),
+`input_rate` (the input pipeline's images/s on a fake ADE20K).
 """
 
 import os
