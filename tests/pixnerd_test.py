@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flowseg_jax.convert import pixnerd as convert
-from flowseg_jax.models import layers, pixnerd
+from flowseg_jax.models import layers, nerf, pixnerd
 
 TINY = pixnerd.VARIANTS["tiny/4"]
 
@@ -88,7 +88,7 @@ def test_timestep_features_max_period_10_cos_first():
 
 
 def test_dct_features_non_integer_frequencies_x_major():
-  d = pixnerd.dct_features(2)
+  d = nerf.dct_features(2)
   assert d.shape == (4, 64)
   # Pixel n = 1 is (ki=0, kj=1): pos_x = 1, pos_y = 0. Feature a*8+b pairs phi_a with x.
   phi = np.linspace(0, 8, 8)

@@ -33,6 +33,7 @@ from absl import logging
 
 from flowseg_jax.convert import common, torch_files
 from flowseg_jax.models import pixnerd
+from flowseg_jax.models.nerf import DCT_MAX_FREQS
 from flowseg_jax.models.pixnerd import PixNerDiT
 
 WEIGHT_PREFIXES = {"ema": "ema_denoiser.", "online": "denoiser."}
@@ -231,7 +232,7 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
     return tuple(state_dict[key].shape)
 
   hidden_x, in_plus_dct = shape("x_embedder.embedder.0.weight")
-  channels = in_plus_dct - pixnerd.DCT_MAX_FREQS**2
+  channels = in_plus_dct - DCT_MAX_FREQS**2
   hidden, patch_dim = shape("s_embedder.proj.weight")
   patch = math.isqrt(patch_dim // channels) if channels > 0 else 0
   if channels <= 0 or patch * patch * channels != patch_dim:

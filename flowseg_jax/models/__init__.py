@@ -3,6 +3,7 @@ denoiser, the frozen DINOv2 teacher and REPA, the Qwen3 text encoder.
 
 layers       shared blocks and logical partitioning
 pixnerd      PixNerDiT, PixNerd's class-to-image model (FlowSeg's network)
+nerf         the pixel neural-field decoder both PixNerd models share
 pixnerd_t2i  PixNerd's text-to-image model
 prompted     PromptedDenoiser: PixNerd-T2I conditioned on a prompt id or text features
 dinov2, repa the REPA teacher, projector and loss

@@ -23,7 +23,7 @@ What differs from the class-to-image model (`pixnerd.py`), all read off the offi
 - Decoder position features: the real part of the same 2-D RoPE table for head dim 128 on the
   patch's pixel grid (extents p, p): 32 frequencies 10000^(-4m/128), [cos(x w_m), cos(y w_m)]
   interleaved, 64 features per pixel (instead of the class-to-image DCT basis).
-- NerfBlock: only the first generated matrix (fc1) is L2-normalised over its input axis; fc2 is
+- NerfBlock (models/nerf.py): only the first generated matrix (fc1) is L2-normalised over its input axis; fc2 is
   used as generated.
 - Final layer: a bare Linear(hx -> C) (no RMSNorm), zero-initialised.
 
@@ -43,9 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowseg_jax.models import layers
+from flowseg_jax.models import layers, nerf
 from flowseg_jax.models.layers import RMSNorm, dense
-from flowseg_jax.models.pixnerd import NerfBlock, _checkpoint_policy
 
 Dtype = Any
 
@@ -262,7 +261,7 @@ class PixNerdT2I(nn.Module):
         f"PixNerdT2I.attention_impl={self.attention_impl!r}; expected None, 'xla' or 'cudnn'."
       )
     if self.remat_policy != "none":
-      _checkpoint_policy(self.remat_policy)
+      nerf.checkpoint_policy(self.remat_policy)
 
   def _check_inputs(self, x, t, text) -> None:
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -294,7 +293,7 @@ class PixNerdT2I(nn.Module):
     """
     prefix, scan_name, first = names
     if self.remat_policy != "none":
-      policy = _checkpoint_policy(self.remat_policy)
+      policy = nerf.checkpoint_policy(self.remat_policy)
       cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan_blocks)
     kw = dict(kw, dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.scan_blocks:
@@ -380,7 +379,7 @@ class PixNerdT2I(nn.Module):
     decoder_names = ("blocks", "decoder_blocks", self.num_encoder_blocks)
     # The decoder's loop is unrolled without remat, as in the class-to-image model (pixnerd.py).
     unroll = self.num_decoder_blocks if self.remat_policy == "none" else 1
-    xe = self._blocks(NerfBlock, decoder_names, self.num_decoder_blocks, xe, (s,), unroll=unroll,
+    xe = self._blocks(nerf.NerfBlock, decoder_names, self.num_decoder_blocks, xe, (s,), unroll=unroll,
                       nerf_hidden_size=hx, mlp_ratio=self.decoder_mlp_ratio,
                       normalize_fc2=False)  # fmt: skip
     zeros = nn.initializers.zeros
