@@ -193,9 +193,8 @@ def parse_arg(arg: str | None, **known) -> dict:
       try:
         out[key] = value if default is None else type(default)(value)
       except ValueError:
-        raise ValueError(
-          f"config argument {key}={value!r} is not a {type(default).__name__}"
-        ) from None
+        kind = {int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+        raise ValueError(f"config argument {key}={value!r} is not {kind}") from None
   return out
 
 

@@ -102,3 +102,18 @@ def test_rlfseg_configs():
   assert ref.prompted.variant == "released" and ref.eval.num_steps == 1
   with pytest.raises(ValueError, match="refs_json"):
     pipeline.prompt_list(ref.input)  # the paths are launch-time overrides
+
+
+def test_parse_arg_types_values_and_names_mistakes():
+  args = defaults.parse_arg("stage=2, smoke ,fsdp=4", stage="1", fsdp=1, smoke=False, target="")
+  assert args == {"stage": "2", "fsdp": 4, "smoke": True, "target": ""}
+  assert defaults.parse_arg(None, smoke=False) == {"smoke": False}
+  assert defaults.parse_arg("smoke=false", smoke=True) == {"smoke": False}
+  with pytest.raises(ValueError, match="unknown config argument 'stag' .known: fsdp, stage."):
+    defaults.parse_arg("stag=2", stage="1", fsdp=1)
+  with pytest.raises(ValueError, match="fsdp='x' is not an integer"):
+    defaults.parse_arg("fsdp=x", fsdp=1)
+  with pytest.raises(ValueError, match="needs a value"):
+    defaults.parse_arg("stage", stage="1")
+  with pytest.raises(ValueError, match="true or false"):
+    defaults.parse_arg("smoke=maybe", smoke=False)
