@@ -28,11 +28,9 @@ from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.evaluators import common
 from flowseg_jax.run import files, progress
 
-IGNORE_LABEL = centroids_lib.IGNORE_LABEL
-
 
 def confusion_matrix(
-  predictions, labels, num_classes: int, *, ignore_index: int = IGNORE_LABEL
+  predictions, labels, num_classes: int, *, ignore_index: int = centroids_lib.IGNORE_LABEL
 ) -> np.ndarray:
   """(N, N) int64 counts on the host, rows = label, columns = prediction; any matching shapes."""
   predictions, labels = np.asarray(predictions), np.asarray(labels)

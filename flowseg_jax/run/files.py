@@ -126,6 +126,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def _logged_step(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a line a kill cut off."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def truncate_metrics(workdir: str, step: int) -> None:
   """Drops metrics.jsonl lines of steps after `step` (the work a resume repeats)."""
   path = os.path.join(workdir, METRICS_FILE)
@@ -135,11 +143,9 @@ def truncate_metrics(workdir: str, step: int) -> None:
     lines = f.readlines()
   kept = []
   for line in lines:
-    try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # a line cut off by a kill
+    logged = _logged_step(line)
+    if logged is not None and logged <= step:
+      kept.append(line)
   if len(kept) != len(lines):
     with open(path + ".tmp", "w") as f:
       f.writelines(kept)
