@@ -22,6 +22,8 @@ import sys
 
 import ml_collections
 
+from flowseg_jax.run import console
+
 COMMANDS = ("train", "evaluate", "predict", "convert")
 
 OVERRIDES_HELP = """\
@@ -209,29 +211,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
   return p
 
 
-class _QuietLibraries:
-  """Drops INFO records from orbax (dozens per checkpoint) and the per-array tracebacks its writer
-  threads and asyncio log when a save fails (hundreds of lines; the trainer reports the failure in
-  one line naming the directory and the OS error). Other warnings and errors pass."""
-
-  def filter(self, record) -> bool:
-    if "orbax" in record.pathname:
-      return record.levelno > 20 and not record.exc_info
-    return not ("asyncio" in record.pathname and "never retrieved" in record.getMessage())
-
-
-def _setup_logging() -> None:
-  from absl import flags, logging
-
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
 def _run_command(command: str, argv: list[str]) -> int:
+  console.setup_logging()  # before any library logs through absl (orbax does on import)
   rest, overrides = split_overrides(argv)
   args = _parser(command).parse_args(rest)  # exits 2 with one line on a usage error
   if command != "train":
@@ -242,7 +223,6 @@ def _run_command(command: str, argv: list[str]) -> int:
     except FileNotFoundError as e:
       raise UsageError(str(e)) from e
   config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")
-  _setup_logging()
   import jax
 
   if args.distributed:
@@ -298,6 +278,9 @@ def train_command(config, workdir: str) -> int:
 
   try:
     result = train.train_and_evaluate(config, workdir)
+  except run_status.ConfigError as e:
+    sys.stderr.write(f"flowseg train: error: {e}\n")
+    return run_status.CONFIG_ERROR_EXIT_STATUS
   except run_status.RunError as e:  # a known fault: its message says everything, no traceback
     sys.stderr.write(f"flowseg train: {e}\n")
     sys.stderr.flush()
@@ -308,7 +291,10 @@ def train_command(config, workdir: str) -> int:
 def run(argv: list[str] | None = None) -> int:
   """Console-script entry point; returns the exit status (2: usage error)."""
   argv = sys.argv[1:] if argv is None else argv
-  if not argv or argv[0] in ("-h", "--help", "help"):
+  if not argv:  # a command is missing: usage on stderr, the status of a usage error
+    sys.stderr.write(_usage())
+    return 2
+  if argv[0] in ("-h", "--help", "help"):
     sys.stdout.write(_usage())
     return 0
   command, rest = argv[0], argv[1:]

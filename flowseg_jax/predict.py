@@ -85,7 +85,7 @@ def predict(
   seg.task.condition_of(prompt)  # a missing, unknown or unwanted prompt fails before any work
   os.makedirs(output_dir, exist_ok=True)
   written = []
-  report = progress.Progress("predict", len(mine), progress.every_for(len(mine)))
+  report = progress.Progress("predict", len(mine))
   stream = seg.segment_stream(readable(), len(mine), progress=report)
   for (path, rgb), _, pred, _ in stream:
     name = os.path.splitext(os.path.basename(path))[0]

@@ -122,10 +122,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   The result's "status" is run_status.FINISHED or PREEMPTED (also in workdir/train_result.json);
   faults raise a run_status.RunError with a one-line (or few-line) explanation.
   """
+  try:  # every check that needs no workdir runs before one is created
+    setup = TrainSetup(config)
+    mesh = sharding.mesh_from_config(config.mesh)
+    check_batch_fits_mesh(config, mesh)
+  except ValueError as e:
+    raise run_status.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
-  setup = TrainSetup(config)
-  mesh = sharding.mesh_from_config(config.mesh)
-  check_batch_fits_mesh(config, mesh)
   with WorkdirLock(workdir):
     return _train_locked(config, workdir, setup, mesh)
 
@@ -139,7 +142,6 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     jax.process_count(),
   )
   abstract, state_shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
-  parameter_overview.log_parameter_overview(abstract.params, include_stats="sharding")
   manager = checkpointing.create_manager(
     os.path.join(workdir, files.CHECKPOINTS_DIR),
     keep=config.keep_checkpoints,
@@ -169,6 +171,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     state, origin = train_state.initialise(setup, mesh, rules, state_shardings)
     data_iter = make_data_iter({})
     start_step, position, data_start = 0, 0, 0
+  parameter_overview.log_parameter_overview(abstract.params, include_stats="sharding")
   files.write_config(workdir, config)
   files.truncate_metrics(workdir, start_step)
   logging.info("Starting at step %d (%s), data position %d.", start_step, origin, position)
@@ -179,7 +182,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
-  progress = Progress("train", config.total_steps, config.log_every_steps, start=start_step)
+  progress = Progress("train", config.total_steps, start=start_step)
 
   history: list[dict] = []
   skipped_examples = 0

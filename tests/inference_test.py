@@ -208,6 +208,13 @@ def test_usage_errors_are_one_line_and_create_nothing(workdir, tmp_path, capsys)
      "did you mean --config.optim.learning_rate?"),
     (["train", "--config=configs/dmeo.py", f"--workdir={new}"], "configs/dmeo.py' does not exist"),
     (["train", f"--config={demo}", f"--workdir={new}", "--config.total_steps=many"], "total_steps"),
+    # Configs that parse but cannot train: found before the workdir is created.
+    (["train", f"--config={demo}", f"--workdir={new}", "--config.input.dataset=ade2k"],
+     "config.input.dataset must be one of"),
+    (["train", f"--config={demo}", f"--workdir={new}", "--config.total_steps=1"],
+     "warmup_steps=2 must lie in [0, total_steps=1]"),
+    (["train", f"--config={demo}", f"--workdir={new}", "--config.mesh.data=3"],
+     "config.mesh: data=3 x fsdp=1 must equal the"),
     (["evaluate", f"--workdir={new}"], "does not exist"),
     (["predict", f"--workdir={tmp_path}", "--input=x.jpg", "--output=out"], "holds no checkpoint"),
     (["evaluate", f"--workdir={workdir}", "--config.eval.num_step=3"], "--config.eval.num_steps"),
@@ -346,15 +353,24 @@ def test_logged_learning_rate_is_the_applied_one():
   assert int(state.step) == 4 and int(state.num_skipped) == 1
 
 
-def test_progress_lines_carry_an_eta(monkeypatch):
-  lines = []
+def test_progress_lines_come_by_time_and_at_the_end(monkeypatch):
+  """One line per interval whatever the item rate, one at the total; the rate and ETA from the clock."""
+  lines, now = [], [0.0]
   monkeypatch.setattr(progress.logging, "info", lambda fmt, *args: lines.append(fmt % args))
-  report = progress.Progress("evaluate", 10, 4)
-  for _ in range(10):
+  report = progress.Progress("evaluate", 100, interval=10.0, clock=lambda: now[0])
+  for _ in range(100):  # 100 items over 25 s: lines at 10 s, 20 s and the end
+    now[0] += 0.25
     report.update()
-  assert len(lines) == 2 and lines[0].startswith("evaluate: 4/10 (") and "ETA 0:00:0" in lines[0]
-  assert progress.every_for(8) == 0  # a handful of images: quiet
-  assert progress.every_for(2000) == 100
+  assert lines == [
+    "evaluate: 40/100 (4.0/s, ETA 0:00:15)",
+    "evaluate: 80/100 (4.0/s, ETA 0:00:05)",
+    "evaluate: 100/100 (4.0/s, ETA 0:00:00)",
+  ]
+  lines.clear()
+  fast = progress.Progress("evaluate", 256, clock=lambda: 0.0)
+  for _ in range(256):  # a fast job: the end line only
+    fast.update()
+  assert len(lines) == 1 and lines[0].startswith("evaluate: 256/256")
 
 
 def test_readme_quick_start_shows_the_three_lines():

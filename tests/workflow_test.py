@@ -114,6 +114,8 @@ def test_cli_help_and_unknown_command(capsys):
 
   assert main.run(["--help"]) == 0
   assert "flowseg train" in capsys.readouterr().out
+  assert main.run([]) == 2  # no command: usage on stderr, the status of a usage error
+  assert "flowseg train" in capsys.readouterr().err
   assert main.run(["fly"]) == 2
   assert main.run(["convert", "nothing"]) == 2
   assert os.path.exists(os.path.join(REPO, "configs", "demo.py"))

@@ -134,7 +134,7 @@ class MiouEvaluator(common.Evaluator):
     count = 0
     self.pictures = []
     items = ((ex, ex["image_orig"], None) for ex in examples)
-    report = progress.Progress("evaluate", num_local, progress.every_for(num_local))
+    report = progress.Progress("evaluate", num_local)
     stream = seg.segment_stream(
       items, num_local, num_steps=settings["num_steps"], mode=settings["mode"], progress=report
     )

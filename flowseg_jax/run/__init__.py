@@ -4,5 +4,6 @@ files     the workdir's file names (once), config.json, metrics.jsonl, train_res
 lock      one writer per workdir (workdir/LOCK)
 status    how a run ends: statuses, exit codes, RunError
 writers   metric writer: log lines and TensorBoard events (tensorboardX)
-progress  progress log lines with rate and ETA
+progress  progress log lines with rate and ETA, by time
+console   what commands print: logging set-up, library noise filtered
 """
