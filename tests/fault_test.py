@@ -6,6 +6,7 @@ at step 4), so each row costs a few steps of training, not a whole run.
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -123,7 +124,9 @@ def steps_logged(workdir):
 
 def test_rerun_of_finished_run_changes_nothing_and_takes_over_a_stale_lock(run, caplog):
   """A LOCK left by a dead trainer on this host is taken over with a warning; the finished run is
-  then a no-op: train_result.json keeps its final mIoU, no file changes, the lock is released."""
+  then a no-op: train_result.json keeps its final mIoU, no file changes, the lock is released, and
+  the log says so without the parameter table."""
+  caplog.set_level(logging.INFO)
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   lock = os.path.join(run, workdir_lock.LOCK_FILE)
@@ -139,6 +142,8 @@ def test_rerun_of_finished_run_changes_nothing_and_takes_over_a_stale_lock(run, 
   del before["LOCK"]
   assert snapshot(run) == before
   assert any("stale lock" in r.getMessage() for r in caplog.records)
+  assert not any("Total:" in r.getMessage() for r in caplog.records)  # no parameter table
+  assert any("already finished" in r.getMessage() for r in caplog.records)
 
 
 def test_second_trainer_on_a_workdir_in_use_exits_naming_the_holder(run):
