@@ -3,6 +3,7 @@
   python -m experiments.study train --out /tmp/study --rows table2 --seeds 0,1,2 --steps 600
   python -m experiments.study sampling --out /tmp/study --setting static --num-steps 1,2,5,10,25,50
   python -m experiments.study report --out /tmp/study      # report.md, report.json, *.png
+  python -m experiments.study report --out experiments/study --from-report experiments/study/report.json
 
 Every run trains through `flowseg_jax.train.train_and_evaluate` in its own workdir,
 OUT/runs/<setting>/seed_<k>, and is skipped when its final eval json exists; a killed study
@@ -14,8 +15,8 @@ with total_steps = --steps (the cosine schedule spans the run) and evaluations a
 end. The seed sets the model's initialisation and the data order; the dataset is the same.
 
 The report reads mIoU from each run's eval/step_<steps>.json: per row the mean, the sample std over
-seeds and every seed; per claim the difference of means, the pooled std and t = difference /
-(pooled std * sqrt(2 / n)), with a verdict. Table 3 (`sampling`) evaluates already-trained runs with
+seeds and every seed; per claim a two-sided paired t over seeds with the 95 % interval of the
+difference, and Holm's correction over all claims (experiments/stats.py), with a verdict. Table 3 (`sampling`) evaluates already-trained runs with
 other Euler step counts, in OUT/runs/<setting>/seed_<k>/sampling/steps_<n> (checkpoints linked).
 """
 
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from experiments import stats
 from flowseg_jax import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,12 +80,12 @@ CLAIMS = [
   ("table2", "static", "no_mask", "Table 2: static + mask 29.75 > static w/o mask 28.15"),
   ("table2", "no_mask", "annealing", "Table 2: static w/o mask 28.15 > annealing w/o mask 24.65"),
   ("table2", "static", "annealing_mask", "static beats annealing with the mask too (ours)"),
-  ("table2", "static", "x_pred", "v-prediction (our default, PixNerd's) beats x-prediction"),
+  ("table2", "static", "x_pred", "Table 2: v-prediction 29.75 > x-prediction 29.06"),
   ("fig5c", "static", "sqrt", "Fig 5c: log beats sqrt"),
   ("fig5c", "static", "norm_reduced", "Fig 5c: log beats gradient-norm reduction"),
   ("fig5c", "static", "linear", "Fig 5c: log beats linear"),
-  ("tau", "static", "tau=0.5", "tau = 1 (the default) beats 0.5"),
-  ("tau", "static", "tau=2", "tau = 1 (the default) beats 2"),
+  ("tau", "static", "tau=0.5", "tau = 1 (the paper's) beats 0.5"),
+  ("tau", "static", "tau=2", "tau = 1 (the paper's) beats 2"),
   ("eps", "static", "eps=1e-3", "eps = 1e-6 (the default) beats 1e-3"),
   ("clip", "static", "no_clip", "clipping at 1.0 (ours) beats no clipping"),
 ]
@@ -271,115 +273,68 @@ def summarize(values: list[float]) -> dict:
   }
 
 
-# One-sided 95% quantiles of Student's t for 1..10 degrees of freedom (more: the normal's 1.645).
-T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
-
-
-def _t_stat(diff: float, scale: float) -> float:
-  if scale > 1e-9:
-    return diff / scale
-  return 0.0 if abs(diff) <= 1e-9 else math.copysign(math.inf, diff)  # every seed scored the same
-
-
-def compare(better: dict, worse: dict) -> dict:
-  """A claim `better > worse` over seeds ({seed: mIoU}).
-
-  Unpaired: difference of means, pooled std, t = diff / (pooled * sqrt(1/n1 + 1/n2)). Paired (the
-  seeds both settings ran; a seed fixes the initialisation and the data order, so seed k of two
-  settings differs only in the setting): mean and std of the per-seed differences, t = mean / (std /
-  sqrt(n)). The verdict uses the paired t when >= 2 seeds pair up, else the unpaired one, against
-  the one-sided 95% quantile of t: 'agrees' / 'disagrees' (p < 0.05 one-sided), otherwise the
-  direction with 'not significant'.
-  """
-  a, b = summarize(list(better.values())), summarize(list(worse.values()))
-  out = {"diff": a["mean"] - b["mean"], "pooled_std": math.nan, "t": math.nan}
-  if a["n"] >= 2 and b["n"] >= 2:
-    pooled = math.sqrt(
-      ((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2)
-    )
-    out["pooled_std"] = pooled
-    out["t"] = _t_stat(out["diff"], pooled * math.sqrt(1 / a["n"] + 1 / b["n"]))
-    df = a["n"] + b["n"] - 2
-  common = sorted(set(better) & set(worse))
-  if len(common) >= 2:
-    d = summarize([better[k] - worse[k] for k in common])
-    out.update(paired_n=d["n"], paired_diff=d["mean"], paired_std=d["std"])
-    out["paired_t"] = _t_stat(d["mean"], d["std"] / math.sqrt(d["n"]))
-    t, df = out["paired_t"], d["n"] - 1
-  elif math.isnan(out["t"]):
-    return {**out, "verdict": "n < 2"}
-  else:
-    t = out["t"]
-  crit = T95[df - 1] if df <= len(T95) else 1.645
-  if t >= crit:
-    verdict = "agrees (p < 0.05)"
-  elif t <= -crit:
-    verdict = "disagrees (p < 0.05)"
-  elif t > 0:
-    verdict = "same direction, not significant"
-  elif t < 0:
-    verdict = "opposite direction, not significant"
-  else:
-    verdict = "no difference"
-  return {**out, "verdict": verdict}
-
-
 def _fmt(x: float, digits: int = 1) -> str:
   return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def report(out: str, *, plots: bool = True) -> dict:
-  """Writes OUT/report.md and OUT/report.json (and PNG plots); returns the report dict."""
-  results = collect(out)
+def _claim_cell(c: dict) -> tuple[str, str, str, str]:
+  """(difference [95 % CI], t (df), p, Holm p) of a compared claim, for the tables."""
+  if "p" not in c:
+    return _fmt(c["diff"], 2), "–", "–", "–"
+  diff = f"{c['diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]"
+  return diff, f"{_fmt(c['t'], 2)} ({c['df']})", f"{c['p']:.3f}", f"{c['p_holm']:.3f}"
+
+
+def results_from_report(path: str) -> dict:
+  """{setting: {seed: {'mIoU', 'steps', 'sampling'}}} from a report.json written by `report`: the
+  tables and verdicts can be recomputed where the runs themselves are not kept."""
+  with open(path) as f:
+    rep = json.load(f)
+  results: dict = {}
+  for table in rep["rows"].values():
+    for row in table:
+      for seed, value in row["per_seed"].items():
+        entry = {"mIoU": value, "steps": row["steps"][0]}
+        results.setdefault(row["setting"], {})[int(seed)] = entry
+  for setting, per_n in rep.get("sampling", {}).items():
+    for n, row in per_n.items():
+      for seed, value in row["per_seed"].items():
+        entry = results.setdefault(setting, {}).setdefault(int(seed), {})
+        entry.setdefault("sampling", {})[int(n)] = value
+  return results
+
+
+def report(out: str, *, plots: bool = True, results: dict | None = None) -> dict:
+  """Writes OUT/report.md and OUT/report.json (and PNG plots); returns the report dict.
+
+  Every claim of the tables (Table 2, Fig 5c, τ, ε, clipping, and Table 3's step counts against
+  10) is one test of one family: Holm's correction runs over all of them (experiments/stats.py).
+  """
+  results = collect(out) if results is None else results
   rep: dict = {"rows": {}, "claims": [], "sampling": {}}
   lines = ["# Study report", ""]
   for group, rows in ROWS.items():
     table = []
     for label, setting in rows:
       seeds = results.get(setting, {})
-      values = [seeds[k]["mIoU"] for k in sorted(seeds)]
+      values = [seeds[k]["mIoU"] for k in sorted(seeds) if "mIoU" in seeds[k]]
       if not values:
         continue
       row = {"label": label, "setting": setting, **summarize(values)}
-      row["per_seed"] = {k: seeds[k]["mIoU"] for k in sorted(seeds)}
-      row["steps"] = sorted({seeds[k]["steps"] for k in seeds})
+      row["per_seed"] = {k: seeds[k]["mIoU"] for k in sorted(seeds) if "mIoU" in seeds[k]}
+      row["steps"] = sorted({seeds[k]["steps"] for k in seeds if "steps" in seeds[k]})
       walls = [seeds[k]["wall_s"] for k in seeds if "wall_s" in seeds[k]]
       row["wall_s"] = statistics.fmean(walls) if walls else math.nan
       table.append(row)
     if len(table) < 2:  # nothing to compare yet (e.g. only the shared default row has run)
       continue
     rep["rows"][group] = table
-    lines += [f"## {group}", "", "| row | setting | mIoU mean ± std (n) | per seed | s/run |"]
-    lines += ["|---|---|---|---|---|"]
-    for r in table:
-      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_seed"].items())
-      lines.append(
-        f"| {r['label']} | `{r['setting']}` | {_fmt(r['mean'], 2)} ± {_fmt(r['std'], 2)} ({r['n']}) "
-        f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
-      )
-    lines.append("")
-  claim_lines = [
-    "## Claims",
-    "",
-    "| claim | better − worse (mIoU) | pooled std | t | paired diff ± std (n) | paired t | verdict |",
-    "|---|---|---|---|---|---|---|",
-  ]
   for group, better, worse, text in CLAIMS:
-    a = {k: v["mIoU"] for k, v in results.get(better, {}).items()}
-    b = {k: v["mIoU"] for k, v in results.get(worse, {}).items()}
-    if not a or not b:
-      continue
-    c = {"group": group, "better": better, "worse": worse, "claim": text, **compare(a, b)}
-    rep["claims"].append(c)
-    paired = "–"
-    if "paired_n" in c:
-      paired = f"{c['paired_diff']:.2f} ± {_fmt(c['paired_std'], 2)} ({c['paired_n']})"
-    claim_lines.append(
-      f"| {text} | {_fmt(c['diff'], 2)} | {_fmt(c['pooled_std'], 2)} | {_fmt(c['t'], 2)} "
-      f"| {paired} | {_fmt(c.get('paired_t', math.nan), 2)} | {c['verdict']} |"
-    )
-  if rep["claims"]:
-    lines += claim_lines + [""]
+    a = {k: v["mIoU"] for k, v in results.get(better, {}).items() if "mIoU" in v}
+    b = {k: v["mIoU"] for k, v in results.get(worse, {}).items() if "mIoU" in v}
+    if a and b:
+      c = {"group": group, "better": better, "worse": worse, "claim": text}
+      rep["claims"].append({**c, **stats.compare(a, b)})
   for setting, seeds in results.items():
     per_n: dict[int, dict] = {}
     for seed, entry in seeds.items():
@@ -389,22 +344,14 @@ def report(out: str, *, plots: bool = True) -> dict:
       rep["sampling"][setting] = {
         n: {**summarize(list(v.values())), "per_seed": v} for n, v in sorted(per_n.items())
       }
-  for setting, table in rep["sampling"].items():
-    lines += [f"## Table 3: Euler steps ({setting})", ""]
-    lines += ["| steps | mIoU mean ± std (n) | per seed | 10 steps − this, paired (t, verdict) |"]
-    lines += ["|---|---|---|---|"]
-    for n, s in table.items():
-      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s["per_seed"].items()))
-      versus = "–"
-      if n != 10 and 10 in table:  # the paper's claim: 10 steps is the best
-        c = compare(table[10]["per_seed"], s["per_seed"])
-        s["vs_10"] = c
-        if "paired_n" in c:
-          versus = f"{c['paired_diff']:.2f} (t {_fmt(c['paired_t'], 2)}, {c['verdict']})"
-      lines.append(
-        f"| {n} | {_fmt(s['mean'], 2)} ± {_fmt(s['std'], 2)} ({s['n']}) | {seeds_txt} | {versus} |"
-      )
-    lines.append("")
+      for n, s in rep["sampling"][setting].items():
+        if n != 10 and 10 in per_n:  # the paper's claim: 10 steps is the best
+          text = f"Table 3: 10 Euler steps beat {n} ({setting})"
+          c = {"group": "table3", "better": f"{setting}@10", "worse": f"{setting}@{n}"}
+          s["vs_10"] = {**c, "claim": text, **stats.compare(per_n[10], per_n[n])}
+          rep["claims"].append(s["vs_10"])
+  stats.adjust_claims(rep["claims"])
+  lines += _tables(rep)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(out, "report.json"), "w") as f:
@@ -412,6 +359,48 @@ def report(out: str, *, plots: bool = True) -> dict:
   if plots:
     _plots(out, rep)
   return rep
+
+
+def _tables(rep: dict) -> list[str]:
+  lines = []
+  for group, table in rep["rows"].items():
+    lines += [f"## {group}", "", "| row | setting | mIoU mean ± std (n) | per seed | s/run |"]
+    lines += ["|---|---|---|---|---|"]
+    for r in table:
+      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_seed"].items())
+      lines.append(
+        f"| {r['label']} | `{r['setting']}` | {_fmt(r['mean'], 2)} ± {_fmt(r['std'], 2)} ({r['n']}) "
+        f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
+      )
+    lines.append("")
+  if rep["claims"]:
+    lines += [
+      "## Claims (two-sided paired t over seeds; Holm's correction over all claims)",
+      "",
+      "| claim | better − worse, mIoU [95 % CI] | t (df) | p | Holm p | verdict |",
+      "|---|---|---|---|---|---|",
+    ]
+    for c in rep["claims"]:
+      diff, t, p, p_holm = _claim_cell(c)
+      lines.append(f"| {c['claim']} | {diff} | {t} | {p} | {p_holm} | {c['verdict']} |")
+    lines.append("")
+  for setting, table in rep["sampling"].items():
+    lines += [f"## Table 3: Euler steps ({setting})", ""]
+    lines += [
+      "| steps | mIoU mean ± std (n) | per seed | 10 steps − this [95 % CI], Holm p, verdict |"
+    ]
+    lines += ["|---|---|---|---|"]
+    for n, s in table.items():
+      seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in sorted(s["per_seed"].items()))
+      versus = "–"
+      if "vs_10" in s:
+        diff, _, _, p_holm = _claim_cell(s["vs_10"])
+        versus = f"{diff}, {p_holm}, {s['vs_10']['verdict']}"
+      lines.append(
+        f"| {n} | {_fmt(s['mean'], 2)} ± {_fmt(s['std'], 2)} ({s['n']}) | {seeds_txt} | {versus} |"
+      )
+    lines.append("")
+  return lines
 
 
 def _plots(out: str, rep: dict) -> None:
@@ -486,6 +475,12 @@ def main(argv=None) -> int:
   p.add_argument("--num-steps", default="1,2,5,10,25,50", help="sampling: Euler step counts")
   p.add_argument("--parallel", type=int, default=2, help="runs at once (0: in this process)")
   p.add_argument("--threads", type=int, default=1, help="XLA CPU threads per run (1 or default)")
+  p.add_argument(
+    "--from-report",
+    default=None,
+    metavar="JSON",
+    help="report: take the per-seed scores from a report.json instead of OUT/runs",
+  )
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   if args.command == "train":
@@ -500,9 +495,9 @@ def main(argv=None) -> int:
     sampling_all(args.out, args.setting, _ints(args.seeds), _ints(args.num_steps))
     report(args.out)
   else:
-    rep = report(args.out)
+    results = results_from_report(args.from_report) if args.from_report else None
+    report(args.out, results=results)
     print(open(os.path.join(args.out, "report.md")).read())
-    del rep
   return 0
 
 

@@ -1,7 +1,9 @@
 """Kronecker class colours: labels <-> colours in [-1, 1]^3 (FlowSeg eq 7-8).
 
 Class k gets the colour mu_k = 2 * minmax(frac(k * (sqrt2, sqrt3, sqrt5))) - 1: a low-discrepancy sequence
-that spreads any number of classes evenly over the colour cube. The table is computed in float64 on the host
+that spreads any number of classes evenly over the colour cube. [ours: our reading of eq 8] The paper's
+Norm(.) is read as a min-max normalisation per colour axis over the n points, so that mu spans the whole
+cube for every n; the paper does not define Norm further. The table is computed in float64 on the host
 (it is a constant of the run) and cast once, so JAX and PyTorch see bit-identical centroids.
 """
 

@@ -24,7 +24,7 @@ def objective_config() -> ml_collections.ConfigDict:
   """`config.objective`: the arguments of `flow.flowseg_loss` and the training-time t distribution."""
   c = ml_collections.ConfigDict()
   c.prediction = "v"  # [PixNerd] its output is a velocity; 'x' (clean mask) is Table 2's other row
-  c.tau = 1.0  # [paper] softmax temperature of the potential (eq 9)
+  c.tau = 1.0  # [paper] softmax temperature of the potential (eq 9); the paper states tau = 1.0
   # [ours] distance offset of T(d) = -log(d + eps): the paper writes no value; 1e-6 keeps Phi finite at a
   # centroid while leaving the log's shape untouched for d >> 1e-6 (|grad Phi| <= 1/(2 sqrt(eps))).
   c.eps = 1e-6
@@ -135,9 +135,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.input = pipeline.default_input_config()
   config.input.dataset = "ade20k"
   config.input.image_size = (256, 256)  # [paper] stage 1 at PixNerd's 256 (stage 2: 512)
-  config.input.batch_size = 64  # [ours] global batch; not given in the paper text we have
+  config.input.batch_size = 64  # [paper] global batch of stage 1
 
-  config.model = models.default_model_config("XL/16")  # [paper] PixNerd-XL/16 initialisation
+  # [ours: the paper says PixNerd] XL/16, the released class-conditional PixNerd checkpoint
+  config.model = models.default_model_config("XL/16")
   # Conditioning label: -1 = PixNerd's null class (index num_classes), the unconditional branch.
   config.cond_label = -1  # [ours] segmentation is unconditional: PixNerd's null-class branch
   # Converted PixNerd export (`flowseg convert pixnerd ... --out DIR`) to start from; '' = scratch.

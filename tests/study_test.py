@@ -6,8 +6,11 @@ import os
 
 import jax
 import pytest
+import scipy.stats
 
-from experiments import study
+from experiments import stats, study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +61,69 @@ def test_finished_runs_are_skipped(tiny_study, capsys):
   assert os.path.getmtime(path) == before
 
 
-def test_compare_statistics_and_verdicts():
-  better = {0: 30.0, 1: 31.0, 2: 32.0}
-  c = study.compare(better, {0: 27.0, 1: 28.0, 2: 29.0})
-  assert c["diff"] == pytest.approx(3.0) and c["pooled_std"] == pytest.approx(1.0)
-  assert c["t"] == pytest.approx(3.0 / math.sqrt(2 / 3))
-  assert c["paired_t"] == math.inf and c["verdict"] == "agrees (p < 0.05)"  # every seed +3
-  # Paired differences 0.5, 1.5, 1.0: mean 1, std 0.5, t = 1 / (0.5 / sqrt 3) = 3.46 > 2.920 (df 2).
-  c = study.compare(better, {0: 29.5, 1: 29.5, 2: 31.0})
-  assert c["paired_diff"] == pytest.approx(1.0) and c["paired_std"] == pytest.approx(0.5)
-  assert c["paired_t"] == pytest.approx(2 * math.sqrt(3)) and c["verdict"] == "agrees (p < 0.05)"
-  assert c["t"] < 2.132  # unpaired, the seed-to-seed spread hides it
-  c = study.compare({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.2, 1: 2.2, 2: 2.7})
-  assert c["verdict"] == "opposite direction, not significant"
-  c = study.compare({0: 27.0, 1: 28.0, 2: 29.0}, {0: 30.0, 1: 31.5, 2: 32.0})
-  assert c["verdict"] == "disagrees (p < 0.05)"
-  # Seeds that do not pair up: the unpaired t (df 4) decides.
-  c = study.compare({0: 30.0, 1: 31.0, 2: 32.0}, {3: 27.0, 4: 28.0, 5: 29.0})
-  assert "paired_t" not in c and c["verdict"] == "agrees (p < 0.05)"
-  assert study.compare({0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0})["verdict"] == "no difference"
-  assert study.compare({0: 5.0}, {0: 4.0})["verdict"] == "n < 2"
+def test_paired_test_matches_scipy_on_fixed_numbers():
+  """The x- vs v-prediction seeds of STUDY.md: scipy's two-sided paired t, and its 95 % interval."""
+  v_pred, x_pred = {0: 9.14, 1: 8.61, 2: 7.88}, {0: 12.58, 1: 12.30, 2: 9.39}
+  c = stats.compare(v_pred, x_pred)
+  ref = scipy.stats.ttest_rel(list(v_pred.values()), list(x_pred.values()))
+  assert c["test"] == "paired" and c["df"] == 2
+  assert c["t"] == pytest.approx(ref.statistic, rel=1e-12)
+  assert c["p"] == pytest.approx(ref.pvalue, rel=1e-12)  # two-sided: 0.053, not < 0.05
+  assert 0.05 < c["p"] < 0.06
+  low, high = ref.confidence_interval(0.95)
+  assert (c["ci_low"], c["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+  assert c["ci_low"] < 0 < c["ci_high"]  # the interval holds 0, as p > 0.05 says
+  # Seeds that do not pair up: the pooled two-sample t (df 4).
+  a, b = {0: 30.0, 1: 31.0, 2: 32.5}, {3: 27.0, 4: 28.5, 5: 29.0}
+  c = stats.compare(a, b)
+  ref = scipy.stats.ttest_ind(list(a.values()), list(b.values()))
+  assert c["test"] == "unpaired" and c["df"] == 4
+  assert (c["t"], c["p"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+  low, high = ref.confidence_interval(0.95)
+  assert (c["ci_low"], c["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_holm_matches_its_definition_and_verdicts_use_it():
+  p = [0.01, 0.04, 0.03, 0.005]
+  # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max.
+  assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+  assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+  assert stats.verdict(+1.0, 0.01) == "agrees" and stats.verdict(-1.0, 0.01) == "disagrees"
+  assert stats.verdict(+1.0, 0.2) == "same direction, not resolved"
+  assert stats.verdict(-1.0, 0.2) == "opposite direction, not resolved"
+  assert stats.verdict(0.0, 1.0) == "no difference"
+  # A claim significant alone (p 0.02) is not after correction within a family of three.
+  claims = [
+    stats.compare({0: 3.0, 1: 3.1, 2: 3.3}, {0: 1.0, 1: 1.2, 2: 1.2}),
+    stats.compare({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.2, 1: 2.2, 2: 2.7}),
+    stats.compare({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}),
+    stats.compare({0: 5.0}, {0: 4.0}),
+  ]
+  assert claims[0]["p"] < 0.05
+  stats.adjust_claims(claims)
+  assert claims[0]["p_holm"] == pytest.approx(3 * claims[0]["p"])
+  assert [c["verdict"] for c in claims] == [
+    "agrees" if 3 * claims[0]["p"] < 0.05 else "same direction, not resolved",
+    "opposite direction, not resolved",
+    "no difference",
+    "n < 2",
+  ]
+  every_seed = stats.compare({0: 30.0, 1: 31.0, 2: 32.0}, {0: 27.0, 1: 28.0, 2: 29.0})
+  assert every_seed["t"] == math.inf and every_seed["p"] == 0.0  # +3 in every seed
+
+
+def test_report_recomputes_from_a_report_json(tmp_path):
+  """The committed report.json regenerates its tables: same rows, Holm-adjusted two-sided claims."""
+  source = os.path.join(REPO, "experiments", "study", "report.json")
+  rep = study.report(str(tmp_path), plots=False, results=study.results_from_report(source))
+  old = json.load(open(source))
+  assert {g: [r["per_seed"] for r in t] for g, t in rep["rows"].items()} == {
+    g: [{int(k): v for k, v in r["per_seed"].items()} for r in t] for g, t in old["rows"].items()
+  }
+  claims = {c["claim"]: c for c in rep["claims"]}
+  x_vs_v = claims["Table 2: v-prediction 29.75 > x-prediction 29.06"]
+  assert x_vs_v["p"] == pytest.approx(0.053, abs=5e-4) and x_vs_v["p_holm"] >= x_vs_v["p"]
+  assert all(c["p_holm"] >= 0.05 for c in rep["claims"])  # none survives Holm at 3 seeds
 
 
 def test_settings_build_the_ablations_they_name():
