@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, train_state
+from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, storage, train_state
 from flowseg_jax.data import pipeline, sources
 from flowseg_jax.run import files, writers
 from flowseg_jax.run import status as run_status
@@ -122,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   The result's "status" is run_status.FINISHED or PREEMPTED (also in workdir/train_result.json);
   faults raise a run_status.RunError with a one-line (or few-line) explanation.
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   setup = TrainSetup(config)
   mesh = sharding.mesh_from_config(config.mesh)
   check_batch_fits_mesh(config, mesh)
@@ -141,7 +140,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   abstract, state_shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
   parameter_overview.log_parameter_overview(abstract.params, include_stats="sharding")
   manager = checkpointing.create_manager(
-    os.path.join(workdir, files.CHECKPOINTS_DIR),
+    storage.path(workdir) / files.CHECKPOINTS_DIR,
     keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
   )
