@@ -132,5 +132,5 @@ def local_only(p: PathLike, what: str, instead: str) -> str:
   """`p` as a string; ValueError naming `p` when it is a URL (a reader that needs a local disk)."""
   text = os.fspath(p)
   if is_url(text):
-    raise ValueError(f"{what} {text!r} must be a local folder ({instead})")
+    raise ValueError(f"{what} {text!r} must be on a local disk ({instead})")
   return text

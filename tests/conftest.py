@@ -5,6 +5,7 @@
   tests start): the same tiny train step is compiled by many tests.
 - Most XLA optimisations off: the tiny test programs compile several times faster; numerics stay IEEE
   float32 (parity tolerances are justified per test).
+- `gcs_bucket`: a GCS API on localhost for the gs:// tests, started once per session when asked for.
 """
 
 import importlib.util

@@ -24,7 +24,7 @@ def read(path: str | os.PathLike, what: str = "checkpoint") -> tuple[Mapping[str
   ~11 GB); legacy (non-zip) files are read whole. Safetensors come as torch tensors when torch is
   installed (bf16 needs it), else as NumPy arrays. `what` names the file in errors.
   """
-  path = storage.local_only(path, what, "torch files are memory-mapped: copy it to a local disk")
+  path = storage.local_only(path, what, "torch files are memory-mapped")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path!r} does not exist.")
   if path.endswith(".safetensors"):

@@ -214,8 +214,8 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
     storage.local_only(
       cfg.data_dir,
       "config.input.data_dir",
-      f"raw {name} folders are read from a local disk; for object storage prepare it as "
-      f"config.input.dataset='tfds_{name}' (ArrayRecord) there",
+      f"raw {name} folders are read file by file; for object storage prepare the dataset as "
+      f"config.input.dataset='tfds_{name}' (ArrayRecord)",
     )
     if name == "ade20k":
       src = sources.ade20k_source(cfg.data_dir, split, on_bad_example=on_bad)

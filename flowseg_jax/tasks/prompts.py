@@ -71,7 +71,7 @@ class TextEncoder:
 
     from flowseg_jax.convert import qwen3 as convert_qwen3
 
-    path = os.fspath(path)
+    path = storage.local_only(path, "text encoder folder", "its safetensors are memory-mapped")
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
       raise FileNotFoundError(f"{tok_path} not found (the `tokenizers` file of the encoder).")
