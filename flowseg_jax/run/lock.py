@@ -6,7 +6,8 @@ Taking the lock is an atomic create-if-absent, so it also works where advisory l
     (`ifGenerationMatch=0`, gcsfs's `mode="create"`): of two trainers starting at once, GCS lets one
     upload succeed and answers the other 412 (FileExistsError). The holder record is then read back
     and must be ours, which also stops the second trainer on a store that ignores the precondition
-    (the GCS emulator the tests run against does) unless both write before either reads.
+    (the stock gcp-storage-emulator does; tests/gcs_emulator.py adds it) unless both write before
+    either reads.
 A second trainer on the workdir stops at once and names the holder. The holder of a lock on this host
 that no longer runs (killed, crashed, the host rebooted) is detected from its pid and process start
 time, and the lock is taken over with a warning. A holder on another host (a pod's earlier job, a
