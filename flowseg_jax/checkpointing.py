@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +35,7 @@ from absl import logging
 from etils import epath
 
 from flowseg_jax import checkpoint_faults as faults
+from flowseg_jax import storage
 from flowseg_jax.run import files
 
 STATE, DATA_ITER, META = "state", "data_iter", "meta"
@@ -55,7 +54,7 @@ def _best_score(metrics: dict) -> float:
 
 
 def create_manager(
-  directory: str, *, keep: int = 3, async_save: bool = True
+  directory: storage.PathLike, *, keep: int = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the last `keep` steps plus the best by eval score."""
   if keep < 1:
@@ -74,7 +73,7 @@ def create_manager(
     cleanup_tmp_directories=True,
   )
   return ocp.CheckpointManager(
-    os.path.abspath(directory), item_names=(STATE, DATA_ITER, META), options=options
+    storage.path(directory), item_names=(STATE, DATA_ITER, META), options=options
   )
 
 
@@ -168,10 +167,10 @@ def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[tuple, tuple
 def move_aside(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
   """Moves an unreadable step to checkpoints/damaged/<step>-<time>/ (process 0) and forgets it."""
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-  target = os.path.join(str(manager.directory), DAMAGED_DIR, f"{step}-{stamp}")
+  directory = storage.path(manager.directory)
+  target = str(directory / DAMAGED_DIR / f"{step}-{stamp}")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(str(manager.directory), str(step)), target)
+    storage.move(directory / str(step), target)
     first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     logging.warning(
       "Checkpoint %s step %d is unreadable (%s: %s); moved to %s, trying an older one.",
@@ -288,14 +287,12 @@ def restore_latest(
 
 def restore_params_from(directory: str, abstract_state: Any) -> tuple[Any, Any, int]:
   """(params, ema_params, step) of the newest readable checkpoint in another run's directory."""
-  if not os.path.isdir(directory):
+  if not storage.path(directory).is_dir():
     raise FileNotFoundError(f"config.init_from={directory!r} is not a directory")
-  if os.path.isdir(
-    os.path.join(directory, files.CHECKPOINTS_DIR)
-  ):  # a workdir, not its checkpoints
-    directory = os.path.join(directory, files.CHECKPOINTS_DIR)
+  if (storage.path(directory) / files.CHECKPOINTS_DIR).is_dir():  # a workdir, not its checkpoints
+    directory = storage.join(directory, files.CHECKPOINTS_DIR)
   manager = ocp.CheckpointManager(
-    os.path.abspath(directory),
+    storage.path(directory),
     item_names=(STATE, DATA_ITER, META),
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
@@ -314,20 +311,18 @@ def restore_params_from(directory: str, abstract_state: Any) -> tuple[Any, Any, 
 # ------------------------------------------------------------------------------------------------
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
+def checkpoint_steps(workdir: storage.PathLike) -> list[int]:
   """Finalised checkpoint steps of workdir (newest first); orbax's temporary folders are not steps."""
-  directory = os.path.join(workdir, files.CHECKPOINTS_DIR)
-  if not os.path.isdir(directory):
+  directory = storage.path(workdir) / files.CHECKPOINTS_DIR
+  if not directory.is_dir():
     return []
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  return sorted(
-    (s for s in steps if os.path.isdir(os.path.join(directory, str(s), STATE))), reverse=True
-  )
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
+  return sorted((s for s in steps if (directory / str(s) / STATE).is_dir()), reverse=True)
 
 
-def check_has_checkpoint(workdir: str) -> None:
+def check_has_checkpoint(workdir: storage.PathLike) -> None:
   """One clear error, creating nothing, when workdir has no checkpoint to restore."""
-  if not os.path.isdir(workdir):
+  if not storage.path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
   if not checkpoint_steps(workdir):
     raise FileNotFoundError(
@@ -355,8 +350,8 @@ def restore_denoiser(
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   errors = []
 
-  def state_path(s: int) -> str:
-    return os.path.abspath(os.path.join(workdir, files.CHECKPOINTS_DIR, str(s), STATE))
+  def state_path(s: int) -> epath.Path:
+    return storage.path(workdir) / files.CHECKPOINTS_DIR / str(s) / STATE
 
   def unreadable(s: int, e: BaseException) -> None:
     logging.warning("Checkpoint %s is unreadable (%s); trying an older one.", state_path(s), e)

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, sampling, sharding, tasks
+from flowseg_jax import checkpointing, sampling, sharding, storage, tasks
 from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.run import files
 from flowseg_jax.run.progress import Progress
@@ -84,7 +84,7 @@ def to_rgb(image: Any) -> np.ndarray:
   """A path, PIL image or uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> uint8 (H, W, 3)."""
   if isinstance(image, str | os.PathLike):
     try:
-      with Image.open(image) as img:
+      with storage.open_image(image) as img:
         img.load()
         return np.asarray(img.convert("RGB"), np.uint8)
     except (OSError, ValueError, SyntaxError) as e:

@@ -151,9 +151,10 @@ def load_config(spec: str | None, workdir: str | None, overrides, *, from_workdi
     except ValueError as e:
       raise UsageError(f"--config {spec}: {e}") from e
   elif from_workdir:
+    from flowseg_jax import storage
     from flowseg_jax.run import files
 
-    if not os.path.isfile(os.path.join(workdir, files.CONFIG_FILE)):
+    if not (storage.path(workdir) / files.CONFIG_FILE).is_file():
       raise UsageError(
         f"workdir {workdir!r} has no {files.CONFIG_FILE} (training writes it): pass --config"
       )

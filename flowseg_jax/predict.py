@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from flowseg_jax import inference
+from flowseg_jax import inference, storage
 from flowseg_jax.run import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -33,13 +33,15 @@ class PredictResult:
 
 
 def list_images(path: str) -> list[str]:
-  """One image file, or the images of a folder (sorted, not recursive)."""
-  if os.path.isfile(path):
+  """One image file, or the images of a folder (sorted, not recursive); local or e.g. gs://."""
+  if storage.path(path).is_file():
     return [path]
-  if not os.path.isdir(path):
+  if not storage.path(path).is_dir():
     raise FileNotFoundError(f"--input {path!r} is neither an image file nor a folder")
   files = sorted(
-    os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES)
+    storage.join(path, f.name)
+    for f in storage.path(path).iterdir()
+    if f.name.lower().endswith(IMAGE_SUFFIXES)
   )
   if not files:
     raise FileNotFoundError(
@@ -49,9 +51,10 @@ def list_images(path: str) -> list[str]:
 
 
 def save_outputs(out_dir: str, name: str, rgb: np.ndarray, pred: np.ndarray, segmenter) -> None:
-  Image.fromarray(pred.astype(np.uint8), mode="L").save(os.path.join(out_dir, f"{name}_label.png"))
-  Image.fromarray(segmenter.colourise(pred)).save(os.path.join(out_dir, f"{name}_mask.png"))
-  Image.fromarray(segmenter.overlay(rgb, pred)).save(os.path.join(out_dir, f"{name}_overlay.png"))
+  out = storage.path(out_dir)
+  storage.save_image(Image.fromarray(pred.astype(np.uint8), mode="L"), out / f"{name}_label.png")
+  storage.save_image(Image.fromarray(segmenter.colourise(pred)), out / f"{name}_mask.png")
+  storage.save_image(Image.fromarray(segmenter.overlay(rgb, pred)), out / f"{name}_overlay.png")
 
 
 def predict(
@@ -83,7 +86,7 @@ def predict(
       yield (path, rgb), rgb, prompt
 
   seg.task.condition_of(prompt)  # a missing, unknown or unwanted prompt fails before any work
-  os.makedirs(output_dir, exist_ok=True)
+  storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   written = []
   report = progress.Progress("predict", len(mine))
   stream = seg.segment_stream(readable(), len(mine), progress=report)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -13,7 +12,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, train_state
+from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, storage, train_state
 from flowseg_jax.data import pipeline, sources
 from flowseg_jax.run import files, writers
 from flowseg_jax.run import status as run_status
@@ -128,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_batch_fits_mesh(config, mesh)
   except ValueError as e:
     raise run_status.ConfigError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir):
     return _train_locked(config, workdir, setup, mesh)
 
@@ -143,7 +142,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   )
   abstract, state_shardings = train_state.abstract_train_state(setup, mesh, rules, config.seed)
   manager = checkpointing.create_manager(
-    os.path.join(workdir, files.CHECKPOINTS_DIR),
+    storage.path(workdir) / files.CHECKPOINTS_DIR,
     keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
   )

@@ -3,7 +3,6 @@ abstract first, born sharded; fresh starts from config.init_from, config.model_i
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from flowseg_jax import checkpointing, sharding
+from flowseg_jax import checkpointing, sharding, storage
 from flowseg_jax.run import files
 from flowseg_jax.train_step import TrainSetup
 
@@ -140,7 +139,7 @@ def restore_train_state(config: ml_collections.ConfigDict, workdir: str):
   rules = sharding.rules_from_config(config.sharding_rules)
   abstract, _ = abstract_train_state(setup, mesh, rules, config.seed)
   manager = checkpointing.create_manager(
-    os.path.join(workdir, files.CHECKPOINTS_DIR), keep=config.keep_checkpoints, async_save=False
+    storage.path(workdir) / files.CHECKPOINTS_DIR, keep=config.keep_checkpoints, async_save=False
   )
   restored = checkpointing.restore_latest(manager, abstract, None)
   manager.close()

@@ -14,7 +14,7 @@ from tests.train_test import REPO
 
 _TRAIN = """
 import importlib.util, sys
-for name in ("tensorflow", "tensorflow_datasets", "torch", "chex"):
+for name in ("tensorflow", "tensorflow_datasets", "torch", "chex", "gcsfs"):
   assert importlib.util.find_spec(name) is None, f"{name} is installed by the core install"
 from flowseg_jax import defaults, train
 config = defaults.load_config_file(sys.argv[1], "smoke")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import time
 
@@ -31,7 +30,7 @@ import flax.linen as nn
 import jax
 
 from benchmarks import configs, output
-from flowseg_jax import inference, sharding, train_step
+from flowseg_jax import inference, sharding, storage, train_step
 from tools import abstract_inputs, config_overrides
 
 CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
@@ -120,10 +119,9 @@ def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
         platforms=list(exported.platforms),
       )
       if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{name}.{platform}.jax_exported")
-        with open(path, "wb") as f:
-          f.write(exported.serialize())
+        storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = storage.join(out_dir, f"{name}.{platform}.jax_exported")
+        storage.path(path).write_bytes(exported.serialize())
         report["path"] = path
       results[platform][name] = report
   return results

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowseg_jax import storage
 from flowseg_jax.convert import common, torch_files
 from flowseg_jax.models import dinov2
 
@@ -298,15 +299,14 @@ def save_orbax(
   unknown = set(config) - set(dinov2.ARCH_FIELDS)
   if unknown:
     raise ValueError(f"save_orbax: unknown config fields {sorted(unknown)}.")
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(out_dir, "params"), jax.tree.map(jnp.asarray, params), force=overwrite)
+  ckpt.save(out_dir / "params", jax.tree.map(jnp.asarray, params), force=overwrite)
   ckpt.wait_until_finished()
   ckpt.close()
   meta = {"format": EXPORT_FORMAT, "config": dict(config)}
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  (out_dir / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_orbax(
@@ -322,12 +322,11 @@ def load_orbax(
   """
   import orbax.checkpoint as ocp
 
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  config_path = os.path.join(out_dir, "config.json")
-  if not os.path.isfile(config_path):
+  out_dir = storage.path(out_dir)
+  config_path = out_dir / "config.json"
+  if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} not found: not a converted DINOv2 export.")
-  with open(config_path) as f:
-    meta = json.load(f)
+  meta = json.loads(config_path.read_text())
   if meta.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}.")
   model = dinov2.DinoViT(**meta["config"], dtype=dtype)
@@ -337,7 +336,7 @@ def load_orbax(
     dinov2.abstract_params(model),
   )
   ckpt = ocp.StandardCheckpointer()
-  params = ckpt.restore(os.path.join(out_dir, "params"), target)
+  params = ckpt.restore(out_dir / "params", target)
   ckpt.close()
   return model, params
 

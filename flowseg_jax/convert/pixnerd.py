@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from flowseg_jax import storage
 from flowseg_jax.convert import common, torch_files
 from flowseg_jax.models import pixnerd
 from flowseg_jax.models.nerf import DCT_MAX_FREQS
@@ -392,9 +393,9 @@ def convert_to_orbax(
   import orbax.checkpoint as ocp
 
   source = os.fspath(ckpt_path)
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  ckpt_dir = os.path.join(out_dir, CHECKPOINT_SUBDIR)
-  if os.path.exists(ckpt_dir) and not overwrite:
+  out_dir = storage.path(out_dir)
+  ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+  if ckpt_dir.exists() and not overwrite:
     raise ValueError(f"{ckpt_dir} already exists; pass overwrite=True (--overwrite) to replace.")
   # Memory: only the chosen copy is read, tensor by tensor; each source tensor's pages are dropped
   # once copied, and each converted leaf becomes a jax CPU array, which orbax writes without
@@ -412,7 +413,7 @@ def convert_to_orbax(
   )
   if variant is not None:
     _check_variant(model, variant)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir.mkdir(parents=True, exist_ok=True)
   # Uncompressed (float weights hardly compress) and at most 1 GB in flight: compression buffers
   # would hold another copy of the weights. StandardCheckpointer restores it like any other.
   handler = ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=1)
@@ -421,10 +422,9 @@ def convert_to_orbax(
   projector = _projector_params(raw, source)
   if projector is not None:
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(out_dir, PROJECTOR_SUBDIR), projector, force=overwrite)
+      ckptr.save(out_dir / PROJECTOR_SUBDIR, projector, force=overwrite)
   config = {**model.arch_config(), "scan_blocks": scan_blocks}
-  with open(os.path.join(out_dir, MODEL_CONFIG_FILE), "w") as f:
-    json.dump(config, f, indent=2)
+  (out_dir / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2))
   info = dict(
     source=os.path.abspath(os.fspath(ckpt_path)),
     weights=weights,
@@ -434,9 +434,8 @@ def convert_to_orbax(
     variant=variant,
     repa_projector=projector is not None,
   )
-  with open(os.path.join(out_dir, CONVERSION_INFO_FILE), "w") as f:
-    json.dump(info, f, indent=2)
-  return ckpt_dir
+  (out_dir / CONVERSION_INFO_FILE).write_text(json.dumps(info, indent=2))
+  return str(ckpt_dir)
 
 
 def _projector_params(raw: Mapping[str, Any], source: str) -> dict | None:
@@ -461,8 +460,8 @@ def load_converted_projector(out_dir: str | os.PathLike) -> dict | None:
   """The REPA projector params `convert_to_orbax` stored with the denoiser (NumPy), or None."""
   import orbax.checkpoint as ocp
 
-  path = os.path.join(os.path.abspath(os.fspath(out_dir)), PROJECTOR_SUBDIR)
-  if not os.path.isdir(path):
+  path = storage.path(out_dir) / PROJECTOR_SUBDIR
+  if not path.is_dir():
     return None
   with ocp.StandardCheckpointer() as ckptr:
     return jax.tree.map(np.asarray, ckptr.restore(path))
@@ -480,16 +479,15 @@ def load_converted(
   """
   import orbax.checkpoint as ocp
 
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  config_path = os.path.join(out_dir, MODEL_CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  out_dir = storage.path(out_dir)
+  config_path = out_dir / MODEL_CONFIG_FILE
+  if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} not found: is {out_dir} a converted PixNerd dir?")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   model = PixNerDiT(**config, **model_overrides)
   target = {"params": pixnerd.abstract_params(model)}
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(out_dir, CHECKPOINT_SUBDIR), target)["params"]
+    params = ckptr.restore(out_dir / CHECKPOINT_SUBDIR, target)["params"]
   if scan_blocks is not None and scan_blocks != model.scan_blocks:
     model, params = relayout(params, model, scan_blocks=scan_blocks)
   return model, params
@@ -525,8 +523,7 @@ def cli(argv: list[str]) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"flowseg convert pixnerd: error: {e}", file=sys.stderr)
     return 1
-  with open(os.path.join(args.out, CONVERSION_INFO_FILE)) as f:
-    info = json.load(f)
+  info = json.loads((storage.path(args.out) / CONVERSION_INFO_FILE).read_text())
   print(
     f"Converted {info['num_tensors']} tensors ({info['num_params']:,} parameters, "
     f"{args.weights} weights) from {args.ckpt} to {ckpt_dir}"

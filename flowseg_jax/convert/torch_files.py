@@ -10,6 +10,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from flowseg_jax import storage
+
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux
 
@@ -22,7 +24,7 @@ def read(path: str | os.PathLike, what: str = "checkpoint") -> tuple[Mapping[str
   ~11 GB); legacy (non-zip) files are read whole. Safetensors come as torch tensors when torch is
   installed (bf16 needs it), else as NumPy arrays. `what` names the file in errors.
   """
-  path = os.fspath(path)
+  path = storage.local_only(path, what, "torch files are memory-mapped")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what} {path!r} does not exist.")
   if path.endswith(".safetensors"):

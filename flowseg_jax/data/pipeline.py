@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
+from flowseg_jax import storage
 from flowseg_jax.data import classes, prompted, refcoco, refcoco_source, sources, synthetic
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
@@ -173,6 +174,8 @@ def _refcoco_config(cfg):
       "config.input.dataset='refcoco' needs config.input.refcoco.refs_json, .instances_json and "
       ".image_dir (see configs/rlfseg/refcoco.py)"
     )
+  for key in ("refs_json", "instances_json", "image_dir"):
+    storage.local_only(r[key], f"config.input.refcoco.{key}", "RefCOCO is read from a local disk")
   return r
 
 
@@ -208,6 +211,12 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
   if name in ("ade20k", "coco_stuff"):
     if not cfg.data_dir:
       raise ValueError(f"config.input.data_dir must point at the {name} dataset root.")
+    storage.local_only(
+      cfg.data_dir,
+      "config.input.data_dir",
+      f"raw {name} folders are read file by file; for object storage prepare the dataset as "
+      f"config.input.dataset='tfds_{name}' (ArrayRecord)",
+    )
     if name == "ade20k":
       src = sources.ade20k_source(cfg.data_dir, split, on_bad_example=on_bad)
     else:

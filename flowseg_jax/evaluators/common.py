@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flowseg_jax import storage
 from flowseg_jax.data import pipeline
 from flowseg_jax.run import files
 
@@ -45,11 +45,10 @@ def write_json(workdir: str, name: str, summary: dict) -> str:
   """eval/<name>.json (process 0; other processes write nothing and get '')."""
   if jax.process_index() != 0:
     return ""
-  out_dir = os.path.join(workdir, files.EVAL_DIR)
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}.json")
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
+  out_dir = storage.path(workdir) / files.EVAL_DIR
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = storage.join(workdir, files.EVAL_DIR, f"{name}.json")
+  storage.path(path).write_text(json.dumps(summary, indent=2))
   return path
 
 

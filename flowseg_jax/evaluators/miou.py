@@ -17,13 +17,13 @@ Each image's continuous colours are resized bilinearly to the annotation's size 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
+from flowseg_jax import storage
 from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.evaluators import common
 from flowseg_jax.run import files, progress
@@ -164,12 +164,12 @@ class MiouEvaluator(common.Evaluator):
     if not path:  # not process 0
       return path
     pal = centroids_lib.palette(self.segmenter.task.decode_centroids)
-    pic_dir = os.path.join(workdir, files.PICTURES_DIR, name)
-    os.makedirs(pic_dir, exist_ok=True)
+    pic_dir = storage.path(workdir) / files.PICTURES_DIR / name
+    pic_dir.mkdir(parents=True, exist_ok=True)
     images = {}
     for image_name, image, colours, pred, label in self.pictures:
       panel = picture_panel(image, colours, pred, label, pal)
-      Image.fromarray(panel).save(os.path.join(pic_dir, f"{image_name}.png"))
+      storage.save_image(Image.fromarray(panel), pic_dir / f"{image_name}.png")
       images[f"eval/{image_name}"] = panel[None]
     if writer is not None:
       scalars = {f"eval/{k}": result[k] for k in ("aAcc", "mIoU", "mAcc")}

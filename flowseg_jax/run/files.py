@@ -12,7 +12,6 @@ checkpoints/       orbax steps (checkpointing.py); eval/ and pictures/: evaluati
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flowseg_jax import defaults
+from flowseg_jax import defaults, storage
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -32,10 +31,9 @@ EVAL_DIR = "eval"
 PICTURES_DIR = "pictures"
 
 
-def read_json(path: str) -> dict | None:
+def read_json(path: storage.PathLike) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.path(path).read_text())
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
@@ -55,10 +53,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(
-  workdir: str, config: ml_collections.ConfigDict, limit: int = 8
+  workdir: storage.PathLike, config: ml_collections.ConfigDict, limit: int = 8
 ) -> list[str]:
   """'field: old -> new' for the config fields that differ from workdir/config.json."""
-  old = read_json(os.path.join(workdir, CONFIG_FILE))
+  old = read_json(storage.path(workdir) / CONFIG_FILE)
   if old is None:
     return []
   new = json.loads(config.to_json_best_effort())
@@ -102,28 +100,26 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return _typed_like(data, defaults.get_base_config())
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: storage.PathLike) -> ml_collections.ConfigDict:
   """workdir/config.json (written by training) as a ConfigDict."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.path(path).is_file():
     raise FileNotFoundError(
       f"{path} does not exist: pass --config (or config=) for a workdir that training did not write"
     )
-  with open(path) as f:
-    try:
-      return config_from_json(f.read())
-    except ValueError as e:
-      raise ValueError(f"{path}: {e}") from e
+  try:
+    return config_from_json(storage.path(path).read_text())
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
 
 
 def _is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: storage.PathLike, config: ml_collections.ConfigDict) -> None:
   if _is_writer():
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (storage.path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
 def _logged_step(line: str) -> int | None:
@@ -134,47 +130,40 @@ def _logged_step(line: str) -> int | None:
     return None
 
 
-def truncate_metrics(workdir: str, step: int) -> None:
+def truncate_metrics(workdir: storage.PathLike, step: int) -> None:
   """Drops metrics.jsonl lines of steps after `step` (the work a resume repeats)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not _is_writer() or not os.path.exists(path):
+  path = storage.path(workdir) / METRICS_FILE
+  if not _is_writer() or not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     logged = _logged_step(line)
     if logged is not None and logged <= step:
       kept.append(line)
   if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, "".join(kept))
     logging.info("metrics.jsonl: dropped %d line(s) after step %d.", len(lines) - len(kept), step)
 
 
-def append_metrics(workdir: str, record: dict) -> None:
+def append_metrics(workdir: storage.PathLike, record: dict) -> None:
   if _is_writer():
-    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(storage.path(workdir) / METRICS_FILE, json.dumps(record) + "\n")
 
 
-def write_result(workdir: str, result: dict) -> None:
+def write_result(workdir: storage.PathLike, result: dict) -> None:
   """train_result.json, scalars only, replaced atomically."""
   if not _is_writer():
     return
-  path = os.path.join(workdir, RESULT_FILE)
   scalars = {k: v for k, v in result.items() if np.isscalar(v)}
-  with open(path + ".tmp", "w") as f:
-    json.dump(scalars, f, indent=2)
-  os.replace(path + ".tmp", path)
+  storage.write_atomic(storage.path(workdir) / RESULT_FILE, json.dumps(scalars, indent=2))
 
 
-def finished_result(workdir: str, step: int, total_steps: int) -> dict | None:
+def finished_result(workdir: storage.PathLike, step: int, total_steps: int) -> dict | None:
   """The saved result when the workdir already holds the finished run (step == total_steps)."""
   if step < total_steps:
     return None
-  result = read_json(os.path.join(workdir, RESULT_FILE))
+  result = read_json(storage.path(workdir) / RESULT_FILE)
   if result and result.get("status") == "finished" and result.get("step") == step:
     return result
   return None

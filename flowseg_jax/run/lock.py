@@ -1,11 +1,20 @@
 """One writer per workdir: `workdir/LOCK` names the run holding it (host, pid, start time).
 
-The lock is a file created with O_EXCL, so it also works where advisory locks do not (NFS, FUSE
-mounts of object stores). A second trainer on the workdir stops at once and names the holder. The
-holder of a lock on this host that no longer runs (killed, crashed, the host rebooted) is detected
-from its pid and process start time, and the lock is taken over with a warning; a holder on another
-host cannot be checked from here, so the message says how to release it by hand. In a multi-process
-job process 0 takes the lock for the whole job and tells the others whether it got it.
+Taking the lock is an atomic create-if-absent, so it also works where advisory locks do not:
+  - a local (or NFS, or FUSE-mounted) workdir: the file is created with O_EXCL;
+  - an object store (`gs://`): the object is uploaded with a generation-match precondition
+    (`ifGenerationMatch=0`, gcsfs's `mode="create"`): of two trainers starting at once, GCS lets one
+    upload succeed and answers the other 412 (FileExistsError). The holder record is then read back
+    and must be ours, which also stops the second trainer on a store that ignores the precondition
+    (the stock gcp-storage-emulator does; tests/gcs_emulator.py adds it) unless both write before
+    either reads.
+A second trainer on the workdir stops at once and names the holder. The holder of a lock on this host
+that no longer runs (killed, crashed, the host rebooted) is detected from its pid and process start
+time, and the lock is taken over with a warning. A holder on another host (a pod's earlier job, a
+preempted VM) cannot be checked from here: the error names it and says how to release the lock once
+that job is known to be gone: `rm WORKDIR/LOCK`, or `gcloud storage rm gs://BUCKET/RUN/LOCK` (or
+`gsutil rm ...`) on object storage. In a multi-process job process 0 takes the lock for the whole
+job and tells the others whether it got it.
 """
 
 from __future__ import annotations
@@ -14,12 +23,14 @@ import datetime
 import json
 import os
 import socket
+import uuid
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from flowseg_jax import storage
 from flowseg_jax.run.files import LOCK_FILE
 from flowseg_jax.run.status import RunError
 
@@ -55,11 +66,19 @@ def _describe(holder: dict) -> str:
   return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('start_time')}"
 
 
+def _release_hint(path: str) -> str:
+  if storage.is_url(path):
+    return f"delete it: gcloud storage rm {path} (or gsutil rm {path})"
+  return f"delete {path}"
+
+
 class WorkdirLock:
   """Context manager: holds `workdir/LOCK` for the job (process 0), released on exit."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, workdir: storage.PathLike):
+    self.path = storage.join(os.fspath(workdir), LOCK_FILE)
+    self._file = storage.path(self.path)
+    self._token = uuid.uuid4().hex  # tells our record from another run's with the same pid
     self._held = False
 
   def _record(self) -> dict:
@@ -70,16 +89,21 @@ class WorkdirLock:
       "start_ticks": _process_start_ticks(pid),
       "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "process_count": jax.process_count(),
+      "token": self._token,
     }
 
+  def _read(self) -> dict:
+    return json.loads(self._file.read_text())
+
   def _try_create(self) -> bool:
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    if not storage.create_new(self.path, json.dumps(self._record()).encode()):
       return False
-    with os.fdopen(fd, "w") as f:
-      json.dump(self._record(), f)
-    return True
+    if not storage.is_url(self.path):
+      return True
+    try:  # ours, also on a store that ignores the precondition (unless both wrote before reading)
+      return self._read().get("token") == self._token
+    except (OSError, ValueError):
+      return False
 
   def _acquire_local(self) -> str | None:
     """Takes the lock; returns None, or the reason it is held by someone else."""
@@ -87,8 +111,7 @@ class WorkdirLock:
       if self._try_create():
         return None
       try:
-        with open(self.path) as f:
-          holder = json.load(f)
+        holder = self._read()
       except FileNotFoundError:
         continue
       except (OSError, ValueError):
@@ -96,7 +119,8 @@ class WorkdirLock:
       if holder and (holder.get("host") != socket.gethostname() or _alive(holder)):
         return (
           f"workdir {os.path.dirname(self.path)} is in use by another run ({_describe(holder)}). "
-          f"Wait for it, stop it, or use another --workdir; if that run is gone, delete {self.path}."
+          f"Wait for it, stop it, or use another --workdir; if that run is gone, "
+          f"{_release_hint(self.path)}."
         )
       logging.warning(
         "Taking over the stale lock %s of a run that no longer runs (%s).",
@@ -104,7 +128,7 @@ class WorkdirLock:
         _describe(holder) if holder else "unreadable lock file",
       )
       try:
-        os.remove(self.path)
+        self._file.unlink()
       except FileNotFoundError:
         pass
     return f"could not take the lock {self.path} (it keeps changing: another run is starting?)"
@@ -123,10 +147,9 @@ class WorkdirLock:
   def __exit__(self, *exc) -> None:
     if self._held:
       try:
-        with open(self.path) as f:
-          mine = json.load(f).get("pid") == os.getpid()
+        mine = self._read().get("token") == self._token
       except (OSError, ValueError):
         mine = False
       if mine:
-        os.remove(self.path)
+        self._file.unlink()
       self._held = False

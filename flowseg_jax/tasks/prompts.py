@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flowseg_jax import storage
 
 CACHE_FORMAT = 1
 TEXT_LENGTH = 128
@@ -68,7 +71,7 @@ class TextEncoder:
 
     from flowseg_jax.convert import qwen3 as convert_qwen3
 
-    path = os.fspath(path)
+    path = storage.local_only(path, "text encoder folder", "its safetensors are memory-mapped")
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
       raise FileNotFoundError(f"{tok_path} not found (the `tokenizers` file of the encoder).")
@@ -157,7 +160,7 @@ def cache_key(prompts: Sequence[str], identity: str, max_length: int, embed_dim:
 
 
 def cache_path(cache_dir: str | os.PathLike, key: str) -> str:
-  return os.path.join(os.fspath(cache_dir), f"prompts-{key[:24]}.npz")
+  return storage.join(os.fspath(cache_dir), f"prompts-{key[:24]}.npz")
 
 
 def save_prompt_cache(
@@ -169,7 +172,7 @@ def save_prompt_cache(
   identity: str,
   storage_dtype: str = "float32",
 ) -> None:
-  """Writes the cache atomically (temporary file, then rename)."""
+  """Writes the cache atomically (storage.write_atomic: local or e.g. gs://)."""
   if storage_dtype not in STORAGE_DTYPES:
     raise ValueError(f"storage_dtype={storage_dtype!r}; expected one of {STORAGE_DTYPES}.")
   n, length, dim = embeddings.shape
@@ -188,17 +191,16 @@ def save_prompt_cache(
     embed_dim=dim,
     storage_dtype=storage_dtype,
   )
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
+  storage.path(path).parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
   np.savez(
-    tmp,
+    buffer,
     embeddings=stored,
     mask=mask.astype(np.int8),
     prompts=np.asarray(list(prompts), dtype=str),
     meta=np.asarray(json.dumps(meta)),
   )
-  os.replace(tmp, path)
+  storage.write_atomic(path, buffer.getvalue())
 
 
 def load_prompt_cache(
@@ -218,9 +220,9 @@ def load_prompt_cache(
     StalePromptCacheError: the file was made for other prompts / encoder / shapes.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"Prompt cache {path} does not exist.")
-  with np.load(path, allow_pickle=False) as f:
+  with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as f:
     meta = json.loads(str(f["meta"]))
     stored, mask, cached = (
       f["embeddings"],
@@ -269,7 +271,7 @@ def cached_prompt_embeddings(
   expect = dict(
     identity=encoder.identity, max_length=encoder.max_length, embed_dim=encoder.embed_dim
   )
-  if os.path.isfile(path):
+  if storage.path(path).is_file():
     embeddings, mask, _ = load_prompt_cache(path, prompts, **expect)
     return embeddings, mask
   embeddings, mask = encoder(prompts)
