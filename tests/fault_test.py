@@ -340,15 +340,21 @@ def test_failed_checkpoint_write_stops_the_run_with_one_line(tmp_path, async_sav
   assert proc.returncode == 1, proc.stderr[-3000:]
   # orbax's writer threads may still print while the line is written: find it, not the last line
   lines = re.findall(r"flowseg train: [^\n]*", proc.stderr)
+  # The limit is per file: how tensorstore batches a checkpoint's arrays into data files depends on
+  # the timing of its writes, so under load step 2's files may all stay under 1 MiB and step 4's
+  # write is the first to fail. Either way: one line naming the step, the folder and the OS error.
   want = (
-    f"checkpoint of step 2 could not be written to {workdir}/checkpoints: [Errno 27] File too large"
+    rf"checkpoint of step (2|4) could not be written to {re.escape(workdir)}/checkpoints: "
+    r"\[Errno 27\] File too large"
   )
-  assert lines == [f"flowseg train: {want}"], proc.stderr[-3000:]
+  assert len(lines) == 1 and re.fullmatch(f"flowseg train: {want}", lines[0]), proc.stderr[-3000:]
+  failed_step = int(re.search(r"step (\d+)", lines[0]).group(1))
   # tensorstore's callbacks into orbax's closed event loop print tracebacks: none reaches the user
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
   with open(os.path.join(workdir, "train_result.json")) as f:
     assert json.load(f)["status"] == "failed"
-  assert max(steps_logged(workdir)) <= (4 if async_save else 2)  # stopped at the failing save
+  # stopped at the failing save (an asynchronous one is noticed at the next step's check)
+  assert max(steps_logged(workdir)) <= failed_step + (2 if async_save else 0)
   # Space freed (no limit): the same command resumes and finishes.
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
