@@ -173,7 +173,9 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   files.truncate_metrics(workdir, start_step)
   logging.info("Starting at step %d (%s), data position %d.", start_step, origin, position)
   if setup.teacher_params is not None:
-    setup.teacher_params = jax.device_put(setup.teacher_params, sharding.replicated(mesh))
+    # From each process's own copy: a device_put onto a mesh spanning processes is a cross-host
+    # transfer, which the CPU and GPU runtimes refuse.
+    setup.teacher_params = sharding.place_host_tree(setup.teacher_params, sharding.replicated(mesh))
 
   step_fn = compile_train_step(setup, mesh, state_shardings)
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
