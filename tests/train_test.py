@@ -172,9 +172,12 @@ def _final_params(config, workdir):
   return step, [np.asarray(x).tobytes() for x in jax.tree.leaves(state.params)]
 
 
-def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
-  """SIGTERM during step 2 (as a preemption notice would arrive): step 2 finishes, is checkpointed,
-  and training returns early with a restorable checkpoint."""
+@pytest.mark.parametrize(
+  "signum, status", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")]
+)
+def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch, signum, status):
+  """SIGTERM during step 2 (as a preemption notice would arrive), or Ctrl-C: step 2 finishes, is
+  checkpointed, and training returns early with a restorable checkpoint and its status."""
   config = tiny_config(ckpt_every_steps=100)
   real = sharding.shard_batch
   calls = []
@@ -182,14 +185,14 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
   def shard_and_signal(batch, mesh):
     calls.append(1)
     if len(calls) == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return real(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_batch", shard_and_signal)
   result = train.train_and_evaluate(config, str(tmp_path))
-  assert result["step"] == 2 and result["status"] == "preempted"  # stopped early, cleanly
+  assert result["step"] == 2 and result["status"] == status  # stopped early, cleanly
   with open(tmp_path / "train_result.json") as f:
-    assert json.load(f)["status"] == "preempted"
+    assert json.load(f)["status"] == status
   step, _ = _final_params(config, str(tmp_path))
   assert step == 2
 
