@@ -203,9 +203,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     )
   if command != "train":
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  p.add_argument(
-    "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
-  )
+  from flowseg_jax.run import hosts
+
+  hosts.add_flags(p)
   return p
 
 
@@ -243,10 +243,12 @@ def _run_command(command: str, argv: list[str]) -> int:
       raise UsageError(str(e)) from e
   config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")
   _setup_logging()
-  import jax
+  from flowseg_jax.run import hosts
 
-  if args.distributed:
-    jax.distributed.initialize()
+  try:
+    hosts.initialize(args)
+  except hosts.LaunchError as e:
+    raise UsageError(str(e)) from e
   if command == "train":
     return train_command(config, args.workdir)
   if command == "evaluate":
