@@ -8,7 +8,8 @@ flowseg convert  dinov2  --ckpt FILE --out DIR
 
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
-`flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
+`flowseg train` exits 0 when finished, 75 when preempted and 130 when interrupted by Ctrl-C (both
+checkpointed; rerun to continue), 1 on a
 fault (one message naming it); see run/status.py and README "Fault tolerance".
 """
 

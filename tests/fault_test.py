@@ -363,7 +363,7 @@ def test_consecutive_skipped_updates_stop_the_run(tmp_path, monkeypatch):
 def test_cli_exit_status_follows_the_run_status(monkeypatch, capsys):
   from flowseg_jax import main
 
-  for status, code in [("finished", 0), ("preempted", 75)]:
+  for status, code in [("finished", 0), ("preempted", 75), ("interrupted", 130)]:
     monkeypatch.setattr(
       train, "train_and_evaluate", lambda config, workdir, s=status: {"status": s}
     )

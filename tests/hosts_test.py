@@ -254,6 +254,16 @@ with np.load(spec["images"]) as z:
 mine = [(i, images[i], None) for i in range(jax.process_index(), len(images), jax.process_count())]
 labels = {str(k): lab for k, _, lab, _ in seg.segment_stream(mine, len(mine))}
 np.savez(f"{spec['out']}.{jax.process_index()}.npz", **labels)
+
+def unreadable():  # process 1 cannot read its second image
+  yield mine[0]
+  raise OSError("image 99 cannot be read (process 1 only)")
+
+try:
+  list(seg.segment_stream(unreadable() if jax.process_index() else iter(mine), 2))
+except Exception as e:
+  with open(f"{spec['out']}.{jax.process_index()}.error", "w") as f:
+    f.write(f"{type(e).__name__}: {e}")
 sys.exit(code)
 """
 
@@ -262,7 +272,7 @@ def test_evaluate_and_segmenter_on_two_processes_equal_one(trained, tmp_path):
   """`flowseg evaluate --distributed` on 2 processes (FSDP over both) writes the metrics of the
   1-process evaluation; a Segmenter over the 2-process mesh, each process segmenting its own images
   (of different sizes, so the processes have different numbers of windows), returns the 1-process
-  label maps."""
+  label maps. An error reading one process's image then reaches both processes."""
   workdir, one = trained
   two_dir = str(tmp_path / "run")
   shutil.copytree(workdir, two_dir)
@@ -289,3 +299,8 @@ def test_evaluate_and_segmenter_on_two_processes_equal_one(trained, tmp_path):
   assert sorted(got) == [0, 1, 2]
   for k, labels in enumerate(want):
     np.testing.assert_array_equal(got[k], labels)
+  errors = [(tmp_path / f"labels.{i}.error").read_text() for i in range(2)]
+  assert errors == [
+    "PeerError: process 1 of 2 stopped the run: OSError: image 99 cannot be read (process 1 only)",
+    "OSError: image 99 cannot be read (process 1 only)",
+  ]

@@ -95,13 +95,14 @@ class Agreement:
       if self._error is None:
         self._error = e
 
-  def agree(self, stop: int = 0) -> int:
-    """The agreed stop code (the largest over processes; 0: go on). Raises on every process when
-    any process holds an error: the lowest failing process's error, the same message everywhere."""
+  def agree(self, value: int = 0) -> int:
+    """The largest `value` over processes (the trainer's: a stop code, 0 to go on). Raises on every
+    process when any process holds an error: the lowest failing process's error, the same message
+    everywhere."""
     if not self.multi_process:
-      return int(stop)
+      return int(value)
     error, self._error = self._error, None
-    mine = f"{int(stop)}|{describe(error)[:MESSAGE_CHARS] if error is not None else ''}"
+    mine = f"{int(value)}|{describe(error)[:MESSAGE_CHARS] if error is not None else ''}"
     answers = self._exchange(mine)
     failed = [(i, text) for i, (_, text) in enumerate(answers) if text]
     if failed:
