@@ -9,8 +9,8 @@ flowseg convert  dinov2  --ckpt FILE --out DIR
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
 `flowseg train` exits 0 when finished, 75 when preempted and 130 when interrupted by Ctrl-C (both
-checkpointed; rerun to continue), 1 on a
-fault (one message naming it); see run/status.py and README "Fault tolerance".
+checkpointed; rerun to continue), 1 on a fault (one message naming it); see run/status.py and README
+"Fault tolerance".
 """
 
 from __future__ import annotations
@@ -305,6 +305,12 @@ def train_command(config, workdir: str) -> int:
     sys.stderr.write(f"flowseg train: {e}\n")
     sys.stderr.flush()
     return run_status.EXIT_STATUS[run_status.FAILED]
+  except KeyboardInterrupt:  # Ctrl-C before the loop started, or a second one: no checkpoint
+    sys.stderr.write(
+      "flowseg train: interrupted before a checkpoint could be written; rerun to resume from the "
+      "last one\n"
+    )
+    return run_status.EXIT_STATUS[run_status.INTERRUPTED]
   return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
 
 

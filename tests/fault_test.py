@@ -381,6 +381,13 @@ def test_cli_exit_status_follows_the_run_status(monkeypatch, capsys):
     == "flowseg train: checkpoint of step 2 could not be written to /x: disk\n"
   )
 
+  def interrupt(config, workdir):  # Ctrl-C before the loop, or a second one inside it
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, "train_and_evaluate", interrupt)
+  assert main.train_command(None, "/nowhere") == 130
+  assert capsys.readouterr().err.count("\n") == 1
+
 
 @pytest.mark.slow
 def test_preempted_and_finished_runs_exit_differently(tmp_path):
