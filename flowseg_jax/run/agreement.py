@@ -16,11 +16,12 @@ step, a checkpoint save, an evaluation), because a process that failed cannot jo
 The trainer calls `agree` once per step before dispatching it, at log steps, and before an
 evaluation. The exchange goes through jax.distributed's coordination service (each process sets its
 key, a barrier, one directory read): host RPCs that do not wait for the device, so the host still
-runs ahead of it. A device collective (`process_allgather`) was measured first and rejected: it
-queues behind the previous step, so the host waited for every step (2 processes x 4 CPU devices, tiny
-config: 690-840 ms per step against 350-380 ms without). The store's round trip is about 1 ms on
-localhost (16-20 ms on a loaded 2-core machine, most of it the two processes arriving apart), and no
-slower per step than no agreement at all within that machine's noise. One process: nothing at all.
+runs ahead of it. A device collective (`process_allgather`) was tried first and rejected: it
+queues behind the previous step, so each call blocked the host for a whole device step (2 processes x
+4 CPU devices, tiny config: 670-830 ms median inside the call, against 16-20 ms for the store on the
+same loaded 2-core machine, most of it the two processes arriving apart; about 1 ms alone). End to
+end, 50 steps with the store took 998 ms per step against 1038 ms with no agreement at all: no cost
+measurable within that machine's noise. One process: nothing at all.
 
 A process that dies outright (killed, out of memory) never reaches the agreement point: the others
 wait in it until jax.distributed's heartbeat notices the missing peer (heartbeat_timeout_seconds,
