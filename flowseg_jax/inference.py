@@ -31,13 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import checkpointing, sampling, sharding, storage, tasks
 from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.run import files
+from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
 
 MODES = ("whole", "slide")
@@ -174,12 +174,6 @@ def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[
   size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
   image = transforms.normalize_image(transforms.resize_image(rgb, size))
   return image, list(slide_windows(*size, crop, stride))
-
-
-def _global_max(value: int) -> int:
-  if jax.process_count() == 1:
-    return value
-  return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -333,23 +327,27 @@ class Segmenter:
     labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
-    device calls is agreed over processes.
+    device calls is agreed over processes, and so is an error reading or preparing one process's
+    items: every process raises it (run.agreement) instead of the others waiting in the sampler.
     """
+    agreement = Agreement()
     mode = self.config.eval.mode if mode is None else mode
     fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps, adaptive))
     local_batch = self.batch_per_device * self.mesh.local_mesh.size
     chunk = 8 * local_batch  # images prepared at a time: bounded host memory
-    num_chunks = _global_max(-(-num_items // chunk))
+    num_chunks = agreement.agree(-(-num_items // chunk))  # the largest over processes
     items = iter(items)
     crop = tuple(int(s) for s in self.config.input.image_size)
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
-        group = [
-          (key, rgb, self.task.condition_of(prompt), *network_input(rgb, self.config, mode))
-          for key, rgb, prompt in _take(items, chunk)
-        ]
-        windows = [(g, y0, x0) for g, (*_, corners) in enumerate(group) for y0, x0 in corners]
-        num_batches = _global_max(-(-len(windows) // local_batch))
+        group, windows = [], []
+        with agreement.hold():
+          group = [
+            (key, rgb, self.task.condition_of(prompt), *network_input(rgb, self.config, mode))
+            for key, rgb, prompt in _take(items, chunk)
+          ]
+          windows = [(g, y0, x0) for g, (*_, corners) in enumerate(group) for y0, x0 in corners]
+        num_batches = agreement.agree(-(-len(windows) // local_batch))
         sums = [np.zeros(x.shape, np.float32) for _, _, _, x, _ in group]
         counts = [np.zeros(x.shape[:2], np.float32) for _, _, _, x, _ in group]
         dts = np.zeros(len(group), np.float64)

@@ -8,8 +8,9 @@ flowseg convert  dinov2  --ckpt FILE --out DIR
 
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
-`flowseg train` exits 0 when finished, 75 when preempted (checkpointed; rerun to continue), 1 on a
-fault (one message naming it); see run/status.py and README "Fault tolerance".
+`flowseg train` exits 0 when finished, 75 when preempted and 130 when interrupted by Ctrl-C (both
+checkpointed; rerun to continue), 1 on a fault (one message naming it); see run/status.py and README
+"Fault tolerance".
 """
 
 from __future__ import annotations
@@ -206,9 +207,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
     )
   if command != "train":
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  p.add_argument(
-    "--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)"
-  )
+  from flowseg_jax.run import hosts
+
+  hosts.add_flags(p)
   return p
 
 
@@ -224,10 +225,12 @@ def _run_command(command: str, argv: list[str]) -> int:
     except FileNotFoundError as e:
       raise UsageError(str(e)) from e
   config = load_config(args.config, args.workdir, overrides, from_workdir=command != "train")
-  import jax
+  from flowseg_jax.run import hosts
 
-  if args.distributed:
-    jax.distributed.initialize()
+  try:
+    hosts.initialize(args)
+  except hosts.LaunchError as e:
+    raise UsageError(str(e)) from e
   if command == "train":
     return train_command(config, args.workdir)
   if command == "evaluate":
@@ -286,6 +289,12 @@ def train_command(config, workdir: str) -> int:
     sys.stderr.write(f"flowseg train: {e}\n")
     sys.stderr.flush()
     return run_status.EXIT_STATUS[run_status.FAILED]
+  except KeyboardInterrupt:  # Ctrl-C before the loop started, or a second one: no checkpoint
+    sys.stderr.write(
+      "flowseg train: interrupted before a checkpoint could be written; rerun to resume from the "
+      "last one\n"
+    )
+    return run_status.EXIT_STATUS[run_status.INTERRUPTED]
   return run_status.EXIT_STATUS[result.get("status", run_status.FINISHED)]
 
 

@@ -148,6 +148,25 @@ def shard_batch(batch: dict, mesh) -> dict:
   }
 
 
+def place_host_tree(tree, shardings):
+  """Arrays of a host-side copy (NumPy, or jax.Arrays on this process's devices) -> global arrays
+  with `shardings` (one sharding for every leaf, or a matching tree of them).
+
+  Each process fills its own devices from its own copy: no cross-host transfer (`jax.device_put` of
+  a committed array onto a mesh spanning several processes is refused) and no comparison between
+  processes (`device_put` of a NumPy array gathers it from every process to check equality). Every
+  process must therefore hold the same values, e.g. because all read the same files.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def place(x, s):
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  return jax.tree.map(place, tree, shardings)
+
+
 def assert_sufficiently_sharded(params, shardings, mesh, *, min_bytes: int = 4 * 2**20) -> None:
   """Fails when FSDP is on but a parameter of >= min_bytes is fully replicated (a missing rule)."""
   if mesh.shape["fsdp"] == 1:

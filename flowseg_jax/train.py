@@ -14,8 +14,9 @@ from clu import parameter_overview
 
 from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, storage, train_state
 from flowseg_jax.data import pipeline, sources
-from flowseg_jax.run import files, writers
+from flowseg_jax.run import files, hosts, writers
 from flowseg_jax.run import status as run_status
+from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.lock import WorkdirLock
 from flowseg_jax.run.progress import Progress
 from flowseg_jax.run.status import RunError
@@ -26,27 +27,44 @@ from flowseg_jax.train_step import TrainSetup, check_batch_fits_mesh, compile_tr
 # ------------------------------------------------------------------------------------------------
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop checkpoints and exits cleanly at the next step."""
+class _StopSignals:
+  """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop at its
+  next agreement point; `code` is the request (run.status.STOP_CODES), agreed over processes by the
+  loop. A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint).
+
+  The Python SIGTERM handler replaces the notifier JAX's preemption sync manager installs; the loop
+  still asks orbax (`reached_preemption`) for notices JAX receives in other ways, and that answer is
+  agreed by JAX itself."""
+
+  _SIGNALS = {signal.SIGTERM: run_status.PREEMPTED, signal.SIGINT: run_status.INTERRUPTED}
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.code = 0
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): rely on orbax's check
-      self._previous = None
+    for signum in self._SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): rely on orbax's check
+        pass
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: checkpointing and exiting at the next step.")
-    self.requested = True
+    status = self._SIGNALS[signum]
+    if signum == signal.SIGINT and self.code == run_status.STOP_CODES[run_status.INTERRUPTED]:
+      raise KeyboardInterrupt
+    logging.warning(
+      "%s received: checkpointing and exiting at the next step (status %s).",
+      signal.Signals(signum).name,
+      status,
+    )
+    self.code = max(self.code, run_status.STOP_CODES[status])
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 class NonFiniteError(RunError):
@@ -95,18 +113,22 @@ def _data_iterator_for(config, global_batch: int):
   return make
 
 
-def _check_eval_data(config) -> None:
+def _check_eval_data(config, agreement: Agreement) -> None:
   """Every evaluation example is read once before step 1: bad ones stop the run now ('raise') or
-  are counted and skipped ('skip'), not at the first evaluation hours later."""
+  are counted and skipped ('skip'), not at the first evaluation hours later. Each process reads
+  its own share; a bad one stops every process."""
   if not config.eval_every_steps:
     return
-  try:
-    bad = pipeline.check_eval_examples(config.input)
-  except sources.BadExampleError as e:
-    raise EvalDataError(
-      f"evaluation data: {e} (found before training; fix the example, or set "
-      "config.input.on_bad_example='skip' to leave bad examples out of the evaluation)"
-    ) from None
+  bad = 0
+  with agreement.hold():
+    try:
+      bad = pipeline.check_eval_examples(config.input)
+    except sources.BadExampleError as e:
+      raise EvalDataError(
+        f"evaluation data: {e} (found before training; fix the example, or set "
+        "config.input.on_bad_example='skip' to leave bad examples out of the evaluation)"
+      ) from None
+  agreement.agree()
   if bad:
     logging.warning("%d bad evaluation example(s) will be skipped (counted in eval results).", bad)
 
@@ -115,24 +137,40 @@ class EvalDataError(RunError):
   """An evaluation example cannot be used."""
 
 
+class TrainDataError(RunError):
+  """A training example cannot be used."""
+
+
+def _next_batch(data_iter) -> dict:
+  try:
+    return next(data_iter)
+  except sources.BadExampleError as e:
+    raise TrainDataError(
+      f"training data: {e} (fix the example, or set config.input.on_bad_example='skip' to leave "
+      "bad examples out; the run resumes from its last checkpoint)"
+    ) from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from workdir if it holds checkpoints), evaluates, and returns the last metrics.
 
   The result's "status" is run_status.FINISHED or PREEMPTED (also in workdir/train_result.json);
   faults raise a run_status.RunError with a one-line (or few-line) explanation.
   """
+  hosts.check_inputs(config)  # every host sees the data and weights, before anything reads them
   try:  # every check that needs no workdir runs before one is created
     setup = TrainSetup(config)
     mesh = sharding.mesh_from_config(config.mesh)
     check_batch_fits_mesh(config, mesh)
   except ValueError as e:
     raise run_status.ConfigError(str(e)) from None
-  storage.path(workdir).mkdir(parents=True, exist_ok=True)
+  hosts.share_workdir(str(storage.path(workdir)))  # created by process 0, seen by every host
   with WorkdirLock(workdir):
     return _train_locked(config, workdir, setup, mesh)
 
 
 def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
+  agreement = Agreement()
   rules = sharding.rules_from_config(config.sharding_rules)
   logging.info(
     "Mesh %s over %d devices, %d process(es).",
@@ -161,12 +199,12 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
       manager.close()
       logging.info("%s already finished at step %d: nothing to do.", workdir, start_step)
       return done
-    _check_eval_data(config)
+    _check_eval_data(config, agreement)
     origin = "workdir"
     position = int(meta.get("data_position", start_step * global_batch))
     data_start = data_iter.get_state()["input"]["start"]
   else:
-    _check_eval_data(config)
+    _check_eval_data(config, agreement)
     state, origin = train_state.initialise(setup, mesh, rules, state_shardings)
     data_iter = make_data_iter({})
     start_step, position, data_start = 0, 0, 0
@@ -175,7 +213,9 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
   files.truncate_metrics(workdir, start_step)
   logging.info("Starting at step %d (%s), data position %d.", start_step, origin, position)
   if setup.teacher_params is not None:
-    setup.teacher_params = jax.device_put(setup.teacher_params, sharding.replicated(mesh))
+    # From each process's own copy: a device_put onto a mesh spanning processes is a cross-host
+    # transfer, which the CPU and GPU runtimes refuse.
+    setup.teacher_params = sharding.place_host_tree(setup.teacher_params, sharding.replicated(mesh))
 
   step_fn = compile_train_step(setup, mesh, state_shardings)
   writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
@@ -199,27 +239,34 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     # does, a rerun resumes after this step rather than repeating it.
     if step not in manager.all_steps():
       save()
-    checkpointing.check_saved(manager, wait=True)
+    with agreement.hold():
+      checkpointing.check_saved(manager, wait=True)
+    agreement.agree()  # a failed write on any process stops all before the evaluation's collectives
     params = (state.ema_params if config.eval.use_ema else state.params)["denoiser"]
     result = evaluate.evaluate_params(
       config, setup.task, params, mesh, workdir=workdir, step=step, writer=writer
     )
-    checkpointing.record_metrics(
-      manager, step, {checkpointing.BEST_METRIC: result[setup.task.best_metric]}
-    )
+    with agreement.hold():
+      checkpointing.record_metrics(
+        manager, step, {checkpointing.BEST_METRIC: result[setup.task.best_metric]}
+      )
     return result
 
   try:
     with (
-      _Preemption() as preemption,
+      _StopSignals() as signals,
       writers.ensure_flushes(writer),
       jax.set_mesh(mesh),
       nn.logical_axis_rules(rules),
     ):
       while step < config.total_steps:
-        checkpointing.check_saved(manager)  # a failed asynchronous save stops the run here
+        with agreement.hold():  # this process's host work; on many processes a failure is agreed
+          checkpointing.check_saved(manager)  # a failed asynchronous save stops the run here
+          local = _next_batch(data_iter)
+        # Once per step, before the step's collectives: any process's error stops all of them
+        # here, and a stop request seen by any process stops all after this same step.
+        stop_code = agreement.agree(signals.code)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          local = next(data_iter)
           skipped_examples += int(local.pop("num_skipped", 0))
           batch = sharding.shard_batch(local, mesh)
           state, metrics = step_fn(state, batch, setup.teacher_params)
@@ -229,32 +276,40 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
         progress.update()
 
         if step % config.log_every_steps == 0 or step == config.total_steps:
-          summary, skipped_flags = _fetch_window(history)
-          history = []
-          summary["skipped_examples"] = skipped_examples
-          if not np.isfinite(summary["loss"]):
-            logging.warning(
-              "Non-finite mean loss at step %d (updates skipped: %d).", step, summary["skipped"]
-            )
-          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-          files.append_metrics(workdir, {"step": step, **summary})
-          skip_watch.update(skipped_flags, step)
+          with agreement.hold():
+            summary, skipped_flags = _fetch_window(history)
+            history = []
+            summary["skipped_examples"] = skipped_examples
+            if not np.isfinite(summary["loss"]):
+              logging.warning(
+                "Non-finite mean loss at step %d (updates skipped: %d).", step, summary["skipped"]
+              )
+            writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+            files.append_metrics(workdir, {"step": step, **summary})
+            skip_watch.update(skipped_flags, step)
+          stop_code = max(stop_code, agreement.agree(signals.code))
 
+        if not agreement.multi_process:  # nothing to agree: act on a signal after this step
+          stop_code = max(stop_code, signals.code)
         is_last = step == config.total_steps
-        stop = preemption.requested or manager.reached_preemption(step)
+        if not stop_code and manager.reached_preemption(step):  # agreed by JAX itself
+          stop_code = run_status.STOP_CODES[run_status.PREEMPTED]
         eval_due = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
-        if step % config.ckpt_every_steps == 0 or is_last or stop:
-          save()
-        if stop and (eval_due or not is_last):  # no evaluation in a preemption's grace period
-          logging.warning("Preempted at step %d: checkpoint written, exiting.", step)
-          status = run_status.PREEMPTED
+        if step % config.ckpt_every_steps == 0 or is_last or stop_code:
+          with agreement.hold():
+            save()
+        if stop_code and (eval_due or not is_last):  # no evaluation in a preemption's grace period
+          status = run_status.STOP_STATUS[stop_code]
+          logging.warning("Stopped (%s) at step %d: checkpoint written, exiting.", status, step)
           break
         if eval_due:
           last_eval = evaluate_now()
       final_eval_missing = config.eval_every_steps and not last_eval
       if status == run_status.FINISHED and step == config.total_steps and final_eval_missing:
         last_eval = evaluate_now()  # the final checkpoint was written, its evaluation was not
-    checkpointing.check_saved(manager, wait=True)
+    with agreement.hold():
+      checkpointing.check_saved(manager, wait=True)
+    agreement.agree()  # every process ends with the same status
   except run_status.RunError as e:
     if not isinstance(e, checkpoint_faults.CheckpointWriteError):
       _close_quietly(manager)

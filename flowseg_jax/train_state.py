@@ -115,18 +115,16 @@ def initialise(setup, mesh, rules, shardings):
     return state.replace(params=params, ema_params=ema), f"init_from:{step}"
   if config.model_init:
     denoiser = load_pretrained_denoiser(setup, config.model_init)
-    placed = jax.device_put(denoiser, shardings.params["denoiser"])
-    params = {**state.params, "denoiser": placed}
-    # A separate copy: params and EMA are donated to the train step as distinct buffers.
-    ema = {
-      **state.ema_params,
-      "denoiser": jax.device_put(denoiser, shardings.ema_params["denoiser"]),
-    }
+    # Placed from this process's copy (no cross-host transfer); params and EMA are separate
+    # copies because the train step donates them as distinct buffers.
+    place = sharding.place_host_tree
+    params = {**state.params, "denoiser": place(denoiser, shardings.params["denoiser"])}
+    ema = {**state.ema_params, "denoiser": place(denoiser, shardings.ema_params["denoiser"])}
     logging.info("Initialised the denoiser from %s.", config.model_init)
     projector = load_pretrained_projector(setup, config.model_init, state.params)
     if projector is not None:
-      params["projector"] = jax.device_put(projector, shardings.params["projector"])
-      ema["projector"] = jax.device_put(projector, shardings.ema_params["projector"])
+      params["projector"] = place(projector, shardings.params["projector"])
+      ema["projector"] = place(projector, shardings.ema_params["projector"])
     return state.replace(params=params, ema_params=ema), "model_init"
   return state, "scratch"
 

@@ -381,7 +381,7 @@ def test_consecutive_skipped_updates_stop_the_run(tmp_path, monkeypatch):
 def test_cli_exit_status_follows_the_run_status(monkeypatch, capsys):
   from flowseg_jax import main
 
-  for status, code in [("finished", 0), ("preempted", 75)]:
+  for status, code in [("finished", 0), ("preempted", 75), ("interrupted", 130)]:
     monkeypatch.setattr(
       train, "train_and_evaluate", lambda config, workdir, s=status: {"status": s}
     )
@@ -398,6 +398,13 @@ def test_cli_exit_status_follows_the_run_status(monkeypatch, capsys):
     capsys.readouterr().err
     == "flowseg train: checkpoint of step 2 could not be written to /x: disk\n"
   )
+
+  def interrupt(config, workdir):  # Ctrl-C before the loop, or a second one inside it
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, "train_and_evaluate", interrupt)
+  assert main.train_command(None, "/nowhere") == 130
+  assert capsys.readouterr().err.count("\n") == 1
 
 
 @pytest.mark.slow

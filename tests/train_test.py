@@ -172,9 +172,12 @@ def _final_params(config, workdir):
   return step, [np.asarray(x).tobytes() for x in jax.tree.leaves(state.params)]
 
 
-def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
-  """SIGTERM during step 2 (as a preemption notice would arrive): step 2 finishes, is checkpointed,
-  and training returns early with a restorable checkpoint."""
+@pytest.mark.parametrize(
+  "signum, status", [(signal.SIGTERM, "preempted"), (signal.SIGINT, "interrupted")]
+)
+def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch, signum, status):
+  """SIGTERM during step 2 (as a preemption notice would arrive), or Ctrl-C: step 2 finishes, is
+  checkpointed, and training returns early with a restorable checkpoint and its status."""
   config = tiny_config(ckpt_every_steps=100)
   real = sharding.shard_batch
   calls = []
@@ -182,14 +185,14 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
   def shard_and_signal(batch, mesh):
     calls.append(1)
     if len(calls) == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signum)
     return real(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_batch", shard_and_signal)
   result = train.train_and_evaluate(config, str(tmp_path))
-  assert result["step"] == 2 and result["status"] == "preempted"  # stopped early, cleanly
+  assert result["step"] == 2 and result["status"] == status  # stopped early, cleanly
   with open(tmp_path / "train_result.json") as f:
-    assert json.load(f)["status"] == "preempted"
+    assert json.load(f)["status"] == status
   step, _ = _final_params(config, str(tmp_path))
   assert step == 2
 
@@ -277,14 +280,26 @@ train.train_and_evaluate(config, sys.argv[3])
 """
 
 
+def tiny_teacher(directory) -> dict:
+  """Saves a random tiny DINOv2 as a converted REPA teacher; returns the overrides that use it."""
+  from flowseg_jax.convert import dinov2 as dinov2_convert
+  from flowseg_jax.models import dinov2
+
+  teacher = dinov2.make_model("tiny/14")
+  params = nn.unbox(teacher.init(jax.random.key(3), np.zeros((1, 28, 28, 3), np.float32))["params"])
+  dinov2_convert.save_orbax(params, teacher.arch_config, str(directory))
+  return {"repa.enabled": True, "repa.align_layer": 2, "repa.teacher_dir": str(directory)}
+
+
 def test_two_processes_match_one(tmp_path):
   """Two `jax.distributed` processes on localhost (4 CPU devices each, gloo collectives), each reading its
   own half of every batch, with parameters split over all 8 devices (FSDP spanning both processes),
-  train like one process with 8 devices. t is made the same for every row, so the only difference is
-  the order of reductions: float32 agreement to 1e-5 relative. (tests/elastic_test.py adds evaluation
-  and resuming on another process count.)"""
+  train like one process with 8 devices: the paper's recipe, REPA on (a tiny random DINOv2 teacher,
+  placed on the mesh from each process's own copy). t is made the same for every row, so the only
+  difference is the order of reductions: float32 agreement to 1e-5 relative. (tests/elastic_test.py
+  adds evaluation and resuming on another process count.)"""
   overrides = {"objective.t_std": 1e-9, "total_steps": 3, "ckpt_every_steps": 3}
-  overrides.update({"mesh.data": 1, "mesh.fsdp": 8})
+  overrides.update({"mesh.data": 1, "mesh.fsdp": 8, **tiny_teacher(tmp_path / "teacher")})
   one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
   train.train_and_evaluate(tiny_config(**overrides), one_dir)
   with socket.socket() as s:
@@ -319,6 +334,7 @@ def test_two_processes_match_one(tmp_path):
   for a, b in zip(one, two, strict=True):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(b["repa_loss"], a["repa_loss"], rtol=1e-5)
     assert b["num_valid"] == a["num_valid"]  # the same pixels, split over two readers
 
 
