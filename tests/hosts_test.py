@@ -135,9 +135,9 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two(argv, *, script=_WORKER, spec=None, via_env=False, timeout=400):
-  """Runs `flowseg argv` as two processes of one job (through `script`, given {"argv": ..., **spec});
-  returns (exit statuses, outputs, exit times)."""
+def launch_two(argv, *, script=_WORKER, spec=None, via_env=False, timeout=400, cwds=(REPO, REPO)):
+  """Runs `flowseg argv` as two processes of one job (through `script`, given {"argv": ..., **spec},
+  process i in cwds[i]); returns (exit statuses, outputs, exit times)."""
   port = _port()
   procs = []
   for i in range(2):
@@ -154,7 +154,7 @@ def launch_two(argv, *, script=_WORKER, spec=None, via_env=False, timeout=400):
     procs.append(
       subprocess.Popen(
         [sys.executable, "-c", script, json.dumps({**(spec or {}), "argv": [*argv, *launch]})],
-        cwd=REPO,
+        cwd=cwds[i],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -194,6 +194,24 @@ def train_with_fault_on_process_1(workdir, fault, want_codes, **kwargs):
   print(f"{fault} on process 1 -> both processes exited: {seconds:.2f} s")
   assert seconds < 60
   return outputs
+
+
+def test_a_workdir_one_host_cannot_see_stops_both_before_any_work(tmp_path):
+  """A relative --workdir is another folder for each process here, as a local path is on two hosts
+  with their own disks: process 1 cannot read process 0's probe, both exit 1 naming process 1, and
+  no checkpoint is written anywhere."""
+  hosts_dirs = [tmp_path / "host0", tmp_path / "host1"]
+  for d in hosts_dirs:
+    d.mkdir()
+  argv = _train_argv("run", "--config.total_steps=2")
+  codes, outputs, _ = launch_two(argv, cwds=hosts_dirs, timeout=200)
+  assert codes == [1, 1], "\n".join(o[-3000:] for o in outputs)
+  for out in outputs:
+    lines = [x for x in out.splitlines() if x.startswith("flowseg train:")]
+    assert len(lines) == 1 and "pre-flight: workdir=" in lines[0], out[-3000:]
+    assert "does not exist on process 1 of 2 (it must be visible to every host" in lines[0]
+  assert not any((d / "run" / "checkpoints").exists() for d in hosts_dirs)
+  assert not (hosts_dirs[0] / "run" / hosts.PROBE_FILE).exists()  # the probe is removed
 
 
 def test_sigterm_to_one_process_checkpoints_both_at_the_same_step(tmp_path):

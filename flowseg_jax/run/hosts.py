@@ -123,26 +123,15 @@ def input_paths(config) -> dict[str, str]:
   return paths
 
 
-def _check_everywhere(paths: dict[str, str]) -> None:
-  """Every process checks that it sees every path; the answers are gathered, so each process raises
-  the same PreflightError naming the first host and path missing."""
-  import jax
+def _raise_missing(seen, names: list[tuple[str, str]]) -> None:
+  """PreflightError naming the first (process, path) not seen; `seen`: (processes, paths) of 0/1."""
   import numpy as np
-  from etils import epath
-  from jax.experimental import multihost_utils
 
-  if not paths:
-    return
-  seen = np.asarray([epath.Path(p).exists() for p in paths.values()], np.int32)
-  if jax.process_count() > 1:
-    seen = np.asarray(multihost_utils.process_allgather(seen))
-  else:
-    seen = seen[None]
   missing = np.argwhere(seen == 0)
   if not missing.size:
     return
   process, which = (int(i) for i in missing[0])
-  field, path = list(paths.items())[which]
+  field, path = names[which]
   where = f"process {process} of {seen.shape[0]}" if seen.shape[0] > 1 else "this host"
   shared = (
     " (it must be visible to every host: gs:// or a shared mount)" if seen.shape[0] > 1 else ""
@@ -150,22 +139,61 @@ def _check_everywhere(paths: dict[str, str]) -> None:
   raise PreflightError(f"pre-flight: {field}={path} does not exist on {where}{shared}")
 
 
+def _gather(flags):
+  """(processes, n) int32 of every process's flags, the same array on every process."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  flags = np.asarray(flags, np.int32)
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(flags))
+  return flags[None]
+
+
 def check_inputs(config) -> None:
   """Pre-flight, first half: every host sees the data, the weights and the teacher. Runs before
   anything reads them or creates the workdir, so a path missing on one host stops every host with
   one line instead of leaving the others waiting in a collective."""
-  _check_everywhere(input_paths(config))
+  from etils import epath
+
+  paths = input_paths(config)
+  if paths:
+    _raise_missing(_gather([epath.Path(p).exists() for p in paths.values()]), list(paths.items()))
+
+
+PROBE_FILE = ".preflight"
 
 
 def share_workdir(workdir: str) -> None:
-  """Pre-flight, second half: process 0 creates the workdir and every host must see it (a workdir
-  on each host's local disk would give each its own half of every checkpoint)."""
+  """Pre-flight, second half: process 0 creates the workdir and writes a probe holding a number
+  drawn for this start; every host must read that number back (a workdir on each host's own disk
+  would give each its own half of every checkpoint, and on object storage a folder "exists" only
+  through its objects). The probe is removed again."""
+  import secrets
+
   import jax
-  from etils import epath
+  import numpy as np
   from jax.experimental import multihost_utils
 
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  from flowseg_jax import storage
+
+  probe = storage.path(workdir) / PROBE_FILE
+  nonce = np.int32(secrets.randbits(31))
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("flowseg preflight: workdir created")
-  _check_everywhere({"workdir": workdir})
+    nonce = multihost_utils.broadcast_one_to_all(nonce)
+  if jax.process_index() == 0:
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(probe, str(int(nonce)))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("flowseg preflight: probe written")
+  try:
+    seen = probe.read_text() == str(int(nonce))
+  except OSError:
+    seen = False
+  seen = _gather([seen])
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("flowseg preflight: probe read")
+  if jax.process_index() == 0:
+    probe.unlink(missing_ok=True)
+  _raise_missing(seen, [("workdir", workdir)])
