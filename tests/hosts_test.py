@@ -9,6 +9,7 @@ step, within seconds.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from flowseg_jax import checkpointing, evaluate, inference, train
+from flowseg_jax import checkpointing, evaluate, inference, main, train
 from flowseg_jax.run import agreement, hosts
 from flowseg_jax.run import status as run_status
 from tests.train_test import REPO, read_jsonl, tiny_config
@@ -63,6 +64,34 @@ def test_cli_missing_launch_piece_is_one_line_exit_2(tmp_path, capsys):
   assert code == 2 and err.count("\n") == 1, err
   assert "--num_processes, --process_id missing" in err
   assert not os.path.exists(tmp_path / "run")
+
+
+def _readme_train_commands(section: str) -> list[list[str]]:
+  """The `flowseg train` commands of a README section, continuation lines joined, split as a shell
+  would (variables left as written)."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    text = f.read()
+  body = text[text.index(section) :]
+  body = body[: body.index("\n## ", 1)].replace("\\\n", " ")
+  commands = []
+  for line in body.splitlines():
+    if "flowseg train " in line and "..." not in line:
+      words = shlex.split(line[line.index("flowseg train ") :].rstrip("'`"))
+      commands.append(words[2:])
+  return commands
+
+
+def test_readme_pod_recipes_parse_into_configs():
+  """Each many-hosts recipe of the README is a valid command: its config and overrides load, it
+  asks for --distributed, and the SLURM/TPU ones leave the job to JAX's detection."""
+  commands = _readme_train_commands("## Training on many hosts")
+  assert len(commands) == 2
+  for argv in commands:
+    rest, overrides = main.split_overrides(argv)
+    args = main._parser("train").parse_args(rest)
+    config = main.load_config(args.config, args.workdir, overrides, from_workdir=False)
+    assert args.distributed and hosts.launch_arguments(args, environ={}) == {}
+    assert config.repa.enabled and config.model_init.endswith("pixnerd_xl16")
 
 
 def test_preflight_names_the_missing_path_before_any_work(tmp_path):
@@ -143,7 +172,13 @@ def launch_two(argv, *, script=_WORKER, spec=None, via_env=False, timeout=400, c
   for i in range(2):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    if via_env:
+    if via_env == "slurm":  # what `srun --ntasks=2` sets; JAX's auto-detection reads it
+      launch = ["--distributed"]
+      env.update(
+        SLURM_JOB_ID=str(port), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+        SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES="1",
+      )  # fmt: skip
+    elif via_env:
       launch = ["--distributed"]
       env.update(
         JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
@@ -212,6 +247,19 @@ def test_a_workdir_one_host_cannot_see_stops_both_before_any_work(tmp_path):
     assert "does not exist on process 1 of 2 (it must be visible to every host" in lines[0]
   assert not any((d / "run" / "checkpoints").exists() for d in hosts_dirs)
   assert not (hosts_dirs[0] / "run" / hosts.PROBE_FILE).exists()  # the probe is removed
+
+
+def test_the_slurm_recipe_trains_on_two_processes(tmp_path):
+  """README's SLURM recipe, simulated: two processes with the variables `srun` sets and nothing
+  else; JAX's auto-detection finds the job (the coordinator on the first node, a port from the job
+  id) and the run trains across both processes to the end."""
+  workdir = str(tmp_path / "run")
+  argv = _train_argv(workdir, "--config.total_steps=2", "--config.ckpt_every_steps=2")
+  codes, outputs, _ = launch_two(argv, via_env="slurm", timeout=300)
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  assert "2 process(es)" in outputs[0]
+  with open(os.path.join(workdir, "train_result.json")) as f:
+    assert json.load(f)["status"] == "finished"
 
 
 def test_sigterm_to_one_process_checkpoints_both_at_the_same_step(tmp_path):
