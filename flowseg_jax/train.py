@@ -320,11 +320,14 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
       pass  # e.g. the disk that failed the checkpoint is full
     raise
   manager.close()
+  # The last evaluation may be of an earlier step (a run stopped between evaluations): its metrics
+  # keep their own step as eval_step, and "step" is where training stopped.
+  evaluated = {**last_eval, "eval_step": last_eval["step"]} if last_eval else {}
   result = {
+    **evaluated,
     "status": status,
     "step": step,
     "num_skipped_updates": int(jax.device_get(state.num_skipped)),
-    **last_eval,
   }
   files.write_result(workdir, result)
   return result

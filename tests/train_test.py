@@ -197,6 +197,29 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch, signum, status):
   assert step == 2
 
 
+def test_a_run_stopped_after_an_evaluation_reports_where_it_stopped(tmp_path, monkeypatch):
+  """Evaluated at step 2, stopped at step 3: train_result.json's step is 3 (where a rerun resumes),
+  and the evaluation's metrics keep their own step as eval_step."""
+  config = tiny_config(ckpt_every_steps=100, eval_every_steps=2, total_steps=6)
+  real = sharding.shard_batch
+  calls = []
+
+  def shard_and_signal(batch, mesh):
+    if "label" in batch:  # training batches (the evaluation shards {"x", "c"})
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(batch, mesh)
+
+  monkeypatch.setattr(sharding, "shard_batch", shard_and_signal)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "train_result.json") as f:
+    saved = json.load(f)
+  assert saved["status"] == result["status"] == "preempted"
+  assert saved["step"] == result["step"] == 3 and saved["eval_step"] == 2 and "mIoU" in saved
+  assert _final_params(config, str(tmp_path))[0] == 3
+
+
 def test_damaged_latest_checkpoint_falls_back(tmp_path):
   config = tiny_config(ckpt_every_steps=2)
   config.total_steps = 4
