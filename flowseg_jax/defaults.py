@@ -83,8 +83,11 @@ def eval_config() -> ml_collections.ConfigDict:
   c.mode = (
     "whole"  # [ours] 'whole' (resize to input.image_size) | 'slide' (windows on the original)
   )
-  c.slide_short_side = 512  # [ours] slide: as mmseg's ADE20K 512 pipeline
-  c.slide_stride = (341, 341)  # [ours] slide: mmseg's ADE20K stride; the window is input.image_size
+  # [ours] slide: the window is input.image_size (the training size). The image is first resized so
+  # its short side is slide_short_side (0: the window's short side) and windows step by
+  # slide_stride (empty: 2/3 of the window); for a 512 model these are mmseg's ADE20K 512 and 341.
+  c.slide_short_side = 0
+  c.slide_stride = ()
   c.max_examples = -1  # [-] -1: the whole eval split
   c.num_pictures = 4  # [-] colourised predictions written per evaluation
   c.use_ema = True  # [PixNerd] samples with the EMA weights

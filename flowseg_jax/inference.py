@@ -6,7 +6,8 @@
 
 Each image becomes one or more network inputs ("windows"): whole mode resizes it to
 `config.input.image_size`; slide mode resizes it so its short side is `config.eval.slide_short_side`
-and cuts mmseg's grid of image_size windows. The windows of many images stream through fixed-shape
+(default: the window's) and cuts mmseg's grid of image_size windows (stride: 2/3 of the window
+unless set; `slide_settings`). The windows of many images stream through fixed-shape
 device batches (padded), the Euler ODE carries each to its colour mask, overlapping windows are averaged,
 and the continuous colours are resized bilinearly to the image's own size and decoded there (nearest
 centroid), as mmseg resizes logits before the argmax (DESIGN.md "Inference"). One Segmenter serves
@@ -156,6 +157,24 @@ def slide_windows(h: int, w: int, crop: tuple[int, int], stride: tuple[int, int]
       yield max(min(r * sh, h - ch), 0), max(min(c * sw, w - cw), 0)
 
 
+def slide_settings(config) -> tuple[tuple[int, int], tuple[int, int], int]:
+  """(window, stride, short side) of slide mode: the window is the model's training size
+  (config.input.image_size); an unset short side or stride follows it (the window's short side, 2/3
+  of the window). ValueError, one line naming the fields, for a combination that cannot work."""
+  crop = tuple(int(s) for s in config.input.image_size)
+  stride = tuple(int(s) for s in config.eval.slide_stride) or tuple(2 * c // 3 for c in crop)
+  short = int(config.eval.slide_short_side) or min(crop)
+  if len(stride) != 2 or not all(0 < s <= c for s, c in zip(stride, crop, strict=True)):
+    raise ValueError(
+      f"config.eval.slide_stride={stride} must be positive and at most the window "
+      f"config.input.image_size={crop} (a larger stride leaves pixels no window covers; leave it "
+      "empty for 2/3 of the window)"
+    )
+  if short <= 0:
+    raise ValueError(f"config.eval.slide_short_side={short} must be positive (0: the window's)")
+  return crop, stride, short
+
+
 def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
   """(float32 input image in [-1, 1], window corners) of one image for `mode`."""
   crop = tuple(int(s) for s in config.input.image_size)
@@ -163,14 +182,9 @@ def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[
     return transforms.normalize_image(transforms.resize_image(rgb, crop)), [(0, 0)]
   if mode != "slide":
     raise ValueError(f"mode (config.eval.mode) must be one of {MODES}, got {mode!r}")
-  stride = tuple(int(s) for s in config.eval.slide_stride)
-  if len(stride) != 2 or not all(0 < s <= c for s, c in zip(stride, crop, strict=True)):
-    raise ValueError(
-      f"config.eval.slide_stride={stride} must be positive and at most the window "
-      f"config.input.image_size={crop} (a larger stride leaves pixels no window covers)"
-    )
+  crop, stride, short = slide_settings(config)
   h, w = rgb.shape[:2]
-  scale = max(config.eval.slide_short_side / min(h, w), crop[0] / h, crop[1] / w)
+  scale = max(short / min(h, w), crop[0] / h, crop[1] / w)
   size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
   image = transforms.normalize_image(transforms.resize_image(rgb, size))
   return image, list(slide_windows(*size, crop, stride))

@@ -233,6 +233,13 @@ def _run_command(command: str, argv: list[str]) -> int:
     raise UsageError(str(e)) from e
   if command == "train":
     return train_command(config, args.workdir)
+  if config.eval.mode == "slide":  # an impossible window, stride or resize: one line, now
+    from flowseg_jax import inference
+
+    try:
+      inference.slide_settings(config)
+    except ValueError as e:
+      raise UsageError(str(e)) from e
   if command == "evaluate":
     from flowseg_jax import evaluate
 

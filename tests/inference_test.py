@@ -144,8 +144,9 @@ def test_input_kinds_batches_and_errors(seg):
   config.eval.slide_short_side, config.eval.slide_stride = 48, (16, 16)
   slide = inference.Segmenter(config, seg.params, mesh=seg.mesh)(rgb, mode="slide")
   assert slide.shape == (37, 45) and slide.dtype == np.int32
-  with pytest.raises(ValueError, match="slide_stride"):
-    seg(rgb, mode="slide")  # stride 341 > window 32: gaps
+  config.eval.slide_stride = (341, 341)  # mmseg's ADE20K stride on a 32² model: gaps
+  with pytest.raises(ValueError, match=r"slide_stride=\(341, 341\) must be positive and at most"):
+    inference.Segmenter(config, seg.params, mesh=seg.mesh)(rgb, mode="slide")
   with pytest.raises(ValueError, match="uint8"):
     seg(rgb.astype(np.float32))
   with pytest.raises(ValueError, match=r"\(H, W, 3\)"):

@@ -80,15 +80,32 @@ def test_slide_with_one_window_equals_whole(trained_workdir):
   config.eval.max_examples = 4
   seg = inference.Segmenter.from_workdir(trained_workdir, config)
   whole = evaluate.score(seg)[0]
-  config.eval.mode = "slide"
-  config.eval.slide_short_side = 32
-  config.eval.slide_stride = (16, 16)
+  config.eval.mode = "slide"  # the window, short side and stride follow the model's 32² size
+  assert inference.slide_settings(config) == ((32, 32), (21, 21), 32)
   slide = evaluate.score(seg)[0]
   np.testing.assert_array_equal(whole["intersection"], slide["intersection"])
   np.testing.assert_array_equal(whole["union"], slide["union"])
-  config.eval.slide_short_side = 48  # four overlapping windows per image now
+  config.eval.slide_short_side, config.eval.slide_stride = 48, (16, 16)  # four overlapping windows
   overlapped = evaluate.score(seg)[0]
   assert overlapped["num_examples"] == 4 and np.isfinite(overlapped["aAcc"])
+
+
+def test_slide_from_the_cli_and_an_impossible_one_in_one_line(trained_workdir, capsys):
+  """`flowseg evaluate --config.eval.mode=slide` on a demo-sized workdir scores as whole does; a
+  stride past the window (mmseg's ADE20K 341 on a 32² model) is one line, exit 2, nothing written."""
+  from flowseg_jax import main
+
+  base = ["evaluate", f"--workdir={trained_workdir}", "--config.eval.max_examples=4"]
+  assert main.run([*base, "--config.eval.mode=whole"]) == 0
+  whole = capsys.readouterr().out
+  assert main.run([*base, "--config.eval.mode=slide"]) == 0
+  slide = capsys.readouterr().out
+  assert whole.split(":", 1)[1].split("->")[0] == slide.split(":", 1)[1].split("->")[0]
+  before = sorted(os.listdir(os.path.join(trained_workdir, "eval")))
+  assert main.run([*base, "--config.eval.mode=slide", "--config.eval.slide_stride=341,341"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "slide_stride=(341, 341) must be positive and at most" in err
+  assert sorted(os.listdir(os.path.join(trained_workdir, "eval"))) == before
 
 
 def test_predict_folder_of_any_size(trained_workdir, tmp_path):
