@@ -197,6 +197,7 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
     done = files.finished_result(workdir, start_step, config.total_steps)
     if done is not None:
       manager.close()
+      data_iter.close()
       logging.info("%s already finished at step %d: nothing to do.", workdir, start_step)
       return done
     _check_eval_data(config, agreement)
@@ -318,8 +319,10 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
       files.write_result(workdir, records_failed)
     except OSError:
       pass  # e.g. the disk that failed the checkpoint is full
+    data_iter.close()
     raise
   manager.close()
+  data_iter.close()  # data workers stop now, their shared memory released (not at exit)
   # The last evaluation may be of an earlier step (a run stopped between evaluations): its metrics
   # keep their own step as eval_step, and "step" is where training stopped.
   evaluated = {**last_eval, "eval_step": last_eval["step"]} if last_eval else {}

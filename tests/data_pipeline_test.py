@@ -2,6 +2,10 @@
 augmentation geometry, worker processes."""
 
 import io
+import multiprocessing
+import os
+import signal
+import time
 
 import grain
 import numpy as np
@@ -268,3 +272,25 @@ def test_worker_processes_resume_and_count_skips(tmp_path):
   _assert_batches_equal(_take(resumed, 4), expected)
   it.close()
   resumed.close()
+
+
+def test_a_ctrl_c_to_the_process_group_leaves_data_workers_running(tmp_path):
+  """A terminal's Ctrl-C reaches the data workers too: they ignore it (the trainer checkpoints and
+  stops them), so the batches keep coming, equal to an uninterrupted iterator's."""
+  cfg = pipeline.default_input_config()
+  cfg.update(batch_size=4, num_workers=2, image_size=(16, 16))
+  cfg.synthetic.update(num_train=32, num_eval=4, size=(16, 16))
+  reference = _train(cfg)
+  want = _take(reference, 6)
+  reference.close()
+  it = _train(cfg)
+  got = _take(it, 1)
+  workers = multiprocessing.active_children()
+  assert len(workers) >= 2
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+  time.sleep(1.0)
+  assert all(w.is_alive() for w in workers)
+  got += _take(it, 5)
+  it.close()
+  _assert_batches_equal(got, want)

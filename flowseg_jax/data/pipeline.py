@@ -31,6 +31,7 @@ so the shards are disjoint, complete, and differ in length by at most one.
 """
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -94,6 +95,14 @@ def default_input_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 # Dataset metadata.
 # ----------------------------------------------------------------------------------------------
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+  """In each data worker: a terminal's Ctrl-C reaches the whole process group, and the trainer
+  checkpoints and stops the workers itself; a worker that died of the KeyboardInterrupt first would
+  print its traceback and fail the batch the trainer is still fetching."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_dataset(cfg) -> str:
@@ -357,7 +366,8 @@ def create_train_iterator(
     ids = ids.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(1, int(cfg.prefetch_buffer))
-      )
+      ),
+      worker_init_fn=_ignore_interrupts,
     )
   setup = {
     "dataset": cfg.dataset,
