@@ -8,6 +8,9 @@ ablation (Table 2, Fig 5c, and ours):
   static          the method as configured: v - grad Phi, ignored pixels masked (Table 2 "static + mask")
   vanilla         flow matching without reshaping (target v)
   no_mask         static, ignored pixels trained toward an extra centroid (Table 2 "static w/o mask")
+  ignored_image   static + mask, the input x_t at ignored pixels stays the image (default: moves to
+                  class 0's colour, as the official code; ours, issue 25)
+  ignored_centre  static + mask, x_t at ignored pixels moves to the colour cube's centre
   annealing       v - t grad Phi without the mask: Table 2's annealing row, which the paper reports
                   without the mask (compare with no_mask)
   annealing_mask  v - t grad Phi with the mask (not a row of the paper; isolates the schedule)
@@ -29,6 +32,8 @@ ABLATIONS = {
   "static": {},
   "vanilla": {"objective.reshape": False},
   "no_mask": {"objective.mask_ignored": False},
+  "ignored_image": {"objective.ignored_input": "image"},
+  "ignored_centre": {"objective.ignored_input": "centre"},
   "annealing": {"objective.target": "annealing", "objective.mask_ignored": False},
   "annealing_mask": {"objective.target": "annealing"},
   "x_pred": {"objective.prediction": "x"},

@@ -53,6 +53,8 @@ SETTINGS = {
   "tau=2": ("static", {"objective.tau": 2.0}),
   "eps=1e-3": ("static", {"objective.eps": 1e-3}),
   "no_clip": ("no_clip", {}),
+  "ignored_image": ("ignored_image", {}),
+  "ignored_centre": ("ignored_centre", {}),
 }
 # row group -> [(label, setting)]; "static" is the method's default (log, tau 1, eps 1e-6, clip 1).
 ROWS = {
@@ -73,6 +75,11 @@ ROWS = {
   "tau": [("tau 0.5", "tau=0.5"), ("tau 1", "static"), ("tau 2", "tau=2")],
   "eps": [("eps 1e-6", "static"), ("eps 1e-3", "eps=1e-3")],
   "clip": [("clip 1.0", "static"), ("no clip", "no_clip")],
+  "ignored": [
+    ("ignored x1 = class 0 (default)", "static"),
+    ("ignored x1 = x0 (no motion)", "ignored_image"),
+    ("ignored x1 = cube centre", "ignored_centre"),
+  ],
 }
 # (group, expected better, expected worse, the claim): the paper's direction (or our default's).
 CLAIMS = [
@@ -88,6 +95,8 @@ CLAIMS = [
   ("tau", "static", "tau=2", "tau = 1 (the paper's) beats 2"),
   ("eps", "static", "eps=1e-3", "eps = 1e-6 (the default) beats 1e-3"),
   ("clip", "static", "no_clip", "clipping at 1.0 (ours) beats no clipping"),
+  ("ignored", "static", "ignored_image", "ignored pixels' x1: class 0 (default) beats x0 (ours)"),
+  ("ignored", "static", "ignored_centre", "ignored pixels' x1: class 0 (default) beats centre"),
 ]
 BASES = {"demo": ("demo", None), "hard": ("ablations", "base=hard"), "smoke": ("demo", "smoke")}
 

@@ -30,6 +30,7 @@ TRANSFORMS = ("log", "sqrt", "linear", "norm_reduced")
 PREDICTIONS = ("v", "x")
 TARGETS = ("static", "annealing")
 T_DISTRIBUTIONS = ("uniform", "logit_normal")
+IGNORED_INPUTS = ("class0", "image", "centre")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -199,6 +200,9 @@ class Objective:
     ('log' | 'sqrt' | 'linear' | 'norm_reduced', see `potential_grad`).
   target: 'static' (v - grad Phi) or 'annealing' (v - t grad Phi); ignored when reshape is False.
   mask_ignored: drop ignored pixels from the loss; otherwise train them toward the last centroid.
+  ignored_input: with mask_ignored, what ignored pixels of the network input x_t move toward (their
+    loss is masked either way): 'class0' (mu_0, as the official code does), 'image' (x1 = x0: they
+    stay the image) or 'centre' (x1 = 0, the colour cube's centre, equally far from every class).
   t_eps: clamp of 1 - t in the 'x' prediction's velocity.
   reshape: False gives vanilla flow matching (target v).
   max_grad_norm: the per-pixel bound on |grad Phi| of transform='norm_reduced' (unused otherwise).
@@ -213,6 +217,7 @@ class Objective:
   transform: Transform = "log"
   target: Target = "static"
   mask_ignored: bool = True
+  ignored_input: str = "class0"
   t_eps: float = 0.05
   reshape: bool = True
   max_grad_norm: float = 1.0
@@ -228,6 +233,12 @@ class Objective:
     _choice("transform", self.transform, TRANSFORMS)
     _choice("target", self.target, TARGETS)
     _choice("t_distribution", self.t_distribution, T_DISTRIBUTIONS)
+    _choice("ignored_input", self.ignored_input, IGNORED_INPUTS)
+    if self.ignored_input != "class0" and not self.mask_ignored:
+      raise ValueError(
+        f"ignored_input={self.ignored_input!r} needs mask_ignored=True (without the mask, ignored "
+        "pixels are trained toward their own centroid)"
+      )
     for name, ok, rule in (
       ("tau", self.tau > 0, "> 0"),
       ("eps", self.eps >= 0, ">= 0"),
@@ -255,8 +266,11 @@ class Objective:
 
   def reference_options(self) -> dict:
     """What the objective computes, without how JAX schedules it (`pixel_chunk`): the keywords a
-    reference implementation takes."""
-    return {k: v for k, v in self.loss_options().items() if k != "pixel_chunk"}
+    reference implementation takes. The official code has only ignored_input='class0'."""
+    if self.ignored_input != "class0":
+      raise ValueError(f"the reference has no ignored_input={self.ignored_input!r}")
+    skip = ("pixel_chunk", "ignored_input")
+    return {k: v for k, v in self.loss_options().items() if k not in skip}
 
   def sample_t(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Training times from this objective's distribution."""
@@ -299,21 +313,37 @@ def _train_labels(labels: jax.Array, num_table: int, mask_ignored: bool):
   return ~bad, train_labels, bad
 
 
-def interpolant(
-  x0: jax.Array, labels: jax.Array, t: jax.Array, centroids: jax.Array, *, mask_ignored: bool = True
-) -> jax.Array:
-  """The network input x_t = (1 - t) x0 + t mu[label]: (B, H, W, 3), (B, H, W), (B,) -> (B, H, W, 3).
+def _flow_end(x0, labels, train_labels, centroids, ignored_input: str) -> jax.Array:
+  """x1 of every pixel: its centroid; ignored pixels (masked from the loss) per `ignored_input`."""
+  x1 = jnp.take(centroids, train_labels, axis=0)
+  if ignored_input == "class0":
+    return x1
+  ignored = (labels == centroids_lib.IGNORE_LABEL)[..., None]
+  return jnp.where(ignored, x0 if ignored_input == "image" else jnp.zeros_like(x1), x1)
 
-  Uses the same label -> centroid mapping as `flowseg_loss` (ignored pixels: centroid 0 with
-  mask_ignored, the last centroid without), in float32.
+
+def interpolant(
+  x0: jax.Array,
+  labels: jax.Array,
+  t: jax.Array,
+  centroids: jax.Array,
+  *,
+  mask_ignored: bool = True,
+  ignored_input: str = "class0",
+) -> jax.Array:
+  """The network input x_t = (1 - t) x0 + t x1: (B, H, W, 3), (B, H, W), (B,) -> (B, H, W, 3).
+
+  x1 is as in `flowseg_loss`: each pixel's centroid; ignored pixels go to centroid 0 with
+  mask_ignored (or per `ignored_input`), to the last centroid without. In float32.
   """
   dtype = _compute_dtype(x0, centroids, t)
   centroids = jnp.asarray(centroids, dtype)
-  _, train_labels, _ = _train_labels(
-    jnp.asarray(labels).astype(jnp.int32), centroids.shape[0], mask_ignored
-  )
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  _, train_labels, _ = _train_labels(labels, centroids.shape[0], mask_ignored)
+  x0 = jnp.asarray(x0, dtype)
+  x1 = _flow_end(x0, labels, train_labels, centroids, ignored_input)
   tb = jnp.asarray(t, dtype)[:, None, None, None]
-  return (1 - tb) * jnp.asarray(x0, dtype) + tb * jnp.take(centroids, train_labels, axis=0)
+  return (1 - tb) * x0 + tb * x1
 
 
 def flow_terms(
@@ -343,7 +373,7 @@ def flow_terms(
   labels = labels.astype(jnp.int32)
 
   valid, train_labels, bad = _train_labels(labels, num_table, obj.mask_ignored)
-  x1 = jnp.take(centroids, train_labels, axis=0)
+  x1 = _flow_end(x0, labels, train_labels, centroids, obj.ignored_input)
   tb = t[:, None, None, None]
   x_t = (1 - tb) * x0 + tb * x1
   v = x1 - x0
@@ -403,7 +433,8 @@ def flowseg_loss(
     t: (B,) times in [0, 1].
     centroids: (N, 3) class colours.
     **options: the objective's keywords, `Objective`'s fields (prediction, tau, eps, transform,
-      target, mask_ignored, t_eps, reshape, max_grad_norm, pixel_chunk); the rest take its defaults.
+      target, mask_ignored, ignored_input, t_eps, reshape, max_grad_norm, pixel_chunk); the rest
+      take its defaults.
 
   Returns:
     (loss, aux): scalar loss; aux has `fm_loss` (vanilla FM loss on the same batch), `grad_phi_norm` (mean

@@ -129,7 +129,14 @@ def loss_fn(params, teacher_params, images, labels, key, total_valid, cond, *, s
   task = setup.task
   objective = task.objective
   t = objective.sample_t(key, (images.shape[0],))
-  x_t = flow.interpolant(images, labels, t, task.centroids, mask_ignored=objective.mask_ignored)
+  x_t = flow.interpolant(
+    images,
+    labels,
+    t,
+    task.centroids,
+    mask_ignored=objective.mask_ignored,
+    ignored_input=objective.ignored_input,
+  )
   metrics = {}
   if setup.projector is None:
     out = setup.task.apply(params["denoiser"], x_t, t, cond)

@@ -47,6 +47,8 @@ def test_paper_stages():
     ("linear", {"objective.transform": "linear"}),
     ("norm_reduced", {"objective.transform": "norm_reduced"}),
     ("no_clip", {"optim.grad_clip_norm": 0.0}),
+    ("ignored_image", {"objective.ignored_input": "image"}),
+    ("ignored_centre", {"objective.ignored_input": "centre"}),
   ],
 )
 def test_ablations(ablation, fields):

@@ -360,6 +360,36 @@ def test_interpolant_is_the_network_input_of_the_loss():
     np.testing.assert_allclose(x_t[0], x0[0], atol=0)  # t = 0 is the image
 
 
+def test_ignored_input_moves_only_ignored_pixels_of_the_input():
+  """ignored_input changes x_t at ignored pixels only (class0: toward mu_0, image: stays x0,
+  centre: toward 0); the loss, masked there, is unchanged for the same network output."""
+  cents = centroids_lib.class_centroids(19)
+  out, x0, labels, t = make_inputs(np.random.default_rng(5), 19, dtype=np.float32)
+  ignored = labels == centroids_lib.IGNORE_LABEL
+  assert ignored.any() and (~ignored).any()
+  tb = t[:, None, None, None]
+  base = flow.interpolant(x0, labels, t, cents)
+  want = {"class0": (1 - tb) * x0 + tb * cents[0], "image": x0, "centre": (1 - tb) * x0}
+  losses = []
+  for mode, at_ignored in want.items():
+    x_t = np.asarray(flow.interpolant(x0, labels, t, cents, ignored_input=mode))
+    np.testing.assert_allclose(
+      x_t[ignored], np.broadcast_to(at_ignored, x_t.shape)[ignored], atol=1e-6
+    )
+    np.testing.assert_array_equal(x_t[~ignored], np.asarray(base)[~ignored])
+    terms = flow.flow_terms(out, x0, labels, t, cents, flow.Objective(ignored_input=mode))
+    recovered = terms["x1_hat"] - (1 - tb) * terms["v_theta"]
+    np.testing.assert_allclose(recovered, x_t, atol=1e-6)  # the loss assumes the same input
+    losses.append(float(flow.flowseg_loss(out, x0, labels, t, cents, ignored_input=mode)[0]))
+  assert losses[0] == losses[1] == losses[2]
+  with pytest.raises(ValueError, match="needs mask_ignored=True"):
+    flow.Objective(ignored_input="image", mask_ignored=False)
+  with pytest.raises(ValueError, match="ignored_input must be one of"):
+    flow.Objective(ignored_input="zero")
+  with pytest.raises(ValueError, match="the reference has no ignored_input='centre'"):
+    flow.Objective(ignored_input="centre").reference_options()
+
+
 def test_aux_values():
   n = 5
   cents = centroids_lib.kronecker_centroids(n)
