@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from flowseg_jax import inference
+from flowseg_jax import inference, inference_host
 from flowseg_jax.data import synthetic, transforms
 from flowseg_jax.evaluators import miou
 
@@ -33,7 +33,7 @@ def compare_orders(segmenter: inference.Segmenter, examples, *, num_steps=None) 
   items = ((i, image, None) for i, (image, _) in enumerate(examples))
   for i, colours, labels, _ in segmenter.segment_stream(items, len(examples), num_steps=num_steps):
     label = examples[i][1]
-    coarse = inference.decode_colours_host(colours, segmenter.centroids)
+    coarse = inference_host.decode_colours_host(colours, segmenter.centroids)
     preds = {
       "resize_then_decode": labels,
       "decode_then_resize": transforms.resize_label(coarse, label.shape),

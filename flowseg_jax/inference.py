@@ -23,7 +23,6 @@ imports no training code.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,17 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import checkpointing, sampling, sharding, storage, tasks
-from flowseg_jax.data import classes, pipeline, transforms
+from flowseg_jax import checkpointing, sampling, sharding, tasks
+from flowseg_jax.data import classes, pipeline
+from flowseg_jax.inference_host import decode_colours_host, network_input, resize_colours, to_rgb
 from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
-
-MODES = ("whole", "slide")
-
 
 # ------------------------------------------------------------------------------------------------
 # The sampler.
@@ -79,115 +75,6 @@ def sample_fn(task, mesh, options: sampling.SamplerOptions, *, trajectory: bool 
 # ------------------------------------------------------------------------------------------------
 # Host-side image handling.
 # ------------------------------------------------------------------------------------------------
-
-
-def to_rgb(image: Any) -> np.ndarray:
-  """A path, PIL image or uint8 array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> uint8 (H, W, 3)."""
-  if isinstance(image, str | os.PathLike):
-    try:
-      with storage.open_image(image) as img:
-        img.load()
-        return np.asarray(img.convert("RGB"), np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-      raise ValueError(f"cannot read image {os.fspath(image)!r}: {e}") from e
-  if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"), np.uint8)
-  array = np.asarray(image)
-  if array.dtype != np.uint8:
-    raise ValueError(f"an image array must be uint8 in [0, 255], got dtype {array.dtype}")
-  if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim == 2:
-    return np.repeat(array[..., None], 3, axis=-1)
-  if array.ndim == 3 and array.shape[-1] in (3, 4):
-    return np.ascontiguousarray(array[..., :3])
-  raise ValueError(
-    f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}"
-  )
-
-
-def resize_colours(colours: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Bilinear resize of float colours (h, w, 3) to (H, W) per channel (PIL 'F', antialiased when
-  shrinking, the filter `transforms.resize_image` uses for images)."""
-  h, w = size
-  if colours.shape[:2] == (h, w):
-    return np.asarray(colours, np.float32)
-  channels = [
-    np.asarray(
-      Image.fromarray(np.ascontiguousarray(colours[..., c], np.float32), mode="F").resize(
-        (w, h), Image.Resampling.BILINEAR
-      )
-    )
-    for c in range(colours.shape[-1])
-  ]
-  return np.stack(channels, axis=-1)
-
-
-def decode_colours_host(colours: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-  """Nearest centroid on the host, (H, W, 3) -> int32 (H, W): the arithmetic of
-  `centroids.squared_distances` (channel by channel, float32), ties to the lower index. One class at a
-  time over channel planes, in place: no (pixels x classes) array."""
-  x = np.asarray(colours, np.float32)
-  mu = np.asarray(centroids, np.float32)
-  planes = [np.ascontiguousarray(x[..., c]).ravel() for c in range(x.shape[-1])]
-  best = np.full(planes[0].shape, np.inf, np.float32)
-  index = np.zeros(planes[0].shape, np.int32)
-  d, term = np.empty_like(best), np.empty_like(best)
-  for k in range(len(mu)):
-    np.subtract(planes[0], mu[k, 0], out=d)
-    np.square(d, out=d)
-    for c in range(1, len(planes)):
-      np.subtract(planes[c], mu[k, c], out=term)
-      np.square(term, out=term)
-      d += term
-    better = d < best
-    np.copyto(best, d, where=better)
-    index[better] = k
-  return index.reshape(x.shape[:-1])
-
-
-def slide_windows(h: int, w: int, crop: tuple[int, int], stride: tuple[int, int]):
-  """mmseg's grid: the last window is shifted to end at the border; (y0, x0) corners."""
-  ch, cw = crop
-  sh, sw = stride
-  rows = max(h - ch + sh - 1, 0) // sh + 1
-  cols = max(w - cw + sw - 1, 0) // sw + 1
-  for r in range(rows):
-    for c in range(cols):
-      yield max(min(r * sh, h - ch), 0), max(min(c * sw, w - cw), 0)
-
-
-def slide_settings(config) -> tuple[tuple[int, int], tuple[int, int], int]:
-  """(window, stride, short side) of slide mode: the window is the model's training size
-  (config.input.image_size); an unset short side or stride follows it (the window's short side, 2/3
-  of the window). ValueError, one line naming the fields, for a combination that cannot work."""
-  crop = tuple(int(s) for s in config.input.image_size)
-  stride = tuple(int(s) for s in config.eval.slide_stride) or tuple(2 * c // 3 for c in crop)
-  short = int(config.eval.slide_short_side) or min(crop)
-  if len(stride) != 2 or not all(0 < s <= c for s, c in zip(stride, crop, strict=True)):
-    raise ValueError(
-      f"config.eval.slide_stride={stride} must be positive and at most the window "
-      f"config.input.image_size={crop} (a larger stride leaves pixels no window covers; leave it "
-      "empty for 2/3 of the window)"
-    )
-  if short <= 0:
-    raise ValueError(f"config.eval.slide_short_side={short} must be positive (0: the window's)")
-  return crop, stride, short
-
-
-def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
-  """(float32 input image in [-1, 1], window corners) of one image for `mode`."""
-  crop = tuple(int(s) for s in config.input.image_size)
-  if mode == "whole":
-    return transforms.normalize_image(transforms.resize_image(rgb, crop)), [(0, 0)]
-  if mode != "slide":
-    raise ValueError(f"mode (config.eval.mode) must be one of {MODES}, got {mode!r}")
-  crop, stride, short = slide_settings(config)
-  h, w = rgb.shape[:2]
-  scale = max(short / min(h, w), crop[0] / h, crop[1] / w)
-  size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
-  image = transforms.normalize_image(transforms.resize_image(rgb, size))
-  return image, list(slide_windows(*size, crop, stride))
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -267,21 +154,46 @@ class Segmenter:
     """The prompt texts a prompted model knows (empty for a semantic model)."""
     return list(self.task.prompts)
 
-  def __call__(self, image, *, prompt=None, num_steps=None, mode=None, adaptive=None) -> np.ndarray:
+  def __call__(
+    self,
+    image,
+    *,
+    prompt=None,
+    num_steps=None,
+    mode=None,
+    adaptive=None,
+    return_confidence: bool = False,
+  ):
     """One image (path, PIL image or uint8 array) -> int32 (H, W) labels at its own size.
 
     prompt: a prompted model's prompt (a text it knows, or its id); a semantic model takes none.
     adaptive: the prompted task's adaptive one-step rule (default config.prompted.adaptive).
+    return_confidence: also return float32 (H, W) confidence in [0, 1], the decoded colour's margin
+      between its class colour and the runner-up's (`decode_colours_host`): 1 on the class colour,
+      0 halfway between two classes, low where the model hesitates (boundaries, unfamiliar texture).
     """
     return self.segment_batch(
-      [image], prompts=[prompt], num_steps=num_steps, mode=mode, adaptive=adaptive
+      [image],
+      prompts=[prompt],
+      num_steps=num_steps,
+      mode=mode,
+      adaptive=adaptive,
+      return_confidence=return_confidence,
     )[0]
 
   def segment_batch(
-    self, images: Sequence, *, prompts=None, num_steps=None, mode=None, adaptive=None
-  ) -> list[np.ndarray]:
+    self,
+    images: Sequence,
+    *,
+    prompts=None,
+    num_steps=None,
+    mode=None,
+    adaptive=None,
+    return_confidence: bool = False,
+  ) -> list:
     """Many images of any sizes (and one prompt each for a prompted model) -> int32 (H, W) label
-    maps, in order. Every prompt is checked before any image is segmented."""
+    maps, in order (with return_confidence, (labels, confidence) pairs). Every prompt is checked
+    before any image is segmented."""
     prompts = [None] * len(images) if prompts is None else list(prompts)
     if len(prompts) != len(images):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one per image")
@@ -292,7 +204,10 @@ class Segmenter:
     stream = self.segment_stream(
       items, len(images), num_steps=num_steps, mode=mode, adaptive=adaptive
     )
-    for i, _, labels, _ in stream:
+    for i, colours, labels, _ in stream:
+      if return_confidence:
+        size = labels.shape
+        labels = self.decode(colours, size, confidence=True)
       out[i] = labels
     return out
 
@@ -389,9 +304,10 @@ class Segmenter:
               if progress is not None:
                 progress.update()
 
-  def decode(self, colours: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then decode)."""
-    return decode_colours_host(resize_colours(colours, size), self.centroids)
+  def decode(self, colours: np.ndarray, size: tuple[int, int], *, confidence: bool = False):
+    """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then
+    decode); with confidence, (labels, confidence) as `decode_colours_host`."""
+    return decode_colours_host(resize_colours(colours, size), self.centroids, confidence=confidence)
 
 
 def _take(items: Iterator, n: int) -> list:

@@ -234,10 +234,10 @@ def _run_command(command: str, argv: list[str]) -> int:
   if command == "train":
     return train_command(config, args.workdir)
   if config.eval.mode == "slide":  # an impossible window, stride or resize: one line, now
-    from flowseg_jax import inference
+    from flowseg_jax import inference_host
 
     try:
-      inference.slide_settings(config)
+      inference_host.slide_settings(config)
     except ValueError as e:
       raise UsageError(str(e)) from e
   if command == "evaluate":

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from flowseg_jax import inference, storage
+from flowseg_jax import inference, inference_host, storage
 from flowseg_jax.run import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -78,7 +78,7 @@ def predict(
   def readable():
     for path in mine:
       try:
-        rgb = inference.to_rgb(path)
+        rgb = inference_host.to_rgb(path)
       except ValueError as e:
         logging.error("Skipping %s: %s", path, e)
         failed.append((path, str(e)))

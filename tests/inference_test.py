@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import inference, main, sampling, sharding, tasks, train, train_state, train_step
+from flowseg_jax import (
+  centroids,
+  inference,
+  inference_host,
+  main,
+  sampling,
+  sharding,
+  tasks,
+  train,
+  train_state,
+  train_step,
+)
 from flowseg_jax.data import pipeline
 from flowseg_jax.run import files, progress
 from tests.train_test import REPO, tiny_config
@@ -157,13 +168,52 @@ def test_input_kinds_batches_and_errors(seg):
     seg(rgb, mode="tiles")
 
 
+def test_confidence_is_the_margin_to_the_runner_up_class():
+  """1 on a class colour, 0 halfway to another class, falling in between; the labels are those of
+  the plain decode; everywhere it is the margin as defined, against a brute-force runner-up."""
+  mu = centroids.kronecker_centroids(5)
+  a, b = mu[1], mu[3]  # a pair whose midpoint has no other centroid nearer (checked below)
+  s = np.linspace(0.0, 0.5, 6, dtype=np.float32)[:, None]
+  colours = ((1 - s) * a + s * b)[None]  # (1, 6, 3): from mu_1 to the midpoint of mu_1, mu_3
+  labels, confidence = inference_host.decode_colours_host(colours, mu, confidence=True)
+  np.testing.assert_array_equal(labels, inference_host.decode_colours_host(colours, mu))
+  assert (labels[0, :-1] == 1).all()
+  np.testing.assert_allclose(confidence[0, [0, -1]], [1.0, 0.0], atol=1e-5)
+  assert (np.diff(confidence[0]) < 0).all()  # falls all the way from mu_1 to the midpoint
+  # Off the segment: the margin as defined, against a brute-force runner-up.
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (7, 9, 3)).astype(np.float32)
+  labels, confidence = inference_host.decode_colours_host(x, mu, confidence=True)
+  d = np.linalg.norm(x[..., None, :] - mu, axis=-1)
+  order = np.argsort(d, axis=-1, kind="stable")
+  first, second = order[..., 0], order[..., 1]
+  want = (np.take_along_axis(d, second[..., None], -1)[..., 0] - d.min(-1)) / np.linalg.norm(
+    mu[first] - mu[second], axis=-1
+  )
+  np.testing.assert_array_equal(labels, first)
+  np.testing.assert_allclose(confidence, want, atol=1e-5)
+  assert ((confidence >= 0) & (confidence <= 1)).all()
+
+
+def test_segmenter_returns_confidence_with_the_same_labels(seg):
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (40, 28, 3), dtype=np.uint8)
+  labels, confidence = seg(image, return_confidence=True)
+  np.testing.assert_array_equal(labels, seg(image))
+  assert confidence.shape == (40, 28) and confidence.dtype == np.float32
+  assert 0 <= confidence.min() and confidence.max() <= 1
+  pairs = seg.segment_batch([image, image[:20]], return_confidence=True)
+  np.testing.assert_array_equal(pairs[0][1], confidence)
+  assert pairs[1][0].shape == pairs[1][1].shape == (20, 28)
+
+
 def test_trajectory_and_num_steps(seg):
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the model's own size: no resizing
   states = seg.trajectory(image, num_steps=3)
   assert states.shape == (4, 32, 32, 3) and states.dtype == np.float32
   np.testing.assert_allclose(states[0], image / 127.5 - 1.0, atol=1e-6)
-  decoded = inference.decode_colours_host(states[-1], seg.centroids)
+  decoded = inference_host.decode_colours_host(states[-1], seg.centroids)
   np.testing.assert_array_equal(seg(image, num_steps=3), decoded)
   assert not np.allclose(states[1], states[0])  # the flow moves
 

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import centroids, defaults, flow, inference, main, tasks, train, train_step
+from flowseg_jax import (
+  centroids,
+  defaults,
+  flow,
+  inference,
+  inference_host,
+  main,
+  tasks,
+  train,
+  train_step,
+)
 from flowseg_jax.data import pipeline, prompted, synthetic
 from flowseg_jax.evaluators import refer_iou
 
@@ -238,7 +248,7 @@ def test_every_segmenter_method_honours_its_prompt(trained):
   seg = inference.Segmenter(seg.config, params, task=seg.task, mesh=seg.mesh)
   task = seg.task
   image = synthetic.make_example(5, num_classes=8, size=(40, 24))[0]
-  x0 = inference.network_input(image, seg.config, "whole")[0]
+  x0 = inference_host.network_input(image, seg.config, "whole")[0]
 
   def by_hand(prompt_id):
     cond = jnp.full((1,), prompt_id, jnp.int32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import evaluate, inference, predict, sharding, train, train_step
+from flowseg_jax import evaluate, inference, inference_host, predict, sharding, train, train_step
 from flowseg_jax.convert import dinov2 as dinov2_convert
 from flowseg_jax.data import pipeline
 from flowseg_jax.models import dinov2
@@ -69,7 +69,7 @@ def test_evaluate_command_writes_results(trained_workdir):
 
 
 def test_slide_windows_follow_mmseg_grid():
-  windows = list(inference.slide_windows(48, 70, (32, 32), (16, 20)))
+  windows = list(inference_host.slide_windows(48, 70, (32, 32), (16, 20)))
   # rows: (48 - 32 + 15) // 16 + 1 = 2; cols: (70 - 32 + 19) // 20 + 1 = 3, the last shifted to the border.
   assert windows == [(0, 0), (0, 20), (0, 38), (16, 0), (16, 20), (16, 38)]
 
@@ -81,7 +81,7 @@ def test_slide_with_one_window_equals_whole(trained_workdir):
   seg = inference.Segmenter.from_workdir(trained_workdir, config)
   whole = evaluate.score(seg)[0]
   config.eval.mode = "slide"  # the window, short side and stride follow the model's 32² size
-  assert inference.slide_settings(config) == ((32, 32), (21, 21), 32)
+  assert inference_host.slide_settings(config) == ((32, 32), (21, 21), 32)
   slide = evaluate.score(seg)[0]
   np.testing.assert_array_equal(whole["intersection"], slide["intersection"])
   np.testing.assert_array_equal(whole["union"], slide["union"])
