@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import sys
 import types
 
 import jax
@@ -153,6 +154,7 @@ def test_accelerator_check_script_tiny(tmp_path):
   import subprocess
 
   env = {**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env["PYTHON"] = sys.executable  # this interpreter, venv on PATH or not
   cmd = ["bash", os.path.join(REPO, "tools", "accelerator_check.sh"), "--tiny"]
   cmd += ["--rounds", "1", "--steps", "1"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -7,9 +7,10 @@
 #   bash tools/accelerator_check.sh                 # on the accelerator
 #   bash tools/accelerator_check.sh --tiny          # tiny model on CPU (what the test runs)
 #   REMAT=none bash tools/accelerator_check.sh      # remat policy of the train step
+#   PYTHON=venv/bin/python bash tools/accelerator_check.sh   # the interpreter (default: python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-accelerator_check}"
 mkdir -p "$OUT"
-python -m tools.accelerator_check --out-dir "$OUT" --remat "${REMAT:-nothing_saveable}" "$@" \
+"${PYTHON:-python}" -m tools.accelerator_check --out-dir "$OUT" --remat "${REMAT:-nothing_saveable}" "$@" \
   2>&1 | tee "$OUT/accelerator_check.log"
