@@ -92,6 +92,9 @@ def eval_config() -> ml_collections.ConfigDict:
   # slide_stride (empty: 2/3 of the window); for a 512 model these are mmseg's ADE20K 512 and 341.
   c.slide_short_side = 0
   c.slide_stride = ()
+  # [ours] test-time augmentation: 'none' | 'flip' (each window also mirrored left-right, the colours
+  # averaged before decoding, as mmseg averages logits)
+  c.tta = "none"
   c.max_examples = -1  # [-] -1: the whole eval split
   c.num_pictures = 4  # [-] colourised predictions written per evaluation
   c.use_ema = True  # [PixNerd] samples with the EMA weights

@@ -40,6 +40,8 @@ from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
 
+TTA = ("none", "flip")
+
 # ------------------------------------------------------------------------------------------------
 # The sampler.
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +164,7 @@ class Segmenter:
     num_steps=None,
     mode=None,
     adaptive=None,
+    tta=None,
     return_confidence: bool = False,
   ):
     """One image (path, PIL image or uint8 array) -> int32 (H, W) labels at its own size.
@@ -171,6 +174,7 @@ class Segmenter:
     return_confidence: also return float32 (H, W) confidence in [0, 1], the decoded colour's margin
       between its class colour and the runner-up's (`decode_colours_host`): 1 on the class colour,
       0 halfway between two classes, low where the model hesitates (boundaries, unfamiliar texture).
+    tta: test-time augmentation, 'none' or 'flip' (default config.eval.tta; `segment_stream`).
     """
     return self.segment_batch(
       [image],
@@ -178,6 +182,7 @@ class Segmenter:
       num_steps=num_steps,
       mode=mode,
       adaptive=adaptive,
+      tta=tta,
       return_confidence=return_confidence,
     )[0]
 
@@ -189,6 +194,7 @@ class Segmenter:
     num_steps=None,
     mode=None,
     adaptive=None,
+    tta=None,
     return_confidence: bool = False,
   ) -> list:
     """Many images of any sizes (and one prompt each for a prompted model) -> int32 (H, W) label
@@ -202,7 +208,7 @@ class Segmenter:
     items = ((i, to_rgb(img), p) for i, (img, p) in enumerate(zip(images, prompts)))
     out = [None] * len(images)
     stream = self.segment_stream(
-      items, len(images), num_steps=num_steps, mode=mode, adaptive=adaptive
+      items, len(images), num_steps=num_steps, mode=mode, adaptive=adaptive, tta=tta
     )
     for i, colours, labels, _ in stream:
       if return_confidence:
@@ -250,10 +256,15 @@ class Segmenter:
     num_steps: int | None = None,
     mode: str | None = None,
     adaptive: bool | None = None,
+    tta: str | None = None,
     progress: Progress | None = None,
   ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, float]]:
     """(key, uint8 rgb (h, w, 3), prompt) items -> (key, colours at the network's resolution, int32
     labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
+
+    tta (default config.eval.tta): 'none', or 'flip': each window also goes through the network
+    mirrored left-right, and its colours, mirrored back, are averaged with the plain window's before
+    decoding (as mmseg averages the logits of its augmentations).
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes, and so is an error reading or preparing one process's
@@ -261,6 +272,10 @@ class Segmenter:
     """
     agreement = Agreement()
     mode = self.config.eval.mode if mode is None else mode
+    tta = self.config.eval.get("tta", "none") if tta is None else tta
+    if tta not in TTA:
+      raise ValueError(f"tta (config.eval.tta) must be one of {TTA}, got {tta!r}")
+    views = (False, True) if tta == "flip" else (False,)
     fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps, adaptive))
     local_batch = self.batch_per_device * self.mesh.local_mesh.size
     chunk = 8 * local_batch  # images prepared at a time: bounded host memory
@@ -275,24 +290,32 @@ class Segmenter:
             (key, rgb, self.task.condition_of(prompt), *network_input(rgb, self.config, mode))
             for key, rgb, prompt in _take(items, chunk)
           ]
-          windows = [(g, y0, x0) for g, (*_, corners) in enumerate(group) for y0, x0 in corners]
+          windows = [
+            (g, y0, x0, flip)
+            for g, (*_, corners) in enumerate(group)
+            for y0, x0 in corners
+            for flip in views
+          ]
         num_batches = agreement.agree(-(-len(windows) // local_batch))
         sums = [np.zeros(x.shape, np.float32) for _, _, _, x, _ in group]
         counts = [np.zeros(x.shape[:2], np.float32) for _, _, _, x, _ in group]
         dts = np.zeros(len(group), np.float64)
         left = np.bincount([w[0] for w in windows], minlength=len(group))
+        num_windows = left.copy()
         for b in range(num_batches):
           batch = windows[b * local_batch : (b + 1) * local_batch]
           crops = np.zeros((local_batch, *crop, 3), np.float32)
           conds = np.zeros((local_batch,), np.int32)
-          for j, (g, y0, x0) in enumerate(batch):
-            crops[j] = group[g][3][y0 : y0 + crop[0], x0 : x0 + crop[1]]
+          for j, (g, y0, x0, flip) in enumerate(batch):
+            window = group[g][3][y0 : y0 + crop[0], x0 : x0 + crop[1]]
+            crops[j] = window[:, ::-1] if flip else window
             conds[j] = group[g][2]
           arrays = sharding.shard_batch({"x": crops, "c": conds}, self.mesh)
           colours, _, dt = fn(self.params, arrays["x"], arrays["c"])
           colours, dt = local_rows(colours), local_rows(dt)
-          for j, (g, y0, x0) in enumerate(batch):
-            sums[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += colours[j]
+          for j, (g, y0, x0, flip) in enumerate(batch):
+            out = colours[j][:, ::-1] if flip else colours[j]  # a mirrored window, mirrored back
+            sums[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += out
             counts[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
             dts[g] += dt[j]
             left[g] -= 1
@@ -300,7 +323,7 @@ class Segmenter:
               key, rgb = group[g][:2]
               mean = sums[g] / counts[g][..., None]
               sums[g] = counts[g] = None
-              yield key, mean, self.decode(mean, rgb.shape[:2]), dts[g] / len(group[g][4])
+              yield key, mean, self.decode(mean, rgb.shape[:2]), dts[g] / num_windows[g]
               if progress is not None:
                 progress.update()
 

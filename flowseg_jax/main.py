@@ -1,7 +1,7 @@
 """`flowseg` command line: train | evaluate | predict | convert. The work happens in the library.
 
 flowseg train    --config configs/demo.py --workdir DIR [--config.FIELD=VALUE ...]
-flowseg evaluate --workdir DIR [--config.eval.num_steps=25] [--config.eval.mode=slide]
+flowseg evaluate --workdir DIR [--config.eval.num_steps=25] [--config.eval.mode=slide] [--config.eval.tta=flip]
 flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR [--prompt TEXT (prompted runs)]
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR

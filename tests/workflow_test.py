@@ -101,6 +101,11 @@ def test_slide_from_the_cli_and_an_impossible_one_in_one_line(trained_workdir, c
   assert main.run([*base, "--config.eval.mode=slide"]) == 0
   slide = capsys.readouterr().out
   assert whole.split(":", 1)[1].split("->")[0] == slide.split(":", 1)[1].split("->")[0]
+  assert main.run([*base, "--config.eval.tta=flip"]) == 0  # its own file: _flip
+  flipped = capsys.readouterr().out
+  assert flipped.strip().endswith("_whole_flip.json"), flipped
+  with open(flipped.strip().split("-> ")[-1]) as f:
+    assert json.load(f)["tta"] == "flip"
   before = sorted(os.listdir(os.path.join(trained_workdir, "eval")))
   assert main.run([*base, "--config.eval.mode=slide", "--config.eval.slide_stride=341,341"]) == 2
   err = capsys.readouterr().err

@@ -121,10 +121,12 @@ class MiouEvaluator(common.Evaluator):
     return {
       "num_steps": int(cfg.num_steps if num_steps is None else num_steps),
       "mode": cfg.mode if mode is None else mode,
+      "tta": cfg.get("tta", "none"),
     }
 
   def output_name(self, step: int, settings: dict) -> str:
-    return f"step_{step}_steps{settings['num_steps']}_{settings['mode']}"
+    suffix = "" if settings["tta"] == "none" else f"_{settings['tta']}"
+    return f"step_{step}_steps{settings['num_steps']}_{settings['mode']}{suffix}"
 
   def run(self, settings: dict) -> dict:
     seg = self.segmenter
@@ -136,7 +138,12 @@ class MiouEvaluator(common.Evaluator):
     items = ((ex, ex["image_orig"], None) for ex in examples)
     report = progress.Progress("evaluate", num_local)
     stream = seg.segment_stream(
-      items, num_local, num_steps=settings["num_steps"], mode=settings["mode"], progress=report
+      items,
+      num_local,
+      num_steps=settings["num_steps"],
+      mode=settings["mode"],
+      tta=settings["tta"],
+      progress=report,
     )
     for ex, colours, pred, _ in stream:
       matrix += confusion_matrix(pred, ex["label"], n)

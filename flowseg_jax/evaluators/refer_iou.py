@@ -156,6 +156,8 @@ class ReferIouEvaluator(common.Evaluator):
   def settings(self, *, num_steps=None, mode=None, adaptive=None) -> dict:
     if mode not in (None, "whole"):
       raise ValueError(f"prompted evaluation runs in 'whole' mode only, got mode={mode!r}")
+    if self.config.eval.get("tta", "none") != "none":  # a mirror swaps 'left' and 'right'
+      raise ValueError("prompted evaluation runs without test-time augmentation (config.eval.tta)")
     steps = int(self.config.eval.num_steps if num_steps is None else num_steps)
     adaptive = self.config.prompted.adaptive.enabled if adaptive is None else adaptive
     return {"num_steps": steps, "adaptive_one_step": bool(adaptive and steps == 1)}
