@@ -147,3 +147,27 @@ def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[
   size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
   image = transforms.normalize_image(transforms.resize_image(rgb, size))
   return image, list(slide_windows(*size, crop, stride))
+
+
+def decode_views_host(
+  views: np.ndarray, centroids: np.ndarray, *, tau: float = 1.0, eps: float = 1e-6
+) -> np.ndarray:
+  """Several views' colours of one image (V, H, W, 3) -> int32 (H, W): the class with the highest
+  mean probability over views, p_k = (d_k + eps)^(-1/tau) / sum_j (d_j + eps)^(-1/tau) with d the
+  squared distance to class k's colour (the potential's softmax, FlowSeg eq 9 with T = -log).
+  Two passes over the classes (the normaliser, then the scores): no (pixels x classes) array."""
+  x = np.asarray(views, np.float64)
+  mu = np.asarray(centroids, np.float64)
+
+  def weight(k):  # (V, H, W) unnormalised probabilities of class k
+    return (np.square(x - mu[k]).sum(-1) + eps) ** (-1.0 / tau)
+
+  norm = sum(weight(k) for k in range(len(mu)))
+  best = np.full(x.shape[1:3], -np.inf)
+  index = np.zeros(x.shape[1:3], np.int32)
+  for k in range(len(mu)):
+    score = (weight(k) / norm).sum(0)
+    better = score > best
+    best[better] = score[better]
+    index[better] = k
+  return index

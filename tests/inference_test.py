@@ -195,6 +195,23 @@ def test_confidence_is_the_margin_to_the_runner_up_class():
   assert ((confidence >= 0) & (confidence <= 1)).all()
 
 
+def test_views_are_decoded_by_mean_probability_not_mean_colour():
+  """Two views on class 0's and class 4's colours: their mean colour is nearest class 1 (a class
+  neither view saw), the mean of the potential's probabilities picks one of the two. One view
+  decodes as the plain nearest centroid."""
+  mu = centroids.kronecker_centroids(5)
+  views = np.stack([np.broadcast_to(mu[0], (2, 3, 3)), np.broadcast_to(mu[4], (2, 3, 3))])
+  mean_colour = inference_host.decode_colours_host(views.mean(0), mu)
+  assert (mean_colour == 1).all()
+  by_probability = inference_host.decode_views_host(views, mu)
+  assert np.isin(by_probability, [0, 4]).all()
+  rng = np.random.default_rng(2)
+  one = rng.uniform(-1, 1, (1, 6, 7, 3)).astype(np.float32)
+  np.testing.assert_array_equal(
+    inference_host.decode_views_host(one, mu), inference_host.decode_colours_host(one[0], mu)
+  )
+
+
 def test_segmenter_returns_confidence_with_the_same_labels(seg):
   rng = np.random.default_rng(3)
   image = rng.integers(0, 256, (40, 28, 3), dtype=np.uint8)
@@ -221,7 +238,13 @@ def test_flip_tta_averages_a_window_and_its_mirror(seg):
   mirrored, _ = colours(image[:, ::-1].copy(), "none")
   both, labels = colours(image, "flip")
   np.testing.assert_allclose(both, (plain + mirrored[:, ::-1]) / 2, atol=1e-6)
+  views = np.stack([plain, mirrored[:, ::-1]])
+  obj = seg.task.objective
+  want = inference_host.decode_views_host(views, seg.centroids, tau=obj.tau, eps=obj.eps)
+  np.testing.assert_array_equal(labels, want)
   np.testing.assert_array_equal(labels, seg(image, tta="flip"))
+  with pytest.raises(ValueError, match="return_confidence"):
+    seg(image, tta="flip", return_confidence=True)
   with pytest.raises(ValueError, match="tta"):
     seg(image, tta="ms_flip")
 
