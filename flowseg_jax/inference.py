@@ -327,7 +327,8 @@ class Segmenter:
           for j, (g, y0, x0, flip) in enumerate(batch):
             out = colours[j][:, ::-1] if flip else colours[j]  # a mirrored window, mirrored back
             sums[g][int(flip), y0 : y0 + crop[0], x0 : x0 + crop[1]] += out
-            counts[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1 if not flip else 0
+            if not flip:  # both views cover the same windows: count them once
+              counts[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
             dts[g] += dt[j]
             left[g] -= 1
             if left[g] == 0:
