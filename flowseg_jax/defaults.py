@@ -92,9 +92,11 @@ def eval_config() -> ml_collections.ConfigDict:
   # slide_stride (empty: 2/3 of the window); for a 512 model these are mmseg's ADE20K 512 and 341.
   c.slide_short_side = 0
   c.slide_stride = ()
-  # [ours] test-time augmentation: 'none' | 'flip' (each window also mirrored left-right, the colours
-  # averaged before decoding, as mmseg averages logits)
+  # [ours] test-time augmentation: 'none' | 'flip' (each window also mirrored left-right) | 'ms_flip'
+  # (both mirrorings at each of tta_scales); the views' class probabilities (the potential's softmax)
+  # are averaged before the argmax, as mmseg averages logits
   c.tta = "none"
+  c.tta_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # [mmseg] ADE20K's multi-scale test ratios
   c.max_examples = -1  # [-] -1: the whole eval split
   c.num_pictures = 4  # [-] colourised predictions written per evaluation
   c.use_ema = True  # [PixNerd] samples with the EMA weights

@@ -46,7 +46,7 @@ from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
 
-TTA = ("none", "flip")
+TTA = ("none", "flip", "ms_flip")
 
 # ------------------------------------------------------------------------------------------------
 # The sampler.
@@ -180,7 +180,8 @@ class Segmenter:
     return_confidence: also return float32 (H, W) confidence in [0, 1], the decoded colour's margin
       between its class colour and the runner-up's (`decode_colours_host`): 1 on the class colour,
       0 halfway between two classes, low where the model hesitates (boundaries, unfamiliar texture).
-    tta: test-time augmentation, 'none' or 'flip' (default config.eval.tta; `segment_stream`).
+    tta: test-time augmentation, 'none', 'flip' or 'ms_flip' (default config.eval.tta;
+      `segment_stream`).
     """
     return self.segment_batch(
       [image],
@@ -242,7 +243,7 @@ class Segmenter:
     """The ODE states x(t_0 = 0), ..., x(t_n = 1) of the whole-image input: float32
     (num_steps + 1, H, W, 3) in colour space, at config.input.image_size."""
     cond = self.task.condition_of(prompt)
-    x0, _ = network_input(to_rgb(image), self.config, "whole")
+    x0, _, _ = network_input(to_rgb(image), self.config, "whole")
     batch = self.batch_per_device * self.mesh.size
     images = np.zeros((batch, *x0.shape), np.float32)
     images[0] = x0
@@ -275,7 +276,10 @@ class Segmenter:
     highest mean probability over the two views, the probability being the potential's softmax
     over classes (FlowSeg eq 9: p_k ∝ (d_k + eps)^(-1/tau)), as mmseg averages logits. The mean
     *colour* of two views that disagree can fall nearer a third class (on the demo it costs 3
-    mIoU points); the yielded colours are that mean, for pictures.
+    mIoU points); the yielded colours are that mean, for pictures. 'ms_flip' adds mmseg's scales
+    (config.eval.tta_scales): each view is the image at that multiple of its scale-1 size
+    (`network_input`: padded below the window, windowed above), and every view's colours are
+    resized to the image's size before the probabilities are averaged.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes, and so is an error reading or preparing one process's
@@ -283,33 +287,38 @@ class Segmenter:
     """
     agreement = Agreement()
     mode = self.config.eval.mode if mode is None else mode
-    tta = self.config.eval.get("tta", "none") if tta is None else tta
-    if tta not in TTA:
-      raise ValueError(f"tta (config.eval.tta) must be one of {TTA}, got {tta!r}")
-    views = (False, True) if tta == "flip" else (False,)
+    views = tta_views(self.config, tta)
     fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps, adaptive))
     local_batch = self.batch_per_device * self.mesh.local_mesh.size
     chunk = 8 * local_batch  # images prepared at a time: bounded host memory
     num_chunks = agreement.agree(-(-num_items // chunk))  # the largest over processes
     items = iter(items)
     crop = tuple(int(s) for s in self.config.input.image_size)
+    scales = sorted({scale for scale, _ in views})
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group, windows = [], []
         with agreement.hold():
+          # (key, rgb, condition, {scale: (input, corners, valid)})
           group = [
-            (key, rgb, self.task.condition_of(prompt), *network_input(rgb, self.config, mode))
+            (key, rgb, self.task.condition_of(prompt), {
+              s: network_input(rgb, self.config, mode, s) for s in scales
+            })
             for key, rgb, prompt in _take(items, chunk)
-          ]
+          ]  # fmt: skip
           windows = [
-            (g, y0, x0, flip)
-            for g, (*_, corners) in enumerate(group)
-            for y0, x0 in corners
-            for flip in views
+            (g, v, y0, x0)
+            for g, (*_, inputs) in enumerate(group)
+            for v, (scale, _) in enumerate(views)
+            for y0, x0 in inputs[scale][1]
           ]
         num_batches = agreement.agree(-(-len(windows) // local_batch))
-        sums = [np.zeros((len(views), *x.shape), np.float32) for _, _, _, x, _ in group]
-        counts = [np.zeros(x.shape[:2], np.float32) for _, _, _, x, _ in group]
+        sums = [
+          [np.zeros(inputs[scale][0].shape, np.float32) for scale, _ in views]
+          for *_, inputs in group
+        ]
+        counts = [[np.zeros(inputs[scale][0].shape[:2], np.float32) for scale, _ in views]
+                  for *_, inputs in group]  # fmt: skip
         dts = np.zeros(len(group), np.float64)
         left = np.bincount([w[0] for w in windows], minlength=len(group))
         num_windows = left.copy()
@@ -317,33 +326,37 @@ class Segmenter:
           batch = windows[b * local_batch : (b + 1) * local_batch]
           crops = np.zeros((local_batch, *crop, 3), np.float32)
           conds = np.zeros((local_batch,), np.int32)
-          for j, (g, y0, x0, flip) in enumerate(batch):
-            window = group[g][3][y0 : y0 + crop[0], x0 : x0 + crop[1]]
+          for j, (g, v, y0, x0) in enumerate(batch):
+            scale, flip = views[v]
+            window = group[g][3][scale][0][y0 : y0 + crop[0], x0 : x0 + crop[1]]
             crops[j] = window[:, ::-1] if flip else window
             conds[j] = group[g][2]
           arrays = sharding.shard_batch({"x": crops, "c": conds}, self.mesh)
           colours, _, dt = fn(self.params, arrays["x"], arrays["c"])
           colours, dt = local_rows(colours), local_rows(dt)
-          for j, (g, y0, x0, flip) in enumerate(batch):
-            out = colours[j][:, ::-1] if flip else colours[j]  # a mirrored window, mirrored back
-            sums[g][int(flip), y0 : y0 + crop[0], x0 : x0 + crop[1]] += out
-            if not flip:  # both views cover the same windows: count them once
-              counts[g][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
+          for j, (g, v, y0, x0) in enumerate(batch):
+            out = colours[j][:, ::-1] if views[v][1] else colours[j]  # mirrored back
+            sums[g][v][y0 : y0 + crop[0], x0 : x0 + crop[1]] += out
+            counts[g][v][y0 : y0 + crop[0], x0 : x0 + crop[1]] += 1
             dts[g] += dt[j]
             left[g] -= 1
             if left[g] == 0:
-              key, rgb = group[g][:2]
-              per_view = sums[g] / counts[g][None, ..., None]
+              key, rgb, _, inputs = group[g]
+              per_view = []
+              for (scale, _), total, count in zip(views, sums[g], counts[g], strict=True):
+                h, w = inputs[scale][2]
+                per_view.append(total[:h, :w] / count[:h, :w, None])
               sums[g] = counts[g] = None
               if len(views) == 1:
                 labels = self.decode(per_view[0], rgb.shape[:2])
               else:
                 labels = self.decode_views(per_view, rgb.shape[:2])
-              yield key, per_view.mean(0), labels, dts[g] / num_windows[g]
+              ref = min(range(len(views)), key=lambda i: abs(views[i][0] - 1.0))
+              yield key, _mean_colours(per_view, ref), labels, dts[g] / num_windows[g]
               if progress is not None:
                 progress.update()
 
-  def decode_views(self, views: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  def decode_views(self, views: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     """Colours of several views of one image (test-time augmentation) -> int32 labels at `size`,
     by the mean of the potential's class probabilities over views (`decode_views_host`)."""
     resized = np.stack([resize_colours(v, size) for v in views])
@@ -354,6 +367,29 @@ class Segmenter:
     """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then
     decode); with confidence, (labels, confidence) as `decode_colours_host`."""
     return decode_colours_host(resize_colours(colours, size), self.centroids, confidence=confidence)
+
+
+def tta_views(config, tta: str | None = None) -> list[tuple[float, bool]]:
+  """The (scale, mirrored) views of test-time augmentation `tta` (default config.eval.tta):
+  'none' [(1, no)], 'flip' [(1, no), (1, yes)], 'ms_flip' both mirrorings at every scale of
+  config.eval.tta_scales (mmseg's ADE20K ratios by default)."""
+  tta = config.eval.get("tta", "none") if tta is None else tta
+  if tta not in TTA:
+    raise ValueError(f"tta (config.eval.tta) must be one of {TTA}, got {tta!r}")
+  if tta == "none":
+    return [(1.0, False)]
+  scales = [float(s) for s in config.eval.get("tta_scales", ())] if tta == "ms_flip" else [1.0]
+  if not scales or any(not s > 0 for s in scales):
+    raise ValueError(
+      f"config.eval.tta_scales={tuple(scales)} must be positive ratios, e.g. (0.5, 1.0)"
+    )
+  return [(s, flip) for s in scales for flip in (False, True)]
+
+
+def _mean_colours(views: list[np.ndarray], ref: int) -> np.ndarray:
+  """The views' mean colour at view `ref`'s size (for pictures; labels decode probabilities)."""
+  size = views[ref].shape[:2]
+  return np.mean([v if v.shape[:2] == size else resize_colours(v, size) for v in views], axis=0)
 
 
 def _take(items: Iterator, n: int) -> list:

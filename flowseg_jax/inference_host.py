@@ -134,19 +134,33 @@ def slide_settings(config) -> tuple[tuple[int, int], tuple[int, int], int]:
   return crop, stride, short
 
 
-def network_input(rgb: np.ndarray, config, mode: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
-  """(float32 input image in [-1, 1], window corners) of one image for `mode`."""
+def network_input(
+  rgb: np.ndarray, config, mode: str, scale: float = 1.0
+) -> tuple[np.ndarray, list[tuple[int, int]], tuple[int, int]]:
+  """(float32 input image in [-1, 1], window corners, valid (h, w)) of one image for `mode`.
+
+  At scale 1, whole mode is the image resized to config.input.image_size (one window) and slide
+  mode the image resized to its short side (at least the window) cut into windows. A multi-scale
+  view (test-time augmentation) resizes to `scale` times that size; where the result is smaller
+  than the window it is padded with 0 (grey, as mmseg pads the normalised image) and only the
+  first `valid` rows and columns are the image's; where larger, it is cut into windows."""
   crop = tuple(int(s) for s in config.input.image_size)
-  if mode == "whole":
-    return transforms.normalize_image(transforms.resize_image(rgb, crop)), [(0, 0)]
-  if mode != "slide":
+  if mode not in MODES:
     raise ValueError(f"mode (config.eval.mode) must be one of {MODES}, got {mode!r}")
+  if mode == "whole" and scale == 1.0:
+    return transforms.normalize_image(transforms.resize_image(rgb, crop)), [(0, 0)], crop
   crop, stride, short = slide_settings(config)
-  h, w = rgb.shape[:2]
-  scale = max(short / min(h, w), crop[0] / h, crop[1] / w)
-  size = (max(int(round(h * scale)), crop[0]), max(int(round(w * scale)), crop[1]))
-  image = transforms.normalize_image(transforms.resize_image(rgb, size))
-  return image, list(slide_windows(*size, crop, stride))
+  if mode == "whole":
+    base = crop
+  else:
+    h, w = rgb.shape[:2]
+    f = max(short / min(h, w), crop[0] / h, crop[1] / w)
+    base = (max(int(round(h * f)), crop[0]), max(int(round(w * f)), crop[1]))
+  valid = tuple(max(int(round(b * scale)), 1) for b in base)
+  padded = tuple(max(v, c) for v, c in zip(valid, crop, strict=True))
+  image = np.zeros((*padded, 3), np.float32)
+  image[: valid[0], : valid[1]] = transforms.normalize_image(transforms.resize_image(rgb, valid))
+  return image, list(slide_windows(*padded, crop, stride)), valid
 
 
 def decode_views_host(

@@ -224,31 +224,6 @@ def test_segmenter_returns_confidence_with_the_same_labels(seg):
   assert pairs[1][0].shape == pairs[1][1].shape == (20, 28)
 
 
-def test_flip_tta_averages_a_window_and_its_mirror(seg):
-  """tta='flip': the colours are the mean of the plain pass and the mirrored pass mirrored back, and
-  the labels are those colours decoded."""
-  rng = np.random.default_rng(4)
-  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the model's size: one window
-
-  def colours(img, tta):
-    [(_, out, labels, _)] = list(seg.segment_stream([(0, img, None)], 1, tta=tta))
-    return out, labels
-
-  plain, _ = colours(image, "none")
-  mirrored, _ = colours(image[:, ::-1].copy(), "none")
-  both, labels = colours(image, "flip")
-  np.testing.assert_allclose(both, (plain + mirrored[:, ::-1]) / 2, atol=1e-6)
-  views = np.stack([plain, mirrored[:, ::-1]])
-  obj = seg.task.objective
-  want = inference_host.decode_views_host(views, seg.centroids, tau=obj.tau, eps=obj.eps)
-  np.testing.assert_array_equal(labels, want)
-  np.testing.assert_array_equal(labels, seg(image, tta="flip"))
-  with pytest.raises(ValueError, match="return_confidence"):
-    seg(image, tta="flip", return_confidence=True)
-  with pytest.raises(ValueError, match="tta"):
-    seg(image, tta="ms_flip")
-
-
 def test_trajectory_and_num_steps(seg):
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # the model's own size: no resizing
