@@ -106,6 +106,11 @@ def test_slide_from_the_cli_and_an_impossible_one_in_one_line(trained_workdir, c
   assert flipped.strip().endswith("_whole_flip.json"), flipped
   with open(flipped.strip().split("-> ")[-1]) as f:
     assert json.load(f)["tta"] == "flip"
+  assert main.run([*base, "--config.eval.tta=ms_flip", "--config.eval.tta_scales=(1.0,2.0)"]) == 0
+  ms = capsys.readouterr().out.strip()  # other than mmseg's scales: a file of their own
+  assert ms.endswith("_whole_ms_flip_x1-2.json"), ms
+  with open(ms.split("-> ")[-1]) as f:
+    assert json.load(f)["tta_scales"] == [1.0, 2.0]
   before = sorted(os.listdir(os.path.join(trained_workdir, "eval")))
   assert main.run([*base, "--config.eval.mode=slide", "--config.eval.slide_stride=341,341"]) == 2
   err = capsys.readouterr().err

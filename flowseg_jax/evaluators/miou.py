@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import storage
+from flowseg_jax import defaults, storage
 from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.evaluators import common
 from flowseg_jax.run import files, progress
@@ -118,14 +118,20 @@ class MiouEvaluator(common.Evaluator):
   def settings(self, *, num_steps=None, mode=None, adaptive=None) -> dict:
     del adaptive  # no adaptive rule for semantic segmentation
     cfg = self.config.eval
-    return {
+    out = {
       "num_steps": int(cfg.num_steps if num_steps is None else num_steps),
       "mode": cfg.mode if mode is None else mode,
       "tta": cfg.get("tta", "none"),
     }
+    if out["tta"] == "ms_flip":
+      out["tta_scales"] = [float(s) for s in cfg.get("tta_scales", ())]
+    return out
 
   def output_name(self, step: int, settings: dict) -> str:
     suffix = "" if settings["tta"] == "none" else f"_{settings['tta']}"
+    scales = settings.get("tta_scales")
+    if scales is not None and tuple(scales) != tuple(defaults.eval_config().tta_scales):
+      suffix += "_x" + "-".join(f"{s:g}" for s in scales)  # other scales: another file
     return f"step_{step}_steps{settings['num_steps']}_{settings['mode']}{suffix}"
 
   def run(self, settings: dict) -> dict:
