@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import flow, models, optim, sharding, tasks
+from flowseg_jax.data import transforms
 from flowseg_jax.models import repa
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def train_step(state, batch, teacher_params, *, setup: TrainSetup):
   config = setup.config
   accum = config.optim.grad_accum_steps
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  images, labels = batch["image"], batch["label"]
+  images = transforms.normalize_on_device(batch["image"], batch.get("image_hw"))
+  labels = batch["label"]
   task = setup.task
   cond = task.condition(batch)
   labels, target_metrics = task.train_targets(
@@ -255,7 +257,7 @@ def compile_train_step(setup: TrainSetup, mesh, state_shardings):
     functools.partial(train_step, setup=setup),
     in_shardings=(
       state_shardings,
-      {k: data_sharding for k in setup.task.batch_keys},
+      data_sharding,  # every array of the batch (a uint8 pipeline batch also has image_hw)
       teacher_sharding,
     ),
     out_shardings=(state_shardings, repl),

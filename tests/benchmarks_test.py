@@ -234,3 +234,16 @@ def test_scripts_are_modules_of_packages_without_path_edits():
         with open(os.path.join(folder, name)) as f:
           text = f.read()
         assert not re.search(r"sys\.path\.(insert|append)|PYTHONPATH=", text), f"{package}/{name}"
+
+
+def test_input_demand_arithmetic():
+  """workers = ceil(chips per host x 0.5 x bf16 peak / (3 x forward FLOPs) / per-worker rate)."""
+  from benchmarks import input_demand
+
+  rows = {(r["target"], r["stage"]): r for r in input_demand.table({256: 10.0, 512: 20.0})}
+  arch = {**pixnerd.VARIANTS["XL/16"], "in_channels": 3}
+  per_image = flops.train_step_flops(arch, 1, 256, 256)
+  v5e = rows[("v5e-8", "1")]
+  np.testing.assert_allclose(v5e["images_per_s_chip"], 0.5 * 197e12 / per_image)
+  assert v5e["workers"] == int(np.ceil(8 * 0.5 * 197e12 / per_image / 100.0))
+  assert rows[("h100-8", "2")]["images_per_s_worker"] == 50.0  # 20 ms per 512² image

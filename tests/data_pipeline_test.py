@@ -49,7 +49,7 @@ def index_of():
   for i in range(8):
     image, _ = synthetic.make_example(i, num_classes=NUM_CLASSES, size=SIZE, seed=0)
     table[image.tobytes()] = i
-  return lambda img: table[np.rint((img + 1.0) * 127.5).astype(np.uint8).tobytes()]
+  return lambda img: table[np.asarray(img, np.uint8).tobytes()]
 
 
 def _assert_batches_equal(a, b):
@@ -62,11 +62,11 @@ def _assert_batches_equal(a, b):
 
 def test_batch_format_and_values(index_of):
   batch = next(_train(_cfg()))
-  assert set(batch) == {"image", "label", "num_skipped"}
-  assert batch["image"].shape == (4, *SIZE, 3) and batch["image"].dtype == np.float32
+  assert set(batch) == {"image", "label", "image_hw", "num_skipped"}
+  assert batch["image"].shape == (4, *SIZE, 3) and batch["image"].dtype == np.uint8  # bytes cross
   assert batch["label"].shape == (4, *SIZE) and batch["label"].dtype == np.int32
+  np.testing.assert_array_equal(batch["image_hw"], np.tile(SIZE, (4, 1)))  # nothing padded
   assert batch["num_skipped"].shape == () and int(batch["num_skipped"]) == 0
-  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
   for img, lab in zip(batch["image"], batch["label"]):  # exact: no resize at equal size
     i = index_of(img)
     expected = synthetic.make_example(i, num_classes=NUM_CLASSES, size=SIZE, seed=0)[1]
@@ -189,7 +189,7 @@ def _block_example(h, w):
 
 
 def _check_alignment(out):
-  lab, img = out["label"], np.rint((out["image"] + 1) * 127.5)
+  lab, img = out["label"], out["image"].astype(np.float64)
   assert np.isin(lab, [0, 1, 2, 3, 255]).all()
   # Pixels whose 5x5 neighbourhood has a single class show that class's colour.
   pad = np.pad(lab, 2, mode="edge")
@@ -233,8 +233,26 @@ def test_padding_when_scaled_below_crop():
   )  # fmt: skip
   # Scale 0.25 x (64/32) = 0.5: content 16x16 at the top left, the rest padded.
   assert (out["label"][16:, :] == 255).all() and (out["label"][:, 16:] == 255).all()
-  assert (out["image"][16:, :] == transforms.IMAGE_PAD_VALUE).all()
+  np.testing.assert_array_equal(out["image_hw"], [16, 16])
   assert (out["label"][:16, :16] != 255).any()
+  # On the device: the content normalised exactly as on the host, the padding IMAGE_PAD_VALUE.
+  on_device = np.asarray(transforms.normalize_on_device(out["image"][None], out["image_hw"][None]))
+  want = transforms.normalize_image(out["image"][:16, :16])
+  np.testing.assert_array_equal(on_device[0, :16, :16], want)
+  assert (on_device[0, 16:] == transforms.IMAGE_PAD_VALUE).all()
+  assert (on_device[0, :, 16:] == transforms.IMAGE_PAD_VALUE).all()
+
+
+def test_device_normalisation_is_the_hosts_to_the_bit():
+  """Every uint8 value maps to the float32 normalize_image gives (the train step's input is the
+  same whether the pipeline normalises on the host or the device); float images pass through."""
+  values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+  on_device = np.asarray(transforms.normalize_on_device(values))
+  np.testing.assert_array_equal(on_device, transforms.normalize_image(values))
+  hw = np.array([[16, 16]], np.int32)
+  np.testing.assert_array_equal(np.asarray(transforms.normalize_on_device(values, hw)), on_device)
+  floats = transforms.normalize_image(values)
+  assert transforms.normalize_on_device(floats) is floats
 
 
 def test_label_resize_is_nearest():

@@ -103,6 +103,27 @@ def test_preflight_names_the_missing_path_before_any_work(tmp_path):
   assert not os.path.exists(tmp_path / "run")  # found before the workdir is created
 
 
+def test_a_dev_shm_too_small_for_grains_workers_is_one_line(tmp_path, monkeypatch, capsys):
+  """Docker's default /dev/shm is 64 MiB; grain's workers pass batches through it. Pre-flight
+  compares the need (workers x (prefetch + 1) x batch bytes) with what is free, before any work."""
+  config = tiny_config(**{"input.num_workers": 2, "input.batch_size": 4})
+  h, w = config.input.image_size
+  need = 2 * (config.input.prefetch_buffer + 1) * 4 * (h * w * 7 + 8)
+  assert hosts.shm_needed(config) == need
+  assert hosts.shm_needed(tiny_config(**{"input.num_workers": 0})) == 0  # no workers, no check
+  monkeypatch.setattr(hosts, "shm_free_bytes", lambda: need - 1)
+  workdir = tmp_path / "run"
+  code = main.run(["train", "--config", os.path.join(REPO, "configs/demo.py:smoke"), f"--workdir={workdir}",
+                   "--config.input.num_workers=2", "--config.input.batch_size=4"])  # fmt: skip
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code != 0 and len(err) == 1, err
+  assert "/dev/shm on this host has" in err[0] and "config.input.num_workers" in err[0]
+  assert "--shm-size=" in err[0]
+  assert not workdir.exists()
+  monkeypatch.setattr(hosts, "shm_free_bytes", lambda: need)
+  hosts.check_inputs(config)  # exactly enough passes
+
+
 def test_agreement_on_one_process_is_free_and_transparent():
   a = agreement.Agreement()
   assert a.agree(2) == 2 and a.num_calls == 0

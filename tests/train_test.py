@@ -25,7 +25,7 @@ from flowseg_jax import (
   train_state,
   train_step,
 )
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import pipeline, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,11 +111,30 @@ def test_grad_accumulation_matches_full_batch(batch):
   np.testing.assert_allclose(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-5)
 
 
+def test_uint8_batch_steps_as_the_host_normalised_one(batch):
+  """The pipeline's uint8 images, normalised in the step, give the step of the same images
+  normalised on the host, to the bit; a padded region (image_hw) is set to IMAGE_PAD_VALUE."""
+  config = tiny_config()
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  assert batch["image"].dtype == np.uint8
+  floats = {"image": transforms.normalize_image(batch["image"]), "label": batch["label"]}
+  _, a, m_a, _ = one_step(config, mesh, batch)
+  _, b, m_b, _ = one_step(config, mesh, floats)
+  assert float(m_a["loss"]) == float(m_b["loss"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
+  padded = dict(batch, image_hw=batch["image_hw"].copy())
+  padded["image_hw"][0] = (8, 5)  # example 0: only its top-left 8x5 is image
+  floats["image"][0, 8:], floats["image"][0, :, 5:] = 0.0, 0.0
+  _, _, m_p, _ = one_step(config, mesh, padded)
+  _, _, m_f, _ = one_step(config, mesh, floats)
+  assert float(m_p["loss"]) == float(m_f["loss"]) != float(m_a["loss"])
+
+
 def test_non_finite_batch_is_skipped_and_counted(batch):
   config = tiny_config()
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   bad = dict(batch)
-  bad["image"] = batch["image"].copy()
+  bad["image"] = transforms.normalize_image(batch["image"])  # float images pass through: NaN fits
   bad["image"][0, 0, 0, 0] = np.nan
   before, after, metrics, _ = one_step(config, mesh, bad)
   assert int(metrics["skipped"]) == 1

@@ -28,8 +28,9 @@ def train_step_inputs(config, mesh, rules):
   data = sharding.batch_sharding(mesh)
   b, (h, w) = config.input.batch_size, tuple(config.input.image_size)
   batch = {
-    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data),
+    "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8, sharding=data),  # as the pipeline's
     "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
+    "image_hw": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=data),
   }
   teacher_params = None
   if teacher is not None:

@@ -6,11 +6,16 @@ in NumPy so that ids are never blended). Crops are taken as PIL resize boxes, so
 region is resampled, and JPEGs are decoded at a reduced DCT scale (`draft`) when the output is at
 most half their size.
 
-Output convention: image float32 (H, W, 3) in [-1, 1]; label int32 (H, W), 255 = ignore.
+Output convention: label int32 (H, W), 255 = ignore. Training images stay uint8 (H, W, 3) with
+'image_hw', the size of the image's own content (the rest is padding): they cross to the accelerator
+as bytes, a quarter of float32's, and `normalize_on_device` makes them float32 in [-1, 1] there,
+padding set to IMAGE_PAD_VALUE, the exact values `normalize_image` gives on the host. Evaluation
+examples carry the normalised float32 image and the original uint8 one.
 """
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -152,7 +157,7 @@ def train_example(
   src=None,
   label_src=None,
 ) -> dict[str, np.ndarray]:
-  """Decodes (at reduced scale where possible), crops, resizes, flips and normalises.
+  """Decodes (at reduced scale where possible), crops, resizes and flips (normalised on device).
 
   Args:
     opened: result of `sources.open_image` (header read, pixels not decoded yet).
@@ -166,7 +171,8 @@ def train_example(
     label_src: annotation source (errors).
 
   Returns:
-    {'image': float32 (H, W, 3) in [-1, 1], 'label': int32 (H, W)}.
+    {'image': uint8 (H, W, 3), 'label': int32 (H, W), 'image_hw': int32 (2,) the content's size
+    (H, W unless a crop smaller than the output was padded)}.
 
   Raises:
     sources.BadExampleError: corrupt/truncated image or image/label size mismatch.
@@ -190,14 +196,31 @@ def train_example(
   lab = resize_label(label, (ch, cw), win.box)
   if win.flip:
     image, lab = image[:, ::-1], lab[:, ::-1]
-  image = normalize_image(image)
   if (ch, cw) != (out_h, out_w):
-    padded = np.full((out_h, out_w, 3), IMAGE_PAD_VALUE, np.float32)
+    padded = np.zeros((out_h, out_w, 3), np.uint8)  # normalize_on_device sets IMAGE_PAD_VALUE
     padded[:ch, :cw] = image
     padded_label = np.full((out_h, out_w), IGNORE_LABEL, np.int32)
     padded_label[:ch, :cw] = lab
     image, lab = padded, padded_label
-  return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(lab, np.int32)}
+  return {
+    "image": np.ascontiguousarray(image, np.uint8),
+    "label": np.ascontiguousarray(lab, np.int32),
+    "image_hw": np.array([ch, cw], np.int32),
+  }
+
+
+def normalize_on_device(images, image_hw=None):
+  """uint8 (B, H, W, 3) training images -> float32 in [-1, 1] on the accelerator, as
+  `normalize_image` (x * (1 / 127.5) - 1 in float32), with pixels outside each image's
+  `image_hw` (B, 2) content set to IMAGE_PAD_VALUE. Float images pass through unchanged."""
+  if images.dtype != jnp.uint8:
+    return images
+  out = images.astype(jnp.float32) * jnp.float32(1.0 / 127.5) - jnp.float32(1.0)
+  if image_hw is None:
+    return out
+  rows = jnp.arange(images.shape[1])[None, :, None] < image_hw[:, 0, None, None]
+  cols = jnp.arange(images.shape[2])[None, None, :] < image_hw[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], out, jnp.float32(IMAGE_PAD_VALUE))
 
 
 def eval_example(

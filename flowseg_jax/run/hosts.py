@@ -155,11 +155,56 @@ def check_inputs(config) -> None:
   """Pre-flight, first half: every host sees the data, the weights and the teacher. Runs before
   anything reads them or creates the workdir, so a path missing on one host stops every host with
   one line instead of leaving the others waiting in a collective."""
+  import numpy as np
   from etils import epath
 
   paths = input_paths(config)
   if paths:
     _raise_missing(_gather([epath.Path(p).exists() for p in paths.values()]), list(paths.items()))
+  need = shm_needed(config)
+  free = shm_free_bytes() if need else None
+  short = _gather([free is not None and free < need])[:, 0]
+  if short.any():
+    process = int(np.flatnonzero(short)[0])
+    where = f"process {process} of {len(short)}" if len(short) > 1 else "this host"
+    mib = 2**20
+    raise PreflightError(
+      f"pre-flight: /dev/shm on {where} has {free / mib:.0f} MiB free but grain's "
+      f"{config.input.num_workers} workers (config.input.num_workers) pass batches through it and "
+      f"need ~{need / mib:.0f} MiB: give the container more (docker run --shm-size={_gib(need)}g, "
+      "Kubernetes: an emptyDir with medium Memory at /dev/shm), or lower config.input.num_workers "
+      "/ config.input.prefetch_buffer"
+    )
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_needed(config) -> int:
+  """Bytes of shared memory grain's worker processes hold at once: each keeps prefetch_buffer + 1
+  of this host's batches (uint8 image, int32 label) in /dev/shm on their way to the trainer."""
+  import jax
+
+  cfg = config.input
+  workers = int(cfg.get("num_workers", 0))
+  if workers <= 0:
+    return 0
+  h, w = (int(s) for s in cfg.image_size)
+  local_batch = -(-int(cfg.batch_size) // jax.process_count())
+  batch_bytes = local_batch * (h * w * (3 + 4) + 8)
+  return workers * (max(1, int(cfg.get("prefetch_buffer", 1))) + 1) * batch_bytes
+
+
+def shm_free_bytes() -> int | None:
+  """Free bytes of /dev/shm; None where there is none (not Linux): nothing to check."""
+  import os
+  import shutil
+
+  return shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else None
+
+
+def _gib(n: int) -> int:
+  return max(1, -(-2 * n // 2**30))  # twice the need, whole GiB
 
 
 PROBE_FILE = ".preflight"
