@@ -149,23 +149,80 @@ def test_sampling_main_smoke():
   assert one["jax_images_per_s"] > 0 and one["torch_images_per_s"] > 0
 
 
-def test_accelerator_check_script_tiny(tmp_path):
-  """tools/accelerator_check.sh end to end on a tiny model (CPU: the cuDNN stage is skipped)."""
+def _official_checkout(root):
+  """A stand-in checkout of MCG-NJU/PixNerd: the official constructor over our torch reference."""
+  module = root / "src" / "models" / "transformer" / "pixnerd_c2i.py"
+  module.parent.mkdir(parents=True)
+  module.write_text(FAKE_OFFICIAL)
+  return root
+
+
+def test_accelerator_check_script_cpu_mode(tmp_path):
+  """tools/accelerator_check.sh --cpu: every stage in its own process, one JSON each as it ends,
+  the same code paths as on a GPU (tiny models; the official stage on a stand-in checkout)."""
   import subprocess
 
-  env = {**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  env["PYTHON"] = sys.executable  # this interpreter, venv on PATH or not
-  cmd = ["bash", os.path.join(REPO, "tools", "accelerator_check.sh"), "--tiny"]
-  cmd += ["--rounds", "1", "--steps", "1"]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  log = (tmp_path / "accelerator_check.log").read_text()
-  assert "loss_ok: True" in log and "== agreement OK" in log
-  assert "skipped: cuDNN attention needs a GPU" in log
-  for name in ("train_step", "objective", "sampling"):
-    assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
-  sampled = json.loads((tmp_path / "sampling.json").read_text())["rows"]
-  assert [r["num_steps"] for r in sampled] == [1, 10]
+  env = {**os.environ, "OUT": str(tmp_path / "out"), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  env["PYTHON"] = sys.executable  # no install: this interpreter
+  env["PYTHONPATH"] = REPO  # the stand-in checkout imports tests.torch_reference
+  env["STAGE_SCALE"], env["BUDGET_S"] = "6", "2400"  # a shared 2-core CPU, not a GPU
+  official = _official_checkout(tmp_path / "PixNerd")
+  cmd = ["bash", os.path.join(REPO, "tools", "accelerator_check.sh"), "--cpu"]
+  proc = subprocess.run([*cmd, "--official-src", str(official)], env=env, capture_output=True,
+                        text=True, timeout=900)  # fmt: skip
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = tmp_path / "out"
+  records = {}
+  for k, name in enumerate(["env", "train", "sampling", "preset", "official", "parity"], 1):
+    records[name] = json.loads((out / f"{k}_{name}.json").read_text())
+    assert records[name]["status"] == "ok", records[name]
+  assert records["env"]["result"]["backend"] == "cpu" and records["env"]["result"]["torch"]
+  for name in ("train", "preset"):
+    row = records[name]["result"]["rows"][0]
+    assert row["jax_step_s"]["median"] > 0 and row["xla_memory"]["peak_bytes"] > 0
+  assert records["sampling"]["result"]["rows"][0]["num_steps"] == 10
+  official_row = records["official"]["result"]["rows"][0]
+  assert official_row["official_step_s"]["median"] > 0 and official_row["official_speedup"]
+  parity = records["parity"]["result"]
+  assert parity["device_vs_cpu_ok"] and parity["bf16_ok"]  # CPU vs CPU here: equal
+  assert "attention_rel_l2" not in parity  # cuDNN needs a GPU
+  log = (out / "accelerator_check.log").read_text()
+  assert "== done in" in log and "== official: ok" in log
+  # A spent budget: every stage says it did not run, in its own JSON.
+  env["BUDGET_S"], env["OUT"] = "0", str(tmp_path / "late")
+  assert subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode == 0
+  late = json.loads((tmp_path / "late" / "2_train.json").read_text())
+  assert late["status"] == "not run" and "budget" in late["reason"]
+
+
+def test_accelerator_check_stage_errors_are_recorded(tmp_path, monkeypatch):
+  """A stage that raises writes status 'error' with the message; one that cannot run, 'skipped'."""
+  from tools import accelerator_check
+
+  args = accelerator_check.parse_args(["--tiny", "--out-dir", str(tmp_path)])
+  monkeypatch.setattr(accelerator_check, "stage_train", lambda a: 1 / 0)
+  record = accelerator_check.run_stage("train", args)
+  assert record["status"] == "error" and "ZeroDivisionError" in record["error"]
+  assert json.loads((tmp_path / "2_train.json").read_text())["status"] == "error"
+  assert accelerator_check.run_stage("official", args)["status"] == "skipped"
+
+
+def test_constraints_are_what_this_environment_runs():
+  """CI installs with tools/constraints-cuda12.txt, the GPU check too: the versions tested here
+  are the ones a GPU machine gets."""
+  from importlib import metadata
+
+  path = os.path.join(REPO, "tools", "constraints-cuda12.txt")
+  pins = dict(line.split("==") for line in open(path) if line.strip() and line[0] != "#")
+  checked = 0
+  for name, version in pins.items():
+    try:
+      installed = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      continue  # the CUDA plugin on a CPU machine
+    assert installed.split("+")[0] == version.strip(), (name, installed, version)
+    checked += 1
+  assert checked >= 15
 
 
 FAKE_OFFICIAL = """
@@ -181,9 +238,7 @@ def PixNerDiT(in_channels, num_groups, hidden_size, hidden_size_x, nerf_mlpratio
 
 def test_train_step_official_src(tmp_path):
   """--official-src: the official constructor's signature, JAX's initial weights (strict load)."""
-  module = tmp_path / "src" / "models" / "transformer" / "pixnerd_c2i.py"
-  module.parent.mkdir(parents=True)
-  module.write_text(FAKE_OFFICIAL)
+  _official_checkout(tmp_path)
   argv = [*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path), "--also-unrolled"]
   result = train_step.main(argv)
   (row,) = result["rows"]
