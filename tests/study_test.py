@@ -144,3 +144,19 @@ def test_settings_build_the_ablations_they_name():
   ]
   with pytest.raises(ValueError, match="unknown setting"):
     study.settings_of("", "typo")
+
+
+def test_class_count_settings_and_the_gain_claim():
+  """static_c48 is static at 48 classes; the gain claim pairs (static - vanilla) per seed at N
+  classes with the same seed's gain at 12."""
+  c48 = study.run_config("demo", "static_c48", 1, 10)
+  assert c48.input.synthetic.num_classes == 48 and c48.objective.target == "static"
+  assert study.run_config("demo", "vanilla_c24", 1, 10).input.synthetic.num_classes == 24
+  scores = {"static": [60, 62, 61], "vanilla": [58, 59, 59], "static_c48": [40, 45, 41],
+            "vanilla_c48": [30, 34, 33]}  # fmt: skip
+  results = {s: {k: {"mIoU": float(v)} for k, v in enumerate(vals)} for s, vals in scores.items()}
+  [claim] = study.gain_claims(results)  # 24 classes did not run: no claim
+  gains48, gains12 = [10, 11, 8], [2, 3, 2]
+  want = stats.compare(dict(enumerate(map(float, gains48))), dict(enumerate(map(float, gains12))))
+  assert claim["diff"] == pytest.approx(22 / 3) and claim["p"] == pytest.approx(want["p"])
+  assert claim["better"] == "gain@48" and "48 classes" in claim["claim"]
