@@ -253,15 +253,30 @@ def test_push_to_hub_uploads_the_folder(workdir, tmp_path, monkeypatch, capsys):
 def test_converted_pixnerd_weights_export_as_a_model_init_folder(tmp_path):
   from safetensors import numpy as st
 
+  from flowseg_jax.convert import dinov2 as dinov2_convert
   from flowseg_jax.convert import pixnerd as convert
   from flowseg_jax.models import pixnerd
 
   model = pixnerd.make_model("tiny/4", num_classes=3, scan_blocks=False)
   x = np.zeros((1, 32, 32, 3), np.float32)
   params = model.init(jax.random.key(3), x, np.zeros((1,), np.float32), np.zeros((1,), np.int32))
-  st.save_file(
-    convert.flax_to_torch(nn.unbox(params["params"]), model), str(tmp_path / "official.safetensors")
-  )
+  rng = np.random.default_rng(0)
+  dims = [(64, 32), (32, 32), (32, 16)]
+  projector = {
+    f"layers_{i}": {
+      "kernel": rng.normal(size=d).astype(np.float32),
+      "bias": np.ones(d[1], np.float32),
+    }
+    for i, d in zip((0, 2, 4), dims)
+  }
+  official = {
+    **{
+      f"ema_denoiser.{k}": v
+      for k, v in convert.flax_to_torch(nn.unbox(params["params"]), model).items()
+    },
+    **dinov2_convert.projector_to_torch(projector),
+  }
+  st.save_file(official, str(tmp_path / "official.safetensors"))
   convert.convert_to_orbax(tmp_path / "official.safetensors", tmp_path / "converted")
   out = tmp_path / "exported"
   assert main.run(["export", f"--workdir={tmp_path / 'converted'}", f"--out={out}"]) == 0
@@ -271,6 +286,9 @@ def test_converted_pixnerd_weights_export_as_a_model_init_folder(tmp_path):
   b_model, b = convert.load_converted(out)
   assert a_model == b_model
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert meta["projector"] == "projector.safetensors"
+  exported_projector = convert.load_converted_projector(out)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, exported_projector, projector)))
   # A backbone folder is what training starts from, not a segmenter.
   with pytest.raises(pretrained.ModelFolderError, match="--config.model_init"):
     inference.Segmenter.from_pretrained(str(out))
@@ -341,3 +359,11 @@ def test_cached_prompt_features_come_from_the_vocabulary():
     "foreground",
   ]
   np.testing.assert_array_equal(task.vocabulary().prompt_features, features.astype(np.float32))
+
+
+def test_model_folder_on_gcs(folder, from_workdir, workdir, gcs_bucket):
+  out = f"{gcs_bucket}/export/model"
+  assert main.run(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
+  seg = inference.Segmenter.from_pretrained(out)
+  np.testing.assert_array_equal(seg(PHOTO), from_workdir(PHOTO))
+  assert main.run(["export", f"--workdir={workdir}", f"--out={out}"]) == 2  # already holds files
