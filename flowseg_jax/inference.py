@@ -1,6 +1,7 @@
 """Segmenter: a trained model as a function from images of any size to label maps at their own size.
 
   seg = Segmenter.from_workdir("/tmp/flowseg_demo")   # workdir/config.json + the EMA denoiser weights
+  seg = Segmenter.from_pretrained("/tmp/flowseg_model")  # or a Hub id: `flowseg export` wrote it
   labels = seg("photo.jpg")                           # int32 (H, W) train ids
   mask = Segmenter.from_workdir("/tmp/rlfseg_demo")("photo.jpg", prompt="a photo of texture_003")
 
@@ -34,7 +35,7 @@ from absl import logging
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import checkpointing, sampling, sharding, tasks
-from flowseg_jax.data import classes, pipeline
+from flowseg_jax.data import classes
 from flowseg_jax.inference_host import (
   decode_colours_host,
   decode_views_host,
@@ -124,7 +125,7 @@ class Segmenter:
     if self.batch_per_device < 1:
       raise ValueError(f"batch_per_device must be >= 1, got {self.batch_per_device}")
     self.num_classes = self.task.num_classes
-    self.class_names = pipeline.class_names(config.input)
+    self.class_names = self.task.class_names
     self.centroids = self.task.decode_centroids
     self.palette = centroids_lib.palette(self.centroids)  # a perfect mask is drawn in these
 
@@ -154,6 +155,28 @@ class Segmenter:
       "Segmenter: %s step %d (%s weights).", workdir, restored_step, "EMA" if use_ema else "online"
     )
     return cls(config, params, task=task, mesh=mesh, step=restored_step, **kwargs)
+
+  @classmethod
+  def from_pretrained(
+    cls, name_or_path: str, *, revision: str | None = None, mesh=None, **kwargs
+  ) -> Segmenter:
+    """A model folder written by `flowseg export` (`pretrained.py`): a local path, a gs:// URL or
+    a Hugging Face Hub id ("user/name", the `hub` extra). Needs no workdir, orbax or training
+    config; gives the labels `from_workdir` gives on the step it was exported from."""
+    from flowseg_jax import pretrained
+
+    mesh = sharding.make_mesh(-1, 1) if mesh is None else mesh
+    folder, meta, config, vocabulary = pretrained.read_segmenter(name_or_path, revision)
+    try:
+      task = tasks.create_task(config, vocabulary)
+    except ValueError as e:
+      raise pretrained.ModelFolderError(f"{folder}: config.json: {e}") from e
+    pretrained.check_task(folder, meta, task)
+    abstract = task.abstract_params(mesh, sharding.rules_from_config(config.sharding_rules))
+    params = pretrained.load_params(folder, abstract)
+    step = (meta.get("source") or {}).get("step")
+    logging.info("Segmenter: %s (step %s, EMA weights).", folder, step)
+    return cls(config, params, task=task, mesh=mesh, step=step, **kwargs)
 
   # -- public API --------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
-"""`flowseg` command line: train | evaluate | predict | convert. The work happens in the library.
+"""`flowseg` command line: train | evaluate | predict | convert | export. The work happens in the library.
 
 flowseg train    --config configs/demo.py --workdir DIR [--config.FIELD=VALUE ...]
 flowseg evaluate --workdir DIR [--config.eval.num_steps=25] [--config.eval.mode=slide] [--config.eval.tta=flip]
 flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR [--prompt TEXT (prompted runs)]
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR
+flowseg export   --workdir DIR --out DIR [--push_to_hub USER/NAME] [--format stablehlo]
 
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
@@ -25,7 +26,7 @@ import ml_collections
 
 from flowseg_jax.run import console
 
-COMMANDS = ("train", "evaluate", "predict", "convert")
+COMMANDS = ("train", "evaluate", "predict", "convert", "export")
 
 OVERRIDES_HELP = """\
 config overrides:
@@ -320,6 +321,14 @@ def run(argv: list[str] | None = None) -> int:
     return 2
   if command == "convert":
     return _run_convert(rest)
+  if command == "export":
+    console.setup_logging()
+    from flowseg_jax import export
+
+    try:
+      return export.cli(rest)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+      return e.code if isinstance(e.code, int) else 2
   try:
     return _run_command(command, rest)
   except UsageError as e:

@@ -6,6 +6,7 @@
 - Most XLA optimisations off: the tiny test programs compile several times faster; numerics stay IEEE
   float32 (parity tolerances are justified per test).
 - `gcs_bucket`: a GCS API on localhost for the gs:// tests, started once per session when asked for.
+- `trained_workdir`: a tiny model trained for 6 steps, once per test module that asks for it.
 """
 
 import importlib.util
@@ -29,6 +30,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # TensorFlow (imported by tfds and clu) must never grab an accelerator or spam logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """configs/demo.py:smoke trained for 6 steps; training evaluates at step 6 (eval/step_6.json) and
+  draws one picture."""
+  from flowseg_jax import train
+  from tests.train_test import tiny_config
+
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = tiny_config(eval_every_steps=6)
+  config.eval.num_pictures = 1
+  train.train_and_evaluate(config, workdir)
+  return workdir
 
 
 # ------------------------------------------------------------------------------------------------

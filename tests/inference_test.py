@@ -18,7 +18,6 @@ from flowseg_jax import (
   sampling,
   sharding,
   tasks,
-  train,
   train_state,
   train_step,
 )
@@ -30,13 +29,8 @@ PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A tiny model trained for 6 steps; training evaluates at step 6 (eval/step_6.json)."""
-  workdir = str(tmp_path_factory.mktemp("segmenter"))
-  config = tiny_config(eval_every_steps=6)
-  config.eval.num_pictures = 1
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def workdir(trained_workdir):
+  return trained_workdir
 
 
 @pytest.fixture(scope="module")

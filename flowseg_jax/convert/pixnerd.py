@@ -460,11 +460,25 @@ def load_converted_projector(out_dir: str | os.PathLike) -> dict | None:
   """The REPA projector params `convert_to_orbax` stored with the denoiser (NumPy), or None."""
   import orbax.checkpoint as ocp
 
+  if _is_exported(out_dir):
+    from flowseg_jax import pretrained
+
+    return pretrained.load_backbone_projector(out_dir)
   path = storage.path(out_dir) / PROJECTOR_SUBDIR
   if not path.is_dir():
     return None
   with ocp.StandardCheckpointer() as ckptr:
     return jax.tree.map(np.asarray, ckptr.restore(path))
+
+
+def _is_exported(path: str | os.PathLike) -> bool:
+  """A model folder of converted weights (`flowseg export` of a conversion), local, on gs:// or a
+  Hugging Face Hub id, rather than `convert_to_orbax`'s output."""
+  from flowseg_jax import pretrained
+
+  if (storage.path(path) / MODEL_CONFIG_FILE).is_file():
+    return False
+  return pretrained.is_model_folder(path) or pretrained.is_hub_id(path)
 
 
 def load_converted(
@@ -473,21 +487,28 @@ def load_converted(
   """Restores what `convert_to_orbax` wrote: `(model, params)` (NumPy arrays, host memory).
 
   Args:
-    out_dir: the conversion output directory.
+    out_dir: the conversion output directory, or its model folder (`flowseg export`; a Hugging
+      Face Hub id too).
     scan_blocks: layout wanted; None keeps the stored one, otherwise params are re-laid out.
     **model_overrides: non-architecture `PixNerDiT` fields (dtype, attention_impl, ...).
   """
   import orbax.checkpoint as ocp
 
-  out_dir = storage.path(out_dir)
-  config_path = out_dir / MODEL_CONFIG_FILE
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: is {out_dir} a converted PixNerd dir?")
-  config = json.loads(config_path.read_text())
-  model = PixNerDiT(**config, **model_overrides)
-  target = {"params": pixnerd.abstract_params(model)}
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(out_dir / CHECKPOINT_SUBDIR, target)["params"]
+  if _is_exported(out_dir):  # the same weights as a model folder (`flowseg export`)
+    from flowseg_jax import pretrained
+
+    model, params = pretrained.load_backbone(out_dir)
+    model = model.clone(**model_overrides)
+  else:
+    out_dir = storage.path(out_dir)
+    config_path = out_dir / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+      raise FileNotFoundError(f"{config_path} not found: is {out_dir} a converted PixNerd dir?")
+    config = json.loads(config_path.read_text())
+    model = PixNerDiT(**config, **model_overrides)
+    target = {"params": pixnerd.abstract_params(model)}
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(out_dir / CHECKPOINT_SUBDIR, target)["params"]
   if scan_blocks is not None and scan_blocks != model.scan_blocks:
     model, params = relayout(params, model, scan_blocks=scan_blocks)
   return model, params

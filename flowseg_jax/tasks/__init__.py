@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from flowseg_jax.tasks.base import Task
+from flowseg_jax.tasks.base import Task, Vocabulary
 from flowseg_jax.tasks.prompted import PromptedTask
 from flowseg_jax.tasks.semantic import SemanticTask
 
 TASKS = {"semantic": SemanticTask, "prompted": PromptedTask}
 
 
-def create_task(config: ml_collections.ConfigDict) -> Task:
-  """The task `config.task` names, built from the config (network, tables, objective)."""
+def create_task(config: ml_collections.ConfigDict, vocabulary: Vocabulary | None = None) -> Task:
+  """The task `config.task` names, built from the config (network, tables, objective); its class
+  names and prompts from `vocabulary` when given (a model folder's), else from config.input."""
   name = config.get("task", "semantic")
   if name not in TASKS:
     raise ValueError(f"config.task must be one of {tuple(TASKS)}, got {name!r}")
-  return TASKS[name](config)
+  return TASKS[name](config, vocabulary)

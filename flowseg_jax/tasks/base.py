@@ -9,6 +9,7 @@ otherwise each decide: the network and its call, the condition of each example, 
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,19 @@ import ml_collections
 import numpy as np
 
 from flowseg_jax import flow, sampling, sharding
+from flowseg_jax.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vocabulary:
+  """What a model knows besides its weights that a task otherwise reads from the dataset config:
+  its class names (index = train id) and, for a prompted model, its prompts (index = prompt id)
+  and their cached text features (N, T, D) float32 (None where the network learns its own table).
+  A model folder records it (`pretrained.py`), so loading one needs no dataset."""
+
+  class_names: tuple[str, ...]
+  prompts: tuple[str, ...] = ()
+  prompt_features: np.ndarray | None = None
 
 
 class Task(abc.ABC):
@@ -31,9 +45,26 @@ class Task(abc.ABC):
   prompts: tuple[str, ...] | list[str] = ()  # the prompt texts a prompted model knows
   evaluator: type  # built with a Segmenter of this task (evaluators/)
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, vocabulary: Vocabulary | None = None):
     self.config = config
     self.objective = flow.Objective.from_config(config.objective)
+    self._vocabulary = vocabulary
+
+  @property
+  def class_names(self) -> list[str]:
+    """Class names, index = train id: the vocabulary's, else the dataset config's."""
+    if self._vocabulary is not None:
+      return list(self._vocabulary.class_names)
+    return pipeline.class_names(self.config.input)
+
+  def vocabulary(self) -> Vocabulary:
+    """This model's vocabulary, as a model folder records it."""
+    features = getattr(self, "features", None)
+    return Vocabulary(
+      tuple(self.class_names),
+      tuple(self.prompts),
+      None if features is None else np.asarray(features, np.float32),
+    )
 
   @property
   def decode_centroids(self) -> np.ndarray:
@@ -53,6 +84,10 @@ class Task(abc.ABC):
   def apply(self, params, x, t, cond, **kw):
     """The network: x (B, H, W, 3), t (B,), cond int32 (B,) -> output (B, H, W, 3)."""
     return self.model.apply({"params": params}, x, t, cond, **kw)
+
+  def architecture(self) -> dict:
+    """The network's shape-determining fields (a model folder records and checks them)."""
+    return self.model.arch_config()
 
   def init_inputs(self, image_size) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Dummy (x, t, cond) of batch 1 for `model.init`."""

@@ -141,14 +141,17 @@ class PromptedTask(base.Task):
   evaluator = refer_iou.ReferIouEvaluator
   num_classes = 2
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, vocabulary: base.Vocabulary | None = None):
+    super().__init__(config, vocabulary)
     cfg = config.prompted
     if cfg.condition not in CONDITIONS:
       raise ValueError(
         f"config.prompted.condition must be one of {CONDITIONS}, got {cfg.condition!r}"
       )
-    self.prompts = list(pipeline.prompt_list(config.input) or [])
+    if vocabulary is None:
+      self.prompts = list(pipeline.prompt_list(config.input) or [])
+    else:
+      self.prompts = list(vocabulary.prompts)
     if not self.prompts:
       raise ValueError("the prompted task needs its prompt list (config.input.prompted)")
     t2i = pixnerd_t2i.make_model(
@@ -160,7 +163,8 @@ class PromptedTask(base.Task):
     t2i.check_config()
     self.features = None
     if cfg.condition == "cache":
-      self.features = jnp.asarray(self._cached_features(t2i))
+      cached = None if vocabulary is None else vocabulary.prompt_features
+      self.features = jnp.asarray(self._cached_features(t2i) if cached is None else cached)
     self.model = PromptedDenoiser(t2i, len(self.prompts) if cfg.condition == "table" else 0)
     self.centroids = jnp.asarray(centroids_lib.kronecker_centroids(2))
 
@@ -178,6 +182,16 @@ class PromptedTask(base.Task):
     )
     features, _ = prompts_lib.cached_prompt_embeddings(cfg.cache_dir, self.prompts, encoder)
     return features
+
+  @property
+  def class_names(self) -> list[str]:
+    """What a mask's labels mean: 0 outside the prompt's region, 1 inside."""
+    if self._vocabulary is not None:
+      return list(self._vocabulary.class_names)
+    return ["background", "foreground"]
+
+  def architecture(self) -> dict:
+    return {**self.model.t2i.arch_config(), "num_prompts": self.model.num_prompts}
 
   def prompt_id(self, prompt: str) -> int:
     """The id of a prompt text (exact match, then case/space-insensitive)."""

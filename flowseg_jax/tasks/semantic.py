@@ -24,10 +24,13 @@ class SemanticTask(base.Task):
   batch_keys = ("image", "label")
   evaluator = miou.MiouEvaluator
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, vocabulary: base.Vocabulary | None = None):
+    super().__init__(config, vocabulary)
     self.model = models.create_model(config.model)
-    self.num_classes = pipeline.num_classes(config.input)
+    if vocabulary is None:
+      self.num_classes = pipeline.num_classes(config.input)
+    else:
+      self.num_classes = len(vocabulary.class_names)
     self.centroids = jnp.asarray(
       centroids_lib.class_centroids(
         self.num_classes, ignore_as_class=not self.objective.mask_ignored
