@@ -13,7 +13,7 @@ config.json ("format_version" 1): "kind" ("segmenter", or "pixnerd" for converte
 weights, a backbone for `config.model_init`), "task", "model" (config.model), "architecture" (the
 network's shape-determining fields, checked on load), "cond_label", "objective", "input"
 ({"image_size", "dataset"}), "sampler" ({"num_steps", "shift", "method"}), "inference" ({"mode",
-"slide_short_side", "slide_stride", "tta", "batch_per_device"}), "classes" ({"names", "centroids"
+"slide_short_side", "slide_stride", "tta", "tta_scales", "batch_per_device"}), "classes" ({"names", "centroids"
 (the colours decoding uses, float32), "palette" (uint8)}), for prompted models "prompted" ({"variant",
 "overrides", "condition", "adaptive", "prompts", "text_encoder"}), and "source" (workdir, step).
 The sections map onto the base config (`defaults.get_base_config`); fields a folder does not record
@@ -42,7 +42,14 @@ PROJECTOR_FILE = "projector.safetensors"  # "pixnerd" folders: PixNerd's REPA pr
 CARD_FILE = "README.md"
 KINDS = ("segmenter", "pixnerd")
 SAMPLER_FIELDS = ("num_steps", "shift", "method")
-INFERENCE_FIELDS = ("mode", "slide_short_side", "slide_stride", "tta", "batch_per_device")
+INFERENCE_FIELDS = (
+  "mode",
+  "slide_short_side",
+  "slide_stride",
+  "tta",
+  "tta_scales",
+  "batch_per_device",
+)
 PROMPTED_FIELDS = ("variant", "overrides", "condition", "adaptive")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -236,7 +243,9 @@ def describe(config, task, *, source: dict | None = None) -> dict:
       "palette": centroids_lib.palette(task.decode_centroids).tolist(),
     },
   }
-  meta["inference"]["slide_stride"] = list(meta["inference"]["slide_stride"])
+  for key in ("slide_stride", "tta_scales"):  # tuples in the config, lists in JSON
+    if meta["inference"].get(key) is not None:
+      meta["inference"][key] = list(meta["inference"][key])
   if vocab.prompts:
     cfg = config.prompted
     prompted = {
