@@ -151,9 +151,7 @@ def read_classes(data_dir: str, *, binary: bool = False) -> FolderClasses:
   if palette is not None:
     palette = _colours(palette, len(names), origin, "palette")
   ignore = _colours(ignore, None, origin, "ignore_colours")
-  if palette is not None and {tuple(c) for c in ignore.tolist()} & {
-    tuple(c) for c in palette.tolist()
-  }:
+  if palette is not None and set(map(tuple, ignore.tolist())) & set(map(tuple, palette.tolist())):
     raise ValueError(f"{origin}: an 'ignore_colours' colour is also a class's colour")
   if binary and len(ignore):
     raise ValueError(f"{origin}: binary masks have no ignored pixels, so no 'ignore_colours'")
@@ -320,7 +318,9 @@ def split_folder(parent: str, split: str) -> str:
     if os.path.isdir(os.path.join(parent, name)):
       return name
   raise FileNotFoundError(
-    f"folder: no {split!r} split in {parent} (looked for {', '.join(c + '/' for c in candidates)})"
+    f"folder: no {split!r} split in {parent} (looked for {', '.join(c + '/' for c in candidates)}; "
+    "config.input.train_split / eval_split name the split folders, config.eval_every_steps=0 "
+    "trains without evaluation)"
   )
 
 
