@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from flowseg_jax import defaults, main
 from flowseg_jax.data import folder, pipeline, preflight, sources
+from flowseg_jax.evaluators import miou
 from tools.make_folder_dataset import write_folder_dataset
 
 from . import data_testutil as tu
@@ -334,3 +336,46 @@ def test_ade20k_names_the_empty_folder_and_reports_a_png_image(tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     pipeline.check_split(cfg, "validation", process_index=0, process_count=1)
   assert str(info.value) == f"ADE20K: no images found in {folder_} (looked for .jpg files)."
+
+
+def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
+  palette = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
+  root = _one_mask_dataset(
+    str(tmp_path / "data"),
+    np.zeros((2, 2)),
+    classes_json={"classes": ["sky", "sea", "boat"], "palette": palette},
+  )
+  config = defaults.load_config_file(CONFIG, "smoke")
+  config.input.data_dir = root
+  segmenter = types.SimpleNamespace(
+    config=config, task=types.SimpleNamespace(decode_centroids=None)
+  )
+  evaluator = miou.MiouEvaluator(segmenter)
+  label, pred = np.array([[0, 1], [2, 255]]), np.array([[0, 1], [1, 0]])
+  evaluator.pictures = [
+    ("x", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.float32), pred, label)
+  ]
+  result = miou.compute_metrics(miou.confusion_matrix(pred, label, 3))
+  result.update(num_examples=1, num_skipped_examples=0)
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      self.scalars = scalars
+
+    def write_images(self, step, images):
+      self.images = images
+
+  writer = Writer()
+  path = evaluator.write(str(tmp_path / "run"), "step_1", 1, result, {"tta": "none"}, writer)
+  assert json.loads(open(path).read())["per_class_IoU"] == {"sky": 1.0, "sea": 0.5, "boat": 0.0}
+  assert {k for k in writer.scalars if k.startswith("eval_IoU/")} == {
+    "eval_IoU/sky", "eval_IoU/sea", "eval_IoU/boat"
+  }  # fmt: skip
+  panel = np.array(Image.open(tmp_path / "run" / "pictures" / "step_1" / "x.png"))
+  np.testing.assert_array_equal(
+    panel[:, 4:6].reshape(-1, 3)[:3], [palette[0], palette[1], palette[1]]
+  )
+  np.testing.assert_array_equal(
+    panel[:, 6:8].reshape(-1, 3)[:3], [palette[0], palette[1], palette[2]]
+  )
+  np.testing.assert_array_equal(writer.images["eval/x"][0], panel)
