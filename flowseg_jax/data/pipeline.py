@@ -252,20 +252,17 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       class_colours=bool(s.get("class_colours", False)),
     )
     return src, sources.train_id_label_map("synthetic", int(s.num_classes))
-  if name in ("folder", "ade20k", "coco_stuff"):
+  if name == "folder":
+    return folder.folder_source(cfg, split)  # checks data_dir as it reads the classes
+  if name in ("ade20k", "coco_stuff"):
     if not cfg.data_dir:
       raise ValueError(f"config.input.data_dir must point at the {name} dataset root.")
-    instead = (
-      "copy it to a local disk"
-      if name == "folder"
-      else f"for object storage prepare the dataset as config.input.dataset='tfds_{name}' "
-      "(ArrayRecord)"
-    )
     storage.local_only(
-      cfg.data_dir, "config.input.data_dir", f"{name} folders are read file by file; {instead}"
+      cfg.data_dir,
+      "config.input.data_dir",
+      f"raw {name} folders are read file by file; for object storage prepare the dataset as "
+      f"config.input.dataset='tfds_{name}' (ArrayRecord)",
     )
-    if name == "folder":
-      return folder.folder_source(cfg, split)
     if name == "ade20k":
       src = sources.ade20k_source(cfg.data_dir, split)
     else:
