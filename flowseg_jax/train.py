@@ -13,7 +13,7 @@ from absl import logging
 from clu import parameter_overview
 
 from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, storage, train_state
-from flowseg_jax.data import pipeline, sources
+from flowseg_jax.data import pipeline, preflight, sources
 from flowseg_jax.run import files, hosts, writers
 from flowseg_jax.run import status as run_status
 from flowseg_jax.run.agreement import Agreement
@@ -113,6 +113,52 @@ def _data_iterator_for(config, global_batch: int):
   return make
 
 
+def _check_data(config, agreement: Agreement) -> None:
+  """The data pre-flight, before step 1 of a new or resumed run: every mask of the training and
+  evaluation splits is read (data.preflight: folder, ADE20K and COCO-Stuff datasets), then every
+  evaluation example decoded. Each process checks its share; a bad example on any process stops
+  every process with its one line ('raise'), or is counted and skipped ('skip')."""
+  splits = [config.input.train_split]
+  if config.eval_every_steps:
+    splits.append(config.input.eval_split)
+  reports = []
+  with agreement.hold():
+    for split in dict.fromkeys(splits):
+      reports.append(_preflight(config, split, training=split == config.input.train_split))
+  agreement.agree()
+  names = pipeline.class_names(config.input) if any(reports) else []
+  for report in filter(None, reports):
+    logging.info(
+      "Pre-flight, %s split: %d example(s) on this process; classes: %s.",
+      report.split,
+      report.num_examples,
+      report.class_summary(names),
+    )
+    if report.bad:
+      logging.warning(
+        "Pre-flight, %s split: %d bad example(s) or unpaired file(s) skipped; the first: %s",
+        report.split,
+        len(report.bad),
+        report.bad[0][1],
+      )
+  _check_eval_data(config, agreement)
+
+
+def _preflight(config, split: str, *, training: bool):
+  error = TrainDataError if training else EvalDataError
+  what = f"{'training' if training else 'evaluation'} data ({split} split, pre-flight)"
+  try:
+    return pipeline.check_split(config.input, split)
+  except preflight.SplitError as e:
+    raise error(f"{what}: {e}") from None
+  except sources.BadExampleError as e:
+    raise error(
+      f"{what}: {e} (config.input.on_bad_example='skip' would leave bad examples out)"
+    ) from None
+  except (OSError, ValueError) as e:  # a folder that cannot be listed
+    raise error(f"{what}: {e}") from None
+
+
 def _check_eval_data(config, agreement: Agreement) -> None:
   """Every evaluation example is read once before step 1: bad ones stop the run now ('raise') or
   are counted and skipped ('skip'), not at the first evaluation hours later. Each process reads
@@ -200,12 +246,12 @@ def _train_locked(config, workdir, setup, mesh) -> dict[str, Any]:
       data_iter.close()
       logging.info("%s already finished at step %d: nothing to do.", workdir, start_step)
       return done
-    _check_eval_data(config, agreement)
+    _check_data(config, agreement)
     origin = "workdir"
     position = int(meta.get("data_position", start_step * global_batch))
     data_start = data_iter.get_state()["input"]["start"]
   else:
-    _check_eval_data(config, agreement)
+    _check_data(config, agreement)
     state, origin = train_state.initialise(setup, mesh, rules, state_shardings)
     data_iter = make_data_iter({})
     start_step, position, data_start = 0, 0, 0

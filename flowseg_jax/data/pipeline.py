@@ -41,7 +41,16 @@ import numpy as np
 from absl import flags, logging
 
 from flowseg_jax import storage
-from flowseg_jax.data import classes, prompted, refcoco, refcoco_source, sources, synthetic
+from flowseg_jax.data import (
+  classes,
+  folder,
+  preflight,
+  prompted,
+  refcoco,
+  refcoco_source,
+  sources,
+  synthetic,
+)
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
   LoadEvalExample,
@@ -50,16 +59,27 @@ from flowseg_jax.data.grain_ops import (
   TrainIterator,
 )
 
-DATASETS = ("synthetic", "ade20k", "coco_stuff", "tfds_ade20k", "tfds_coco_stuff", "refcoco")
+DATASETS = (
+  "synthetic",
+  "folder",
+  "ade20k",
+  "coco_stuff",
+  "tfds_ade20k",
+  "tfds_coco_stuff",
+  "refcoco",
+)
+# Datasets read file by file, whose masks the pre-flight reads before step 1.
+SCANNED = ("folder", "ade20k", "coco_stuff")
 _TFDS_NAMES = {"tfds_ade20k": "ade20k150", "tfds_coco_stuff": "coco_stuff164k"}
 
 
 def default_input_config() -> ml_collections.ConfigDict:
   """Defaults of `config.input` (a runnable, download-free setup on the synthetic dataset)."""
   c = ml_collections.ConfigDict()
-  # 'synthetic' | 'ade20k' | 'coco_stuff' | 'tfds_ade20k' | 'tfds_coco_stuff'.
+  # 'synthetic' | 'folder' | 'ade20k' | 'coco_stuff' | 'tfds_ade20k' | 'tfds_coco_stuff'.
   c.dataset = "synthetic"
-  # Raw layout root (ADEChallengeData2016 or its parent; coco_stuff164k) or the TFDS data_dir.
+  # Raw layout root (your folder dataset, ADEChallengeData2016 or its parent, coco_stuff164k) or
+  # the TFDS data_dir.
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   # TFDS only: folder holding the manually downloaded archives/folders to prepare from.
   c.manual_dir = ml_collections.FieldReference(None, field_type=str)
@@ -80,8 +100,11 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.random_flip = False
   # 'raise': one clear error naming the file; 'skip': warn, skip, count (batch['num_skipped']).
   c.on_bad_example = "raise"
+  # Read every mask of the folder / ADE20K / COCO-Stuff splits before step 1 (data.preflight).
+  c.preflight = True
   # COCO-Stuff raw folder: 'raw' stuffthingmaps <id>.png, or 'train_ids' <id>_labelTrainIds.png.
   c.coco_stuff_labels = "raw"
+  c.folder = folder.default_folder_config()  # dataset 'folder' (data.folder)
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.num_classes = 150
   c.synthetic.num_train = 2048
@@ -118,6 +141,8 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
     return int(cfg.synthetic.num_classes)
   if name == "refcoco":
     return 2
+  if name == "folder":
+    return len(folder.classes_of(cfg).names)
   if name in ("ade20k", "tfds_ade20k"):
     return len(classes.ADE20K_CLASSES)
   return len(classes.COCO_STUFF_CLASSES)
@@ -130,6 +155,8 @@ def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
     return classes.synthetic_class_names(num_classes(cfg))
   if name == "refcoco":
     return ["background", "referred"]
+  if name == "folder":
+    return list(folder.classes_of(cfg).names)
   if name in ("ade20k", "tfds_ade20k"):
     return list(classes.ADE20K_CLASSES)
   return list(classes.COCO_STUFF_CLASSES)
@@ -137,7 +164,15 @@ def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
 
 def palette(cfg: ml_collections.ConfigDict) -> np.ndarray:
   """A visual palette, uint8 (N, 3), injective; for pictures only (not the flow's centroids)."""
-  return classes.make_palette(num_classes(cfg))
+  given = dataset_palette(cfg)
+  return classes.make_palette(num_classes(cfg)) if given is None else given
+
+
+def dataset_palette(cfg: ml_collections.ConfigDict) -> np.ndarray | None:
+  """The dataset's own class colours, uint8 (N, 3) (a folder's classes.json), else None."""
+  if _check_dataset(cfg) == "folder":
+    return folder.classes_of(cfg).palette
+  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +252,8 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       class_colours=bool(s.get("class_colours", False)),
     )
     return src, sources.train_id_label_map("synthetic", int(s.num_classes))
+  if name == "folder":
+    return folder.folder_source(cfg, split)  # checks data_dir as it reads the classes
   if name in ("ade20k", "coco_stuff"):
     if not cfg.data_dir:
       raise ValueError(f"config.input.data_dir must point at the {name} dataset root.")
@@ -227,11 +264,9 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       f"config.input.dataset='tfds_{name}' (ArrayRecord)",
     )
     if name == "ade20k":
-      src = sources.ade20k_source(cfg.data_dir, split, on_bad_example=on_bad)
+      src = sources.ade20k_source(cfg.data_dir, split)
     else:
-      src = sources.coco_stuff_source(
-        cfg.data_dir, split, labels=cfg.coco_stuff_labels, on_bad_example=on_bad
-      )
+      src = sources.coco_stuff_source(cfg.data_dir, split, labels=cfg.coco_stuff_labels)
     return src, src.label_map
   try:
     from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
@@ -424,3 +459,34 @@ def num_eval_examples(cfg: ml_collections.ConfigDict) -> int:
 def num_train_examples(cfg: ml_collections.ConfigDict) -> int:
   """Number of training examples (one epoch, all processes)."""
   return len(_make_source(cfg, cfg.train_split, prepare=False)[0])
+
+
+def check_split(
+  cfg: ml_collections.ConfigDict,
+  split: str,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> preflight.Report | None:
+  """The pre-flight of one split (`data.preflight.scan`) on this process's share: every mask read
+  and checked, the listing's problems reported; None for datasets that are not read file by file
+  (synthetic, TFDS, RefCOCO) or with `cfg.preflight` off. Raises sources.BadExampleError ('raise',
+  or 0/255 masks), FileNotFoundError / ValueError for a folder that cannot be listed."""
+  if not cfg.get("preflight", True) or _check_dataset(cfg) not in SCANNED:
+    return None
+  pi, pc = _process(process_index, process_count)
+  src, label_map = _make_semantic_source(cfg, split, prepare=False)
+  return preflight.scan(
+    src,
+    label_map,
+    split=split,
+    on_bad_example=_on_bad(cfg),
+    num_classes=num_classes(cfg),
+    process_index=pi,
+    process_count=pc,
+    binary_fix=(
+      folder.binary_fix(num_classes(cfg))
+      if cfg.dataset == "folder" and not cfg.folder.binary
+      else ""
+    ),
+  )

@@ -21,11 +21,10 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from flowseg_jax.centroids import IGNORE_LABEL
-from flowseg_jax.data import classes
+from flowseg_jax.data import classes, listing
 
 # Raw COCO-Stuff ids (0-based PNG values) that belong to no class: 11 COCO thing classes that were
 # never annotated (street sign, hat, shoe, eye glasses, plate, mirror, window, desk, door, blender,
@@ -53,12 +52,25 @@ class LabelMap:
     lut: uint8 (256,) stored value -> train id (255 = ignore).
     valid: bool (256,), False for values that must never occur in this encoding.
     expected: description of the allowed stored values, for error messages.
+    hint: the likely fix, appended to the message of a value out of range ('' for none).
   """
 
   dataset: str
   lut: np.ndarray
   valid: np.ndarray
   expected: str
+  hint: str = ""
+
+  def decode(self, im: Image.Image, name: str, what: str) -> np.ndarray:
+    """An opened annotation -> its stored values (H, W): the indices of a grey or palette PNG
+    (a palette PNG's colours are not looked at). Subclasses may read colour masks."""
+    if im.mode not in _LABEL_MODES:
+      raise BadExampleError(
+        name,
+        f"annotation {what} has mode {im.mode}; expected a single-channel index map "
+        f"(8-bit grey or palette PNG).",
+      )
+    return np.array(im)
 
   def apply(self, raw: np.ndarray, filename: str) -> np.ndarray:
     """Maps stored values to train ids.
@@ -89,7 +101,9 @@ class LabelMap:
       raise BadExampleError(
         filename,
         f"{self.dataset} annotation {filename}: values {bad.tolist()[:10]} "
-        f"({int(counts.sum())} pixels) outside the dataset's range; expected {self.expected}.",
+        f"({int(counts.sum())} pixels) outside the dataset's range; expected {self.expected}"
+        + (f"; {self.hint}" if self.hint else "")
+        + ".",
       )
     return raw if self._is_identity else np.take(self.lut, raw)
 
@@ -258,13 +272,7 @@ def read_label(src: Any, name: str, label_map: LabelMap, where: str | None = Non
   else:
     try:
       with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        if im.mode not in _LABEL_MODES:
-          raise BadExampleError(
-            name,
-            f"annotation {what} has mode {im.mode}; expected a single-channel index map "
-            f"(8-bit grey or palette PNG).",
-          )
-        raw = np.array(im)
+        raw = label_map.decode(im, name, what)
     except FileNotFoundError as e:
       raise BadExampleError(name, f"annotation {what} is missing.") from e
     except BadExampleError:
@@ -288,7 +296,8 @@ def check_same_size(
     raise BadExampleError(
       name,
       f"annotation {_describe(label_src, name)} is {label.shape[0]}x{label.shape[1]} but its "
-      f"image {_describe(image_src, name)} is {image_hw[0]}x{image_hw[1]} (HxW).",
+      f"image {_describe(image_src, name)} is {image_hw[0]}x{image_hw[1]} (HxW); a mask must "
+      "have its image's size (re-export it, or resize it with nearest-neighbour).",
     )
 
 
@@ -317,32 +326,23 @@ def _resolve_split(split: str, table: dict[str, str], dataset: str) -> str:
   return table[split]
 
 
-def _list_dir(path: str, suffix: str, dataset: str) -> dict[str, str]:
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-      f"{dataset}: folder {path} does not exist (see the expected layout in "
-      "flowseg_jax/data/sources.py)."
-    )
-  return {
-    e.name[: -len(suffix)]: e.path
-    for e in os.scandir(path)
-    if e.name.endswith(suffix) and e.is_file()
-  }
-
-
 @dataclasses.dataclass(frozen=True)
 class FileListSource:
-  """A sorted list of (image path, annotation path or None, name) triples.
+  """A sorted list of (image path, annotation path, name) triples.
 
   Attributes:
     dataset: dataset name for messages.
-    items: tuple of (image_path, label_path | None, name), sorted by name.
+    items: tuple of (image_path, label_path, name), sorted by name; an image without annotation
+      keeps the path its annotation should have (reading it fails, naming that path).
     label_map: how stored label values become train ids.
+    problems: (name, message) of what the listing found besides pairs (`data.listing`), which
+      the pre-flight (`data.preflight`) reports or counts.
   """
 
   dataset: str
-  items: tuple[tuple[str, str | None, str], ...]
+  items: tuple[tuple[str, str, str], ...]
   label_map: LabelMap
+  problems: tuple[tuple[str, str], ...] = ()
 
   def __len__(self) -> int:
     return len(self.items)
@@ -356,24 +356,33 @@ class FileListSource:
     return f"FileListSource({self.dataset}, n={len(self.items)}, first={first})"
 
 
-def _pair(
-  images: dict[str, str], labels: dict[str, str], dataset: str, label_dir: str, on_bad_example: str
-) -> tuple[tuple[str, str | None, str], ...]:
-  missing = sorted(set(images) - set(labels))
-  if missing:
-    msg = (
-      f"{dataset}: {len(missing)} image(s) have no annotation in {label_dir}, e.g. "
-      f"{images[missing[0]]} (expected {os.path.join(label_dir, missing[0])}...)."
-    )
-    if on_bad_example == "raise":
-      raise BadExampleError(missing[0], msg)
-    logging.warning("%s They are kept in the list and skipped (and counted) when read.", msg)
-  if not images:
-    raise FileNotFoundError(f"{dataset}: no images found (looked in the split's image folder).")
-  return tuple((images[k], labels.get(k), k) for k in sorted(images))
+def file_list_source(
+  dataset: str,
+  image_dir: str,
+  label_dir: str,
+  label_map: LabelMap,
+  *,
+  image_suffixes: tuple[str, ...],
+  label_suffix: str,
+  labels: dict[str, str] | None = None,
+) -> FileListSource:
+  """Lists `image_dir` and `label_dir` and pairs them by stem (`labels`: a listing of `label_dir`
+  already filtered by the caller)."""
+  images, problems = listing.list_images(image_dir, image_suffixes, dataset)
+  if labels is None:
+    labels = listing.list_masks(label_dir, label_suffix, dataset)
+  items, unpaired = listing.pair(
+    images,
+    labels,
+    dataset=dataset,
+    image_dir=image_dir,
+    mask_dir=label_dir,
+    mask_suffix=label_suffix,
+  )
+  return FileListSource(dataset, items, label_map, tuple(problems + unpaired))
 
 
-def ade20k_source(data_dir: str, split: str, *, on_bad_example: str = "raise") -> FileListSource:
+def ade20k_source(data_dir: str, split: str) -> FileListSource:
   """ADEChallengeData2016 in its release layout.
 
   Layout: `data_dir` is `ADEChallengeData2016/` or its parent, with
@@ -382,26 +391,25 @@ def ade20k_source(data_dir: str, split: str, *, on_bad_example: str = "raise") -
   Args:
     data_dir: the dataset root.
     split: 'train' | 'validation' (or the folder names 'training' | 'validation').
-    on_bad_example: 'raise' fails on an image without annotation; 'skip' keeps it and lets the
-      reader skip and count it.
 
   Returns:
-    A FileListSource sorted by file name, labels mapped by `ade20k_label_map()`.
+    A FileListSource sorted by file name, labels mapped by `ade20k_label_map()`; images of
+    another format and unpaired files are its `problems`.
   """
   root = os.path.join(data_dir, "ADEChallengeData2016")
   root = root if os.path.isdir(root) else data_dir
   folder = _resolve_split(split, ADE20K_SPLITS, "ADE20K")
-  image_dir = os.path.join(root, "images", folder)
-  label_dir = os.path.join(root, "annotations", folder)
-  images = _list_dir(image_dir, ".jpg", "ADE20K")
-  labels = _list_dir(label_dir, ".png", "ADE20K")
-  items = _pair(images, labels, "ADE20K", label_dir, on_bad_example)
-  return FileListSource("ADE20K", items, ade20k_label_map())
+  return file_list_source(
+    "ADE20K",
+    os.path.join(root, "images", folder),
+    os.path.join(root, "annotations", folder),
+    ade20k_label_map(),
+    image_suffixes=(".jpg",),
+    label_suffix=".png",
+  )
 
 
-def coco_stuff_source(
-  data_dir: str, split: str, *, labels: str = "raw", on_bad_example: str = "raise"
-) -> FileListSource:
+def coco_stuff_source(data_dir: str, split: str, *, labels: str = "raw") -> FileListSource:
   """COCO-Stuff-164k in the stuffthingmaps / mmseg layout.
 
   Layout: `data_dir/images/{train2017,val2017}/<12-digit id>.jpg` and
@@ -413,7 +421,6 @@ def coco_stuff_source(
     split: 'train' | 'validation' (or 'train2017' | 'val2017').
     labels: 'raw' reads `<id>.png` through the 182->171 table; 'train_ids' reads
       `<id>_labelTrainIds.png` and only checks the range.
-    on_bad_example: as in `ade20k_source`.
 
   Returns:
     A FileListSource sorted by image id.
@@ -421,15 +428,23 @@ def coco_stuff_source(
   folder = _resolve_split(split, COCO_STUFF_SPLITS, "COCO-Stuff")
   image_dir = os.path.join(data_dir, "images", folder)
   label_dir = os.path.join(data_dir, "annotations", folder)
-  images = _list_dir(image_dir, ".jpg", "COCO-Stuff")
   if labels == "raw":
-    found = _list_dir(label_dir, ".png", "COCO-Stuff")
+    found = listing.list_masks(label_dir, ".png", "COCO-Stuff")
     found = {k: v for k, v in found.items() if not k.endswith("_labelTrainIds")}
-    label_map = coco_stuff_raw_label_map()
+    label_map, suffix = coco_stuff_raw_label_map(), ".png"
   elif labels == "train_ids":
-    found = _list_dir(label_dir, "_labelTrainIds.png", "COCO-Stuff")
+    found = None
     label_map = train_id_label_map("COCO-Stuff (labelTrainIds)", len(classes.COCO_STUFF_CLASSES))
+    suffix = "_labelTrainIds.png"
   else:
     raise ValueError(f"coco_stuff_labels must be 'raw' or 'train_ids', got {labels!r}.")
-  items = _pair(images, found, "COCO-Stuff", label_dir, on_bad_example)
-  return FileListSource(f"COCO-Stuff ({labels})", items, label_map)
+  src = file_list_source(
+    "COCO-Stuff",
+    image_dir,
+    label_dir,
+    label_map,
+    image_suffixes=(".jpg",),
+    label_suffix=suffix,
+    labels=found,
+  )
+  return dataclasses.replace(src, dataset=f"COCO-Stuff ({labels})")

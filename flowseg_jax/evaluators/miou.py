@@ -176,7 +176,11 @@ class MiouEvaluator(common.Evaluator):
     path = common.write_json(workdir, name, summary)
     if not path:  # not process 0
       return path
-    pal = centroids_lib.palette(self.segmenter.task.decode_centroids)
+    # The dataset's own class colours where it has them (a folder's classes.json), else the
+    # centroid colours, which the raw colour output tends to.
+    pal = pipeline.dataset_palette(self.config.input)
+    if pal is None:
+      pal = centroids_lib.palette(self.segmenter.task.decode_centroids)
     pic_dir = storage.path(workdir) / files.PICTURES_DIR / name
     pic_dir.mkdir(parents=True, exist_ok=True)
     images = {}
