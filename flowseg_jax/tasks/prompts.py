@@ -104,14 +104,10 @@ class TextEncoder:
       mask[i, : len(tokens)] = 1
     return ids, mask
 
-  @functools.cached_property
-  def _apply(self):  # one compilation per encoder, not per call
-    return jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m))
-
   def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings (N, max_length, embed_dim) float32, mask (N, max_length) int32)."""
     ids, mask = self.tokenize(prompts)
-    apply = self._apply
+    apply = functools.partial(_apply_encoder, self.model)
     out = []
     for start in range(0, len(prompts), self.batch_size):
       chunk = slice(start, start + self.batch_size)
@@ -122,6 +118,11 @@ class TextEncoder:
       out.append(np.asarray(apply(self.params, i, m), np.float32)[:n])
     hidden = np.concatenate(out) if out else np.zeros((0, self.max_length, 0), np.float32)
     return fit_features(hidden, self.embed_dim), mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_encoder(model, params, ids, mask):  # compiled once per architecture and batch shape
+  return model.apply({"params": params}, ids, mask)
 
 
 def _word_pre_tokenizer():
