@@ -111,9 +111,25 @@ def prompted_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = "tiny"  # [-] a name in models.pixnerd_t2i.VARIANTS ('tiny', 'released')
   c.overrides = ml_collections.ConfigDict()  # [-] PixNerd-T2I architecture fields to override
-  c.condition = "table"  # [ours] 'table' (learned per-prompt features) | 'cache' (Qwen3 features)
+  # [ours] 'table' (learned per-prompt features: known prompts only) | 'cache' (frozen Qwen3
+  # features, cached; any prompt at inference) | 'text' (a small Qwen3 over a word-level tokenizer,
+  # trained with the denoiser: `text` below; any prompt at inference)
+  c.condition = "table"
   c.encoder_dir = ""  # 'cache': Qwen3 Hugging Face directory (config.json + safetensors)
   c.cache_dir = ""  # 'cache': where prompt embeddings are cached
+  # [ours] 'text': the word vocabulary (`tasks.prompts.word_tokenizer`; other words read as [UNK])
+  # and the encoder's shape (width: the T2I model's text_dim; tasks.prompts.builtin_encoder_config).
+  c.text = ml_collections.ConfigDict(
+    dict(
+      vocabulary=ml_collections.FieldReference([], field_type=list),
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=16,
+      intermediate_size=64,
+      rope_theta=10_000.0,
+    )
+  )
   # [ours] Label refinement (tasks/prompted.py refine_labels): RLFSeg names it without equations.
   c.refine = ml_collections.ConfigDict(
     dict(enabled=False, warmup_steps=500, boundary_width=1, margin=0.5)

@@ -4,6 +4,7 @@
   seg = Segmenter.from_pretrained("/tmp/flowseg_model")  # or a Hub id: `flowseg export` wrote it
   labels = seg("photo.jpg")                           # int32 (H, W) train ids
   mask = Segmenter.from_workdir("/tmp/rlfseg_demo")("photo.jpg", prompt="a photo of texture_003")
+  mask = Segmenter.from_workdir("/tmp/rlfseg_text")("photo.jpg", prompt="the pink ringed thing")
 
 Each image becomes one or more network inputs ("windows"): whole mode resizes it to
 `config.input.image_size`; slide mode resizes it so its short side is `config.eval.slide_short_side`
@@ -13,7 +14,10 @@ device batches (padded), the Euler ODE carries each to its colour mask, overlapp
 and the continuous colours are resized bilinearly to the image's own size and decoded there (nearest
 centroid), as mmseg resizes logits before the argmax (DESIGN.md "Inference"). One Segmenter serves
 every task: the task says what the network is conditioned on (a prompted model needs a prompt for
-every image, in every method; a semantic one takes none) and how the ODE is integrated.
+every image, in every method; a semantic one takes none) and how the ODE is integrated. A text
+model (`task.encodes_text`) takes any sentence: the Segmenter encodes it with the model's own text
+encoder and keeps the features of the last `prompt_cache_size` prompts it encoded; a learned-table
+model takes the texts of its prompt list only.
 
 Every device always runs `batch_per_device` windows, whatever the device count, so a window's arithmetic
 does not depend on how many devices share the work. Restoring reads only the denoiser's parameters from
@@ -23,6 +27,7 @@ imports no training code.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -110,10 +115,19 @@ class Segmenter:
     mesh: device mesh (default: all devices along 'data'; parameters replicated).
     step: the checkpoint step the parameters come from (for names and logs).
     batch_per_device: windows per device per call (default config.eval.batch_per_device, else 1).
+    prompt_cache_size: text features of at most this many prompts are kept (a text model).
   """
 
   def __init__(
-    self, config, params, *, task=None, mesh=None, step: int | None = None, batch_per_device=None
+    self,
+    config,
+    params,
+    *,
+    task=None,
+    mesh=None,
+    step: int | None = None,
+    batch_per_device=None,
+    prompt_cache_size: int = 256,
   ):
     self.config = config
     self.task = tasks.create_task(config) if task is None else task
@@ -128,6 +142,10 @@ class Segmenter:
     self.class_names = self.task.class_names
     self.centroids = self.task.decode_centroids
     self.palette = centroids_lib.palette(self.centroids)  # a perfect mask is drawn in these
+    if prompt_cache_size < 1:
+      raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
+    self.prompt_cache_size = int(prompt_cache_size)
+    self._prompt_features: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
   @classmethod
   def from_workdir(
@@ -182,8 +200,31 @@ class Segmenter:
 
   @property
   def prompts(self) -> list[str]:
-    """The prompt texts a prompted model knows (empty for a semantic model)."""
+    """The prompt texts a prompted model was trained and evaluated on (empty for a semantic
+    model); a text model (`task.encodes_text`) takes other sentences too."""
     return list(self.task.prompts)
+
+  def conditions(self, prompts: Sequence) -> np.ndarray:
+    """The network's condition of each prompt, (N, *task.condition_spec()): ids, or a text
+    model's features, encoded once per distinct text (the last prompt_cache_size are kept).
+    Every prompt is checked (a missing or, for a learned table, unknown one raises)."""
+    conds = [self.task.condition_of(p) for p in prompts]
+    shape, dtype = self.task.condition_spec()
+    if not self.task.encodes_text:
+      return np.asarray(conds, dtype).reshape(len(conds), *shape)
+    cache = self._prompt_features
+    new = list(dict.fromkeys(c for c in conds if c not in cache))
+    found = dict(zip(new, self.task.encode(self.params, new))) if new else {}
+    out = np.zeros((len(conds), *shape), dtype)
+    for i, text in enumerate(conds):
+      if text not in found:
+        cache.move_to_end(text)
+      out[i] = found[text] if text in found else cache[text]
+    for text, features in found.items():
+      cache[text] = features
+    while len(cache) > self.prompt_cache_size:
+      cache.popitem(last=False)
+    return out
 
   def __call__(
     self,
@@ -198,7 +239,8 @@ class Segmenter:
   ):
     """One image (path, PIL image or uint8 array) -> int32 (H, W) labels at its own size.
 
-    prompt: a prompted model's prompt (a text it knows, or its id); a semantic model takes none.
+    prompt: a prompted model's prompt: any text for a text model, a text of its prompt list for a
+      learned-table one, or an id of that list; a semantic model takes none.
     adaptive: the prompted task's adaptive one-step rule (default config.prompted.adaptive).
     return_confidence: also return float32 (H, W) confidence in [0, 1], the decoded colour's margin
       between its class colour and the runner-up's (`decode_colours_host`): 1 on the class colour,
@@ -233,8 +275,7 @@ class Segmenter:
     prompts = [None] * len(images) if prompts is None else list(prompts)
     if len(prompts) != len(images):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one per image")
-    for prompt in prompts:
-      self.task.condition_of(prompt)
+    self.conditions(prompts)  # checks every prompt (and encodes a text model's) first
     items = ((i, to_rgb(img), p) for i, (img, p) in enumerate(zip(images, prompts)))
     out = [None] * len(images)
     stream = self.segment_stream(
@@ -265,12 +306,12 @@ class Segmenter:
   def trajectory(self, image, *, prompt=None, num_steps: int | None = None) -> np.ndarray:
     """The ODE states x(t_0 = 0), ..., x(t_n = 1) of the whole-image input: float32
     (num_steps + 1, H, W, 3) in colour space, at config.input.image_size."""
-    cond = self.task.condition_of(prompt)
+    cond = self.conditions([prompt])
     x0, _, _ = network_input(to_rgb(image), self.config, "whole")
     batch = self.batch_per_device * self.mesh.size
     images = np.zeros((batch, *x0.shape), np.float32)
     images[0] = x0
-    conds = np.full((batch,), cond, np.int32)
+    conds = np.repeat(cond, batch, axis=0)
     fn = sample_fn(self.task, self.mesh, self.task.sampler_options(num_steps), trajectory=True)
     with jax.set_mesh(self.mesh):
       arrays = sharding.shard_batch({"x": images, "c": conds}, self.mesh)
@@ -318,17 +359,18 @@ class Segmenter:
     items = iter(items)
     crop = tuple(int(s) for s in self.config.input.image_size)
     scales = sorted({scale for scale, _ in views})
+    cond_shape, cond_dtype = self.task.condition_spec()
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group, windows = [], []
         with agreement.hold():
+          taken = _take(items, chunk)
+          conditions = self.conditions([prompt for _, _, prompt in taken])
           # (key, rgb, condition, {scale: (input, corners, valid)})
           group = [
-            (key, rgb, self.task.condition_of(prompt), {
-              s: network_input(rgb, self.config, mode, s) for s in scales
-            })
-            for key, rgb, prompt in _take(items, chunk)
-          ]  # fmt: skip
+            (key, rgb, cond, {s: network_input(rgb, self.config, mode, s) for s in scales})
+            for (key, rgb, _), cond in zip(taken, conditions, strict=True)
+          ]
           windows = [
             (g, v, y0, x0)
             for g, (*_, inputs) in enumerate(group)
@@ -348,7 +390,7 @@ class Segmenter:
         for b in range(num_batches):
           batch = windows[b * local_batch : (b + 1) * local_batch]
           crops = np.zeros((local_batch, *crop, 3), np.float32)
-          conds = np.zeros((local_batch,), np.int32)
+          conds = np.zeros((local_batch, *cond_shape), cond_dtype)
           for j, (g, v, y0, x0) in enumerate(batch):
             scale, flip = views[v]
             window = group[g][3][scale][0][y0 : y0 + crop[0], x0 : x0 + crop[1]]

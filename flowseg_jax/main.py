@@ -204,7 +204,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument(
       "--prompt",
       default=None,
-      help="prompted (RLFSeg) runs: the text prompt, one of the model's prompts (required there)",
+      help="prompted (RLFSeg) runs: the text prompt (required there): any sentence for a text "
+      "model, one of its prompt list for a learned-table model",
     )
   if command != "train":
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
@@ -256,7 +257,7 @@ def _run_command(command: str, argv: list[str]) -> int:
   del files
   segmenter = inference.Segmenter.from_workdir(args.workdir, config, step=args.step)
   try:
-    segmenter.task.condition_of(args.prompt)
+    segmenter.conditions([args.prompt])
   except ValueError as e:
     raise UsageError(f"--prompt: {e}") from e
   result = predict.predict(

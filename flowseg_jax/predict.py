@@ -85,7 +85,7 @@ def predict(
         continue
       yield (path, rgb), rgb, prompt
 
-  seg.task.condition_of(prompt)  # a missing, unknown or unwanted prompt fails before any work
+  seg.conditions([prompt])  # a missing, unknown or unwanted prompt fails before any work
   storage.path(output_dir).mkdir(parents=True, exist_ok=True)
   written = []
   report = progress.Progress("predict", len(mine))

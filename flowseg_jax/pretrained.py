@@ -50,7 +50,7 @@ INFERENCE_FIELDS = (
   "tta_scales",
   "batch_per_device",
 )
-PROMPTED_FIELDS = ("variant", "overrides", "condition", "adaptive")
+PROMPTED_FIELDS = ("variant", "overrides", "condition", "adaptive", "text")  # text: its tokenizer
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -280,7 +280,7 @@ def model_config(meta: Mapping):
     "eval": {**meta["sampler"], **meta["inference"]},
   }
   if "prompted" in meta:
-    data["prompted"] = {k: meta["prompted"][k] for k in PROMPTED_FIELDS}
+    data["prompted"] = {k: meta["prompted"][k] for k in PROMPTED_FIELDS if k in meta["prompted"]}
   return files.config_from_json(json.dumps(data))
 
 

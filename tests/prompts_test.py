@@ -84,3 +84,34 @@ def test_bfloat16_storage_and_identity(encoder_and_hf, tmp_path):
   assert 0 < np.abs(back - emb).max()
   with pytest.raises(ValueError, match="storage_dtype"):
     prompts.save_prompt_cache(path, PROMPTS[:2], emb, mask, identity="x", storage_dtype="int8")
+
+
+def test_a_cache_model_segments_a_sentence_it_was_not_cached_for(tmp_path):
+  """A model on frozen Qwen3 features encodes a new sentence with its encoder at inference; the
+  prompt list's cache is read only when training needs it, and gives the same features."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from flowseg_jax import defaults, inference, tasks
+  from flowseg_jax.data import synthetic
+
+  qwen3_testutil.make_model_dir(tmp_path / "qwen3")
+  cfg = defaults.load_config_file("configs/rlfseg/demo.py", "smoke")
+  cfg.prompted.condition = "cache"
+  cfg.prompted.encoder_dir = str(tmp_path / "qwen3")
+  cfg.prompted.cache_dir = str(tmp_path / "cache")
+  task = tasks.create_task(cfg)
+  params = nn.unbox(task.model.init(jax.random.key(0), *task.init_inputs((32, 32))))["params"]
+  params["t2i"]["final_layer"]["kernel"] += 0.5  # the prompt made to matter
+  seg = inference.Segmenter(cfg, params, task=task)
+  image = synthetic.make_example(2, num_classes=8, size=(32, 32))[0]
+  sentence = "the big dog on the left"
+  mask = seg(image, prompt=sentence)
+  assert mask.shape == (32, 32) and task._features is None  # no prompt-list cache was built
+  want = prompts.TextEncoder.from_pretrained(tmp_path / "qwen3", max_length=8, embed_dim=32)
+  np.testing.assert_allclose(seg.conditions([sentence]), want([sentence])[0], atol=1e-6)
+  x, t = jnp.zeros((1, 32, 32, 3)), jnp.asarray([0.5])
+  by_id = task.apply(params, x, t, jnp.asarray([3], jnp.int32))  # training's path: the cache
+  assert any((tmp_path / "cache").iterdir())
+  np.testing.assert_allclose(by_id, task.apply(params, x, t, seg.conditions([3])), atol=1e-6)

@@ -20,7 +20,9 @@ refs_json / instances_json at that dataset's files (RefCOCOg: split_by umd, eval
 
 Limitation: the 'cache' condition holds every prompt's (128, 2048) features in memory
 (1 MiB each in float32): fine for the evaluation splits (~10k sentences), too much for the
-full RefCOCO training split (~120k) on one host; stream the features from disk for that.
+full RefCOCO training split (~120k) on one host; stream the features from disk for that. Inference
+reads none of it: a sentence, seen in training or not, is encoded by the Qwen3 of encoder_dir when the
+Segmenter first meets it.
 """
 
 import ml_collections

@@ -198,6 +198,7 @@ def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]
     num_classes(cfg),
     classes=p.train_classes if train else p.eval_classes,
     min_pixels=int(p.min_pixels),
+    phrasings=prompted.split_phrasings(p, train),
   )
   return src, prompted.BINARY_LABEL_MAP
 
@@ -208,7 +209,7 @@ def prompt_list(cfg: ml_collections.ConfigDict) -> list[str]:
     return refcoco_source.prompts(refcoco.load_refs_json(_refcoco_config(cfg).refs_json))
   if cfg.get("prompted") is None:
     raise ValueError("config.input.prompted is not set: this is not a prompted dataset")
-  return prompted.prompt_list(cfg.prompted.template, class_names(cfg))
+  return prompted.prompt_list(cfg.prompted, class_names(cfg))
 
 
 def _refcoco_config(cfg):

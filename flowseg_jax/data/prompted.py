@@ -3,15 +3,24 @@
 `PromptedSource` wraps any source of this package (synthetic, ADE20K, COCO-Stuff, TFDS): every
 (example, class) pair in which the class covers at least `min_pixels` pixels becomes one prompted
 example, with the prompt `template.format(class name)` and the mask 1 on that class, 0 on every
-other annotated pixel and 255 where the annotation is 255. Prompt ids are class ids (the prompt
-list holds every class of the dataset, train and eval splits share it), so `classes` restricts
-which classes a split uses: a zero-shot split trains on some classes and evaluates on the others.
+other annotated pixel and 255 where the annotation is 255. `classes` restricts which classes a
+split uses: a zero-shot split trains on some classes and evaluates on the others.
+
+Phrasings: with `templates` (several training sentences per class) and `eval_templates` (held-out
+sentences the evaluation uses instead), the prompt list is every template over every class name,
+training templates first: prompt id = j * num_classes + class for template j (`prompt_list`). A
+record's template is fixed by its (image, class) pair, (image + class) mod the split's number of
+templates, so every class is seen under every training phrasing. Without them there is one
+template and the prompt id is the class id; train and eval splits share the prompt list.
 
 The (example, class) index is built once per source by reading every annotation (a few seconds
 for the synthetic data; one pass over the label PNGs for ADE20K / COCO-Stuff).
 
 `config.input.prompted` (None for semantic runs):
   template      prompt template, '{}' is the class name ("a photo of {}")
+  templates     training templates (None: [template])
+  eval_templates  held-out templates the eval split uses (None: the training ones)
+  names         class names to put in the prompts (None: the dataset's)
   train_classes class ids used for training (None: all)
   eval_classes  class ids used for evaluation (None: all)
   min_pixels    least pixels of a class in an (original-size) annotation to make an example
@@ -38,6 +47,9 @@ BINARY_LABEL_MAP = sources.train_id_label_map("prompted", 2)
 def default_prompted_input_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.template = "a photo of {}"
+  c.templates = ml_collections.FieldReference(None, field_type=list)
+  c.eval_templates = ml_collections.FieldReference(None, field_type=list)
+  c.names = ml_collections.FieldReference(None, field_type=list)
   c.train_classes = ml_collections.FieldReference(None, field_type=list)
   c.eval_classes = ml_collections.FieldReference(None, field_type=list)
   c.min_pixels = 16
@@ -45,10 +57,35 @@ def default_prompted_input_config() -> ml_collections.ConfigDict:
   return c
 
 
-def prompt_list(template: str, class_names: Sequence[str]) -> list[str]:
-  if "{}" not in template:
-    raise ValueError(f"config.input.prompted.template must contain '{{}}', got {template!r}")
-  return [template.format(name) for name in class_names]
+def split_templates(cfg) -> tuple[list[str], list[str]]:
+  """(training templates, held-out eval templates) of `config.input.prompted` (older configs
+  without the fields: [template], [])."""
+  train = list(cfg.get("templates") or [cfg.template])
+  held_out = list(cfg.get("eval_templates") or [])
+  for field, templates in (("templates", train), ("eval_templates", held_out)):
+    for t in templates:
+      if "{}" not in t:
+        raise ValueError(f"config.input.prompted.{field} must contain '{{}}', got {t!r}")
+  return train, held_out
+
+
+def prompt_list(cfg, class_names: Sequence[str]) -> list[str]:
+  """Every template (training, then held-out) over every class name (`names` when set)."""
+  names = list(cfg.get("names") or class_names)
+  if len(names) != len(class_names):
+    raise ValueError(
+      f"config.input.prompted.names has {len(names)} names for {len(class_names)} classes"
+    )
+  train, held_out = split_templates(cfg)
+  return [t.format(name) for t in train + held_out for name in names]
+
+
+def split_phrasings(cfg, train: bool) -> tuple[int, ...]:
+  """The template indices (into `prompt_list`'s templates) a split's records use."""
+  train_templates, held_out = split_templates(cfg)
+  if train or not held_out:
+    return tuple(range(len(train_templates)))
+  return tuple(range(len(train_templates), len(train_templates) + len(held_out)))
 
 
 def binary_mask(label: np.ndarray, cls: int) -> np.ndarray:
@@ -63,7 +100,8 @@ class PromptedSource:
   """grain random-access source of prompted examples over a semantic `base` source.
 
   Records: {'image': the base image (path, bytes or array), 'label': uint8 (H, W) binary mask,
-  'prompt': int32 class id, 'name': '<base name>:<class id>'}.
+  'prompt': int32 prompt id (template j * num_classes + class id, j from `phrasings`), 'name':
+  '<base name>:<class id>'}.
   """
 
   base: Any
@@ -71,6 +109,7 @@ class PromptedSource:
   num_classes: int
   classes: Sequence[int] | None = None
   min_pixels: int = 16
+  phrasings: Sequence[int] = (0,)
 
   def __post_init__(self):
     allowed = np.zeros(self.num_classes, bool)
@@ -106,10 +145,11 @@ class PromptedSource:
     i, c = (int(v) for v in self.index[int(index)])
     record = self.base[i]
     label = sources.read_label(record["label"], record["name"], self.label_map)
+    template = self.phrasings[(i + c) % len(self.phrasings)]
     return {
       "image": record["image"],
       "label": binary_mask(label, c),
-      "prompt": np.int32(c),
+      "prompt": np.int32(template * self.num_classes + c),
       "name": f"{record['name']}:{c}",
     }
 

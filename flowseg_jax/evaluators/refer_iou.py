@@ -14,7 +14,24 @@ Per batch the counts are computed on device (int32: a batch has far fewer than 2
 across batches `PromptedIoU` sums them on the host in float64 / int64.
 
 `ReferIouEvaluator` scores a prompted Segmenter on its eval split: gIoU / cIoU / prec@k, the
-all-background prediction's figures for scale, and the wrong-prompt figures (`wrong_prompts`).
+all-background prediction's figures for scale, the wrong-prompt figures (`wrong_prompts`) and
+the prompt-use figures (`PromptConfusion`).
+
+Prompt use. The wrong-prompt gIoU (each example predicted under another example's prompt, scored
+against its own target) is near 0 for a model that uses its prompt, but also for one that answers
+unfamiliar prompts with nothing. Where an image holds several prompted examples (examples named
+'<image>:<class>', as `data.prompted` names them), each ordered pair (i, j) of them scores the
+prediction for prompt i against i's own mask and against j's mask:
+  use_own_giou    mean IoU(pred_i, mask_i) over the pairs: high when the other prompt's region is
+                  found (low for an empty answer),
+  use_other_giou  mean IoU(pred_i, mask_j): the wrong-prompt figure within one image,
+  prompt_use      their difference: near gIoU for a model that segments what it is asked, near 0
+                  for a prompt-blind one (it finds the same region whatever the prompt) and for
+                  one that answers with nothing.
+The per-prompt confusion (row: the prompt asked, column: the prompt whose mask is scored, mean
+IoU over the images holding both; the diagonal is each prompt's own gIoU there) goes into the
+JSON when at most `MAX_CONFUSION_PROMPTS` prompts occur. Pairs are formed within one process's
+share of the split (all of them on one process).
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from flowseg_jax.centroids import IGNORE_LABEL
 from flowseg_jax.evaluators import common
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_CONFUSION_PROMPTS = 64
 
 
 def intersection_union(
@@ -139,6 +157,90 @@ def wrong_prompts(prompts: Sequence[int], num_prompts: int) -> np.ndarray:
   return out
 
 
+def pairwise_iou(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """IoU of every prediction against every target of one image: float64 (n, n), [i, j] =
+  IoU(predictions[i], targets[j]) over target j's evaluated pixels (1 where both are empty).
+
+  predictions (n, H, W) nonzero = foreground; targets (n, H, W) in {0, 1, IGNORE_LABEL}.
+  """
+  n = len(targets)
+  valid = (targets.reshape(n, -1) != IGNORE_LABEL).astype(np.float64)
+  true = (targets.reshape(n, -1) == 1).astype(np.float64)
+  pred = (predictions.reshape(n, -1) != 0).astype(np.float64)
+  inter = pred @ true.T
+  union = pred @ valid.T + true.sum(1)[None, :] - inter
+  return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+@flax.struct.dataclass
+class PromptConfusion:
+  """Sums of the prompt-use figures (module docstring) over images: pair sums, and the
+  per-prompt confusion (None when the prompt list is longer than MAX_CONFUSION_PROMPTS)."""
+
+  own_sum: np.ndarray
+  other_sum: np.ndarray
+  pairs: np.ndarray
+  iou_sum: np.ndarray | None
+  count: np.ndarray | None
+
+  @classmethod
+  def empty(cls, num_prompts: int) -> PromptConfusion:
+    zero = np.zeros((), np.float64)
+    if num_prompts > MAX_CONFUSION_PROMPTS:
+      return cls(zero, zero, zero, None, None)
+    matrix = np.zeros((num_prompts, num_prompts), np.float64)
+    return cls(zero, zero, zero, matrix, matrix.copy())
+
+  def add_image(self, prompts: Sequence[int], predictions, targets) -> PromptConfusion:
+    """The examples of one image: their prompt ids, predictions and targets (n, H, W)."""
+    n = len(prompts)
+    if n < 2:
+      return self
+    iou = pairwise_iou(np.asarray(predictions), np.asarray(targets))
+    off = ~np.eye(n, dtype=bool)
+    own = np.diag(iou)[:, None] * off
+    out = self.replace(
+      own_sum=self.own_sum + own.sum(),
+      other_sum=self.other_sum + (iou * off).sum(),
+      pairs=self.pairs + off.sum(),
+    )
+    if self.iou_sum is None:
+      return out
+    ids = np.asarray(prompts, np.int64)
+    iou_sum, count = self.iou_sum.copy(), self.count.copy()
+    np.add.at(iou_sum, (ids[:, None], ids[None, :]), iou)
+    np.add.at(count, (ids[:, None], ids[None, :]), 1.0)
+    return out.replace(iou_sum=iou_sum, count=count)
+
+  def compute(self, prompt_texts: Sequence[str]) -> dict[str, Any]:
+    """{'use_own_giou', 'use_other_giou', 'prompt_use', 'use_pairs', 'confusion'} ({} when no
+    image holds two examples)."""
+    pairs = float(self.pairs)
+    if pairs == 0:
+      return {}
+    own, other = float(self.own_sum) / pairs, float(self.other_sum) / pairs
+    out = {
+      "use_own_giou": own,
+      "use_other_giou": other,
+      "prompt_use": own - other,
+      "use_pairs": int(round(pairs)),
+    }
+    if self.count is not None:
+      seen = np.flatnonzero(self.count.sum(0) + self.count.sum(1))
+      count = self.count[np.ix_(seen, seen)]
+      mean = np.where(count > 0, self.iou_sum[np.ix_(seen, seen)] / np.maximum(count, 1), np.nan)
+      out["confusion"] = {
+        "prompts": [prompt_texts[i] for i in seen],
+        "giou": [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in mean],
+      }
+    return out
+
+
+def image_of(name: str) -> str | None:
+  """The image an example's name refers to ('<image>:<class>'), None when it names none."""
+  return name.rsplit(":", 1)[0] if ":" in name else None
+
+
 class ReferIouEvaluator(common.Evaluator):
   """gIoU / cIoU / prec@k of a prompted Segmenter, with the all-background baseline and, when
   `config.prompted.eval_wrong_prompt`, the wrong-prompt gIoU / cIoU ('wrong_giou', 'wrong_ciou')."""
@@ -150,6 +252,9 @@ class ReferIouEvaluator(common.Evaluator):
     "baseline_ciou",
     "wrong_giou",
     "wrong_ciou",
+    "use_own_giou",
+    "use_other_giou",
+    "prompt_use",
     "mean_dt",
   )
 
@@ -172,7 +277,27 @@ class ReferIouEvaluator(common.Evaluator):
     examples = list(examples)
     targets = [ex["label"][None] for ex in examples]
     ids = [int(ex["prompt"]) for ex in examples]
-    model, dts = self._score(examples, ids, targets, settings)
+    confusion = [PromptConfusion.empty(len(seg.prompts))]
+    group: list = []  # (prompt, prediction, target) of the current image's examples
+
+    def flush():
+      if group:
+        ps, preds, ts = zip(*group)
+        confusion[0] = confusion[0].add_image(ps, np.stack(preds), np.concatenate(ts))
+        group.clear()
+
+    last = [None]
+
+    def on_prediction(i, pred):  # an image's examples come together (data.prompted)
+      image = image_of(str(examples[i].get("name", "")))
+      if image is None or image != last[0]:
+        flush()
+      last[0] = image
+      if image is not None:
+        group.append((ids[i], pred, targets[i]))
+
+    model, dts = self._score(examples, ids, targets, settings, on_prediction)
+    flush()
     background = PromptedIoU.empty()
     for target in targets:
       background = background.merge(
@@ -188,10 +313,12 @@ class ReferIouEvaluator(common.Evaluator):
     dt_sum = common.sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
     result["mean_dt"] = float(dt_sum[0] / max(dt_sum[1], 1))
     result["num_skipped_examples"] = dataset.num_skipped
+    result.update(common.sum_over_processes(confusion[0]).compute(seg.prompts))
     return result
 
-  def _score(self, examples, ids, targets, settings):
-    """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes)."""
+  def _score(self, examples, ids, targets, settings, on_prediction=None):
+    """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes);
+    on_prediction(example index, int32 (H, W) prediction) sees each prediction in order."""
     items = [(i, ex["image_orig"], int(p)) for i, (ex, p) in enumerate(zip(examples, ids))]
     metric, dts = PromptedIoU.empty(), []
     stream = self.segmenter.segment_stream(
@@ -201,9 +328,11 @@ class ReferIouEvaluator(common.Evaluator):
       mode="whole",
       adaptive=settings["adaptive_one_step"],
     )
-    for target, (_, _, pred, dt) in zip(targets, stream, strict=True):
+    for target, (i, _, pred, dt) in zip(targets, stream, strict=True):
       metric = metric.merge(PromptedIoU.from_model_output(predictions=pred[None], targets=target))
       dts.append(dt)
+      if on_prediction is not None:
+        on_prediction(i, pred)
     return metric, dts
 
   def write(self, workdir, name, step, result, settings, writer=None) -> str:
@@ -226,9 +355,16 @@ class ReferIouEvaluator(common.Evaluator):
         f"; wrong prompt: gIoU {100 * result['wrong_giou']:.2f} "
         f"cIoU {100 * result['wrong_ciou']:.2f}"
       )
+    use = ""
+    if "prompt_use" in result:
+      use = (
+        f"; prompt use {100 * result['prompt_use']:.2f} (other prompts of the image: own mask "
+        f"gIoU {100 * result['use_own_giou']:.2f}, this mask {100 * result['use_other_giou']:.2f}"
+        f", {result['use_pairs']} pairs)"
+      )
     return (
       f"gIoU {100 * result['giou']:.2f} cIoU {100 * result['ciou']:.2f} (all-background: gIoU "
-      f"{100 * result['baseline_giou']:.2f} cIoU {100 * result['baseline_ciou']:.2f}{wrong}) "
+      f"{100 * result['baseline_giou']:.2f} cIoU {100 * result['baseline_ciou']:.2f}{wrong}{use}) "
       f"over {result['num_examples']} examples"
     )
 

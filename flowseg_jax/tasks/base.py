@@ -43,6 +43,7 @@ class Task(abc.ABC):
   num_classes: int  # classes a prediction can take
   centroids: jax.Array  # (table size, 3) float32: the training table
   prompts: tuple[str, ...] | list[str] = ()  # the prompt texts a prompted model knows
+  encodes_text = False  # a text model: conditions are texts its own encoder turns into features
   evaluator: type  # built with a Segmenter of this task (evaluators/)
 
   def __init__(self, config: ml_collections.ConfigDict, vocabulary: Vocabulary | None = None):
@@ -80,6 +81,14 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def condition_of(self, prompt) -> int:
     """The condition inference passes for one image given the user's `prompt` argument."""
+
+  def condition_spec(self) -> tuple[tuple[int, ...], type]:
+    """(shape, dtype) of one image's condition at inference (a class or prompt id)."""
+    return (), np.int32
+
+  def encode(self, params, prompts) -> np.ndarray:
+    """A text model's features of prompt texts (`encodes_text`)."""
+    raise ValueError(f"the {self.name} task encodes no text")
 
   def apply(self, params, x, t, cond, **kw):
     """The network: x (B, H, W, 3), t (B,), cond int32 (B,) -> output (B, H, W, 3)."""

@@ -3,11 +3,16 @@
 x1 is the binary mask drawn with `kronecker_centroids(2)` (background mu_0 = (-1, -1, -1),
 foreground mu_1 = (1, 1, 1)); labels 0 / 1 / 255; the condition is the prompt: `batch['prompt']`
 int32 (B,) ids into the task's prompt list. The network sees text features (B, T, Dt) of each
-prompt, from either
+prompt, from
   'table': a learned (num_prompts, T, Dt) embedding table, one entry per prompt (the CPU demo: no
-    language model, but no generalisation to unseen prompts either), or
+    language model, so only the prompts of the list: `condition_of` refuses any other),
   'cache': frozen Qwen3 last hidden states, computed once per prompt set through
-    `prompts.cached_prompt_embeddings` and kept as a non-trained constant (RefCOCO).
+    `prompts.cached_prompt_embeddings` and kept as a non-trained constant (RefCOCO), or
+  'text': a small Qwen3 (`config.prompted.text`) over a word-level tokenizer built in code,
+    trained with the denoiser (its weights are checkpointed with it).
+A text model ('cache', 'text') segments any sentence at inference: `condition_of` passes the text
+through and `encode` turns texts into features with the model's own encoder (the Segmenter caches
+them); training never runs the 'cache' encoder per step.
 Metrics gIoU / cIoU (`evaluators.refer_iou`). The flow is FlowSeg's with two centroids; this module
 adds what RLFSeg adds, as pure jit-able functions. RLFSeg's paper gives no equations for either;
 these are our definitions.
@@ -50,7 +55,8 @@ from flowseg_jax.models import pixnerd_t2i
 from flowseg_jax.models.prompted import PromptedDenoiser
 from flowseg_jax.tasks import base
 
-CONDITIONS = ("table", "cache")
+CONDITIONS = ("table", "cache", "text")
+TEXT_CONDITIONS = ("cache", "text")
 
 
 def boundary_mask(labels: jax.Array, width: int) -> jax.Array:
@@ -161,26 +167,99 @@ class PromptedTask(base.Task):
       scan_blocks=bool(config.model.scan_blocks),
     )
     t2i.check_config()
-    self.features = None
-    if cfg.condition == "cache":
-      cached = None if vocabulary is None else vocabulary.prompt_features
-      self.features = jnp.asarray(self._cached_features(t2i) if cached is None else cached)
-    self.model = PromptedDenoiser(t2i, len(self.prompts) if cfg.condition == "table" else 0)
-    self.centroids = jnp.asarray(centroids_lib.kronecker_centroids(2))
-
-  def _cached_features(self, t2i) -> np.ndarray:
-    from flowseg_jax.tasks import prompts as prompts_lib  # the text stack only when used
-
-    cfg = self.config.prompted
-    if not cfg.encoder_dir or not cfg.cache_dir:
+    self._t2i = t2i
+    self.condition_kind = cfg.condition
+    self._features = None  # 'cache': the prompt list's features, read when training needs them
+    self._encoder = None  # 'cache': the Qwen3 encoder, loaded when first needed
+    self.tokens = None  # 'text': (token ids, mask) int32 (num_prompts, T) of the prompt list
+    text_encoder = None
+    if cfg.condition == "cache" and vocabulary is not None:  # a model folder's stored features
+      if vocabulary.prompt_features is not None:
+        self._features = jnp.asarray(vocabulary.prompt_features)
+    if (
+      cfg.condition == "cache"
+      and self._features is None
+      and (not cfg.encoder_dir or not cfg.cache_dir)
+    ):
       raise ValueError(
         "config.prompted.condition='cache' needs config.prompted.encoder_dir (a Qwen3 Hugging "
         "Face directory) and config.prompted.cache_dir"
       )
-    encoder = prompts_lib.TextEncoder.from_pretrained(
-      cfg.encoder_dir, max_length=t2i.text_length, embed_dim=t2i.text_dim
+    if cfg.condition == "text":
+      text_encoder = self._builtin = self._builtin_encoder(t2i)
+      self.tokens = self._text_encoder(None).tokenize(self.prompts)
+    self.model = PromptedDenoiser(
+      t2i, len(self.prompts) if cfg.condition == "table" else 0, text_encoder
     )
-    features, _ = prompts_lib.cached_prompt_embeddings(cfg.cache_dir, self.prompts, encoder)
+    self.centroids = jnp.asarray(centroids_lib.kronecker_centroids(2))
+
+  def _builtin_encoder(self, t2i):
+    from flowseg_jax.models import qwen3
+    from flowseg_jax.tasks import prompts as prompts_lib  # the text stack only when used
+
+    cfg = self.config.prompted.text
+    self._tokenizer = prompts_lib.word_tokenizer(list(cfg.vocabulary))
+    vocab_size = self._tokenizer.get_vocab_size()
+    return qwen3.Qwen3Model(prompts_lib.builtin_encoder_config(cfg, vocab_size, t2i.text_dim))
+
+  def _text_encoder(self, params):
+    """`prompts.TextEncoder` of a text model: the own encoder over `params` ('text'; None: for
+    tokenising only), or the Qwen3 of config.prompted.encoder_dir ('cache', loaded once)."""
+    from flowseg_jax.tasks import prompts as prompts_lib
+
+    t2i = self._t2i
+    if self.condition_kind == "text":
+      return prompts_lib.TextEncoder(
+        self._tokenizer,
+        self._builtin,
+        None if params is None else params["text_encoder"],
+        identity="builtin",
+        pad_id=self._tokenizer.token_to_id(prompts_lib.WORD_PAD),
+        max_length=t2i.text_length,
+        embed_dim=t2i.text_dim,
+      )
+    if self._encoder is None:
+      self._encoder = prompts_lib.TextEncoder.from_pretrained(
+        self.config.prompted.encoder_dir, max_length=t2i.text_length, embed_dim=t2i.text_dim
+      )
+    return self._encoder
+
+  @property
+  def features(self):
+    """'cache': the prompt list's features (num_prompts, T, Dt), computed or read once."""
+    from flowseg_jax.tasks import prompts as prompts_lib
+
+    if self._features is None and self.condition_kind == "cache":
+      features, _ = prompts_lib.cached_prompt_embeddings(
+        self.config.prompted.cache_dir, self.prompts, self._text_encoder(None)
+      )
+      self._features = jnp.asarray(features)
+    return self._features
+
+  @property
+  def encodes_text(self) -> bool:
+    """Whether the model reads text features from its own encoder (any prompt at inference)."""
+    return self.condition_kind in TEXT_CONDITIONS
+
+  def condition_spec(self) -> tuple[tuple[int, ...], type]:
+    """(shape, dtype) of one image's condition at inference: a text model's features (T, Dt)
+    float32, else a prompt id."""
+    if self.encodes_text:
+      return (self.model.t2i.text_length, self.model.t2i.text_dim), np.float32
+    return (), np.int32
+
+  def encode(self, params, prompts) -> np.ndarray:
+    """A text model's features of `prompts` (texts): float32 (N, T, Dt). 'cache' reads prompts
+    of its list from the training features when they are loaded (the same numbers)."""
+    if not self.encodes_text:
+      raise ValueError("a learned-table model has no text encoder (condition='table')")
+    prompts = list(prompts)
+    if self._features is not None:
+      known = [p in self.prompts for p in prompts]
+      if all(known):
+        rows = [self.prompts.index(p) for p in prompts]
+        return np.asarray(jnp.take(self._features, np.asarray(rows, np.int32), axis=0))
+    features, _ = self._text_encoder(params)(prompts)
     return features
 
   @property
@@ -192,6 +271,15 @@ class PromptedTask(base.Task):
 
   def architecture(self) -> dict:
     return {**self.model.t2i.arch_config(), "num_prompts": self.model.num_prompts}
+
+  def init_inputs(self, image_size):
+    x, t, cond = super().init_inputs(image_size)
+    if self.condition_kind == "text":  # the encoder's parameters are made from tokens
+      ids, mask = self.tokens
+      return x, t, (jnp.asarray(ids[:1]), jnp.asarray(mask[:1]))
+    if self.condition_kind == "cache":  # features, without reading the prompt cache
+      return x, t, jnp.zeros((1, *self.condition_spec()[0]), jnp.float32)
+    return x, t, cond
 
   def prompt_id(self, prompt: str) -> int:
     """The id of a prompt text (exact match, then case/space-insensitive)."""
@@ -221,28 +309,39 @@ class PromptedTask(base.Task):
         f"config.model_init={path!r} holds architecture {src_model.arch_config()}, but "
         f"config.prompted builds {t2i.arch_config()}"
       )
-    if self.model.num_prompts:
+    if self.condition_kind != "cache":
       raise ValueError(
-        "config.model_init with a learned prompt table (config.prompted.condition='table') would "
-        "leave the table untrained against pretrained text features; use condition='cache'"
+        f"config.model_init with config.prompted.condition={self.condition_kind!r} would feed "
+        "the pretrained model text features it was not trained on; use condition='cache'"
       )
     return {"t2i": params}
 
-  def condition_of(self, prompt) -> int:
-    """A prompt text of the model's list, or its int id; None is an error."""
+  def condition_of(self, prompt) -> int | str:
+    """A learned-table model: the id of a text of its list, or an int id (any other text is
+    refused in one line listing known ones). A text model: the prompt text itself (any sentence;
+    an int id is its list's text), to be encoded (`encode`). None is an error."""
     if prompt is None:
-      raise ValueError("a prompted model needs a prompt (a text of its prompt list or an id)")
+      what = "any text" if self.encodes_text else "a text of its prompt list"
+      raise ValueError(f"a prompted model needs a prompt ({what} or an id)")
     if isinstance(prompt, int | np.integer):
       if not 0 <= int(prompt) < len(self.prompts):
         raise ValueError(f"prompt id {prompt} not in [0, {len(self.prompts)})")
-      return int(prompt)
-    return self.prompt_id(str(prompt))
+      return self.prompts[int(prompt)] if self.encodes_text else int(prompt)
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise ValueError(f"a prompt must be a non-empty text or an int id, got {prompt!r}")
+    return prompt if self.encodes_text else self.prompt_id(prompt)
 
   def apply(self, params, x, t, cond, **kw):
+    """cond: int32 (B,) ids of the prompt list, or float (B, T, Dt) text features (a text model's
+    `encode`)."""
     if kw:
       raise ValueError(f"the prompted task does not support {sorted(kw)} (e.g. REPA)")
-    if self.features is not None:
-      cond = jnp.take(self.features, cond, axis=0)
+    if jnp.issubdtype(jnp.result_type(cond), jnp.integer):
+      if self.condition_kind == "cache":
+        cond = jnp.take(self.features, cond, axis=0)
+      elif self.condition_kind == "text":
+        ids, mask = (jnp.take(jnp.asarray(a), cond, axis=0) for a in self.tokens)
+        cond = (ids, mask)
     return self.model.apply({"params": params}, x, t, cond)
 
   def train_targets(self, ema_params, images, labels, cond, step):

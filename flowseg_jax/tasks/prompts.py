@@ -11,11 +11,17 @@ embeddings of a prompt set once and stores them in `<cache_dir>/prompts-<key>.np
 hashes the prompts, the encoder's identity and the shaping parameters. `load_prompt_cache`
 refuses (`StalePromptCacheError`, saying what differs) a file made for other prompts, another
 encoder or other shapes.
+
+A small encoder for CPU work (`condition='text'`): `word_tokenizer` builds a word-level
+`tokenizers.Tokenizer` in code from a vocabulary list (no download; the same list gives the same
+ids), and `builtin_encoder_config` a small Qwen3 (`models.qwen3`) whose width is the T2I model's
+text width; the prompted denoiser trains it jointly (models/prompted.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -34,6 +40,7 @@ TEXT_LENGTH = 128
 TEXT_DIM = 2048
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _DEFAULT_PAD = "<|endoftext|>"  # Qwen3's pad token
+WORD_PAD, WORD_UNK = "[PAD]", "[UNK]"  # ids 0 and 1 of `word_tokenizer`
 
 
 class StalePromptCacheError(ValueError):
@@ -100,7 +107,7 @@ class TextEncoder:
   def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings (N, max_length, embed_dim) float32, mask (N, max_length) int32)."""
     ids, mask = self.tokenize(prompts)
-    apply = jax.jit(lambda p, i, m: self.model.apply({"params": p}, i, m))
+    apply = functools.partial(_apply_encoder, self.model)
     out = []
     for start in range(0, len(prompts), self.batch_size):
       chunk = slice(start, start + self.batch_size)
@@ -111,6 +118,58 @@ class TextEncoder:
       out.append(np.asarray(apply(self.params, i, m), np.float32)[:n])
     hidden = np.concatenate(out) if out else np.zeros((0, self.max_length, 0), np.float32)
     return fit_features(hidden, self.embed_dim), mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_encoder(model, params, ids, mask):  # compiled once per architecture and batch shape
+  return model.apply({"params": params}, ids, mask)
+
+
+def _word_pre_tokenizer():
+  from tokenizers import normalizers, pre_tokenizers
+
+  return normalizers.Lowercase(), pre_tokenizers.Whitespace()
+
+
+def prompt_words(prompts: Sequence[str]) -> list[str]:
+  """The sorted distinct words of `prompts` as `word_tokenizer` splits them (lowercased; runs of
+  letters/digits and runs of punctuation are words)."""
+  lower, split = _word_pre_tokenizer()
+  words = set()
+  for prompt in prompts:
+    words.update(w for w, _ in split.pre_tokenize_str(lower.normalize_str(prompt)))
+  return sorted(words)
+
+
+def word_tokenizer(vocabulary: Sequence[str]):
+  """A word-level `tokenizers.Tokenizer`: [PAD] = 0, [UNK] = 1 (any word not in the vocabulary),
+  then the vocabulary's distinct words, sorted (ids do not depend on the list's order)."""
+  from tokenizers import Tokenizer, models
+
+  words = prompt_words(vocabulary)
+  if not words:
+    raise ValueError("config.prompted.text.vocabulary is empty: the word tokenizer needs words")
+  vocab = {WORD_PAD: 0, WORD_UNK: 1, **{w: i + 2 for i, w in enumerate(words)}}
+  tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=WORD_UNK))
+  tokenizer.normalizer, tokenizer.pre_tokenizer = _word_pre_tokenizer()
+  return tokenizer
+
+
+def builtin_encoder_config(cfg, vocab_size: int, width: int):
+  """`models.qwen3.Qwen3Config` of `config.prompted.text`: hidden size `width` (the T2I model's
+  text width, so no padding or cutting of features is needed)."""
+  from flowseg_jax.models.qwen3 import Qwen3Config
+
+  return Qwen3Config(
+    vocab_size=vocab_size,
+    hidden_size=width,
+    intermediate_size=int(cfg.intermediate_size),
+    num_hidden_layers=int(cfg.num_layers),
+    num_attention_heads=int(cfg.num_heads),
+    num_key_value_heads=int(cfg.num_kv_heads),
+    head_dim=int(cfg.head_dim),
+    rope_theta=float(cfg.rope_theta),
+  )
 
 
 def _token_text(token) -> str | None:
