@@ -13,9 +13,10 @@ Evaluate (10 Euler steps, whole image at 512x512):
 
 Convert the weights first: `flowseg convert pixnerd --ckpt epoch=319-step=1600000_emainit.ckpt --out
 $CKPT/pixnerd_xl16` and `flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out $CKPT/dinov2_vitb14`.
-Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`), or pick a measured
-preset for your hardware with `,target=NAME` (mesh, remat and gradient accumulation from the AOT
-memory plans in benchmarks/RESULTS.md, "Memory plans"), e.g. `:stage=1,target=v5e-64`.
+Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`), or pick a planned
+preset for your hardware with `,target=NAME` (mesh, remat, gradient accumulation and attention
+from the plans of the real TPU / GPU compiler of that hardware in benchmarks/RESULTS.md, "Memory
+plans from the TPU and GPU compilers"), e.g. `:stage=1,target=v5e-64`.
 """
 
 from flowseg_jax import defaults
@@ -58,9 +59,13 @@ TARGETS = {
     "1": _preset(8, 1, "none", attention="cudnn"),
     "2": _preset(8, 1, "none", attention="cudnn"),
   },
-  "a100-8": {"1": _preset(8, 1, attention="cudnn"), "2": _preset(8, 1, attention="cudnn")},
+  "a100-8": {
+    "1": _preset(8, 1, "none", attention="cudnn"),
+    "2": _preset(8, 1, "none", attention="cudnn"),
+  },
   "v4-16": {"1": _preset(8, 1), "2": _preset(8, 1)},
   "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
+  "v5e-16": {"1": _preset(16, 1), "2": _preset(16, 1)},
   "v5e-64": {"1": _preset(8, 8)},
   "v5p-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
   "v6e-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
@@ -72,6 +77,7 @@ HARDWARE = {
   "a100-8": "gpu:a100:8",
   "v4-16": "tpu:v4:2x2x2",
   "v5e-8": "tpu:v5e:2x4",
+  "v5e-16": "tpu:v5e:4x4",
   "v5e-64": "tpu:v5e:8x8",
   "v5p-16": "tpu:v5p:2x2x2",
   "v6e-8": "tpu:v6e:2x4",

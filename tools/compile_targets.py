@@ -127,6 +127,9 @@ def worker_env(target: str, env: dict) -> dict:
     flags += f" --xla_force_host_platform_device_count={rest}"
   elif kind == "tpu":
     env.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
+    # libtpu locks /tmp/libtpu_lockfile to own the TPU; compile-only planners own none, and
+    # several may run at once (parallel plans, tests).
+    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   else:
     env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # no driver / GPU to check versions against
     # Without a GPU XLA cannot autotune, and its untuned Triton GEMM tiling fails on some bf16

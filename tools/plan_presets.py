@@ -10,7 +10,8 @@ sampler's peak and the cuDNN fused-attention calls of the GPU programs.
 
 The TPU and GPU compilers live in different installs (libtpu; the CUDA plugin), so each kind of
 target runs under its own interpreter (`--tpu-python`, `--gpu-python`; default this one). Rows
-are kept in `--json` as they finish and a rerun skips those already there (`--redo` to redo).
+are kept in `--json` as they finish and a rerun plans only what is missing (`--redo` all);
+`--also-json` adds rows of other runs (e.g. `tools.scale --json` plans of a changed preset).
 
   python -m tools.plan_presets --tpu-python /work/venv-tpu/bin/python \\
     --gpu-python /work/venv-gpu/bin/python --cpu --json plans.json --markdown plans.md
@@ -54,19 +55,48 @@ def cases(configs, stages, names=None) -> list[dict]:
   return out
 
 
-def key(case: dict, compiler: str) -> str:
-  return f"{case['config']}:stage={case['stage']},target={case['preset']}@{compiler}"
+def spec(case: dict) -> str:
+  return f"{case['config']}:stage={case['stage']},target={case['preset']}"
+
+
+def compile_target(case: dict, compiler: str) -> str:
+  """The preset's own hardware ('native') or as many XLA:CPU host devices ('cpu')."""
+  return str(_device_count(case["target"])) if compiler == "cpu" else case["target"]
+
+
+def find(rows: list[dict], case: dict, compiler: str) -> dict | None:
+  """The newest row planning this case's program (config, preset, mesh, remat) for the compiler;
+  an error row only when no row succeeded. Rows of `tools.scale --json` files count too."""
+  target, found = compile_target(case, compiler), None
+  for row in reversed(rows):
+    if row.get("config") != spec(case) or row.get("target", str(row.get("devices"))) != target:
+      continue
+    if "error" in row:
+      found = found or row
+    elif (row["data"], row["fsdp"], row["remat"]) == (case["data"], case["fsdp"], case["remat"]):
+      return row
+  return found
+
+
+def load_rows(paths) -> list[dict]:
+  """Rows of plan_presets / tools.scale JSON files (missing files hold none)."""
+  out = []
+  for path in paths:
+    if path and os.path.exists(path):
+      with open(path) as f:
+        rows = json.load(f)["rows"]
+      out.extend(rows.values() if isinstance(rows, dict) else rows)
+  return out
 
 
 def plan(case: dict, compiler: str, args) -> dict:
   """One row: the case compiled for its own hardware ('native') or on XLA:CPU host devices."""
-  target = str(_device_count(case["target"])) if compiler == "cpu" else case["target"]
+  target = compile_target(case, compiler)
   python = {"tpu": args.tpu_python, "gpu": args.gpu_python}.get(compile_targets.parse(target)[0])
   options = argparse.Namespace(
     remat=None, fsdp=[case["fsdp"]], sampler=True, set={}, timeout=args.timeout
   )
-  spec = f"{case['config']}:stage={case['stage']},target={case['preset']}"
-  (row,) = scale.run_target(options, target, spec, python=python or sys.executable)
+  (row,) = scale.run_target(options, target, spec(case), python=python or sys.executable)
   return row
 
 
@@ -99,10 +129,10 @@ def cpu_table_peaks(path: str) -> dict[tuple, float]:
   return out
 
 
-def table(cases_: list[dict], rows: dict, cpu_peaks: dict | None = None) -> list[dict]:
+def table(cases_: list[dict], rows: list[dict], cpu_peaks: dict | None = None) -> list[dict]:
   out = []
   for case in cases_:
-    native, cpu = rows.get(key(case, "native")), rows.get(key(case, "cpu"))
+    native, cpu = find(rows, case, "native"), find(rows, case, "cpu")
     line = {
       "config": f"{os.path.basename(case['config'])[len('flowseg_') : -3]} {case['stage']}",
       "preset": case["preset"],
@@ -122,8 +152,9 @@ def table(cases_: list[dict], rows: dict, cpu_peaks: dict | None = None) -> list
       peak=scale._gib(peak),
       fit=f"{native['fit']} ({native['device_gib']:.0f})",
       compile=f"{t['compile_s']:.0f}",
-      sampler=scale._gib(native["sampler"]["memory"]["peak_bytes"]),
     )
+    if "sampler" in native:
+      line["sampler"] = scale._gib(native["sampler"]["memory"]["peak_bytes"])
     if case["target"].startswith("gpu:"):
       line["fused"] = str(t["fused_attention"])
     cpu_peak = None
@@ -176,8 +207,15 @@ def parse_args(argv=None):
   p.add_argument("--gpu-python", default=None, help="interpreter with jax[cuda12]")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per compile worker")
   p.add_argument("--json", required=True, help="rows so far (read, extended, rewritten)")
+  p.add_argument(
+    "--also-json",
+    action="append",
+    default=[],
+    help="more rows to use (read only): other plan_presets or tools.scale --json files",
+  )
   p.add_argument("--markdown", default=None, help="write the table to this file")
   p.add_argument("--redo", action="store_true", help="recompile rows already in --json")
+  p.add_argument("--table-only", action="store_true", help="plan nothing: tabulate the rows")
   args = p.parse_args(argv)
   args.configs = args.configs.split(",")
   args.stages = args.stages.split(",")
@@ -187,18 +225,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
-  rows = {}
-  if os.path.exists(args.json) and not args.redo:
-    with open(args.json) as f:
-      rows = json.load(f)["rows"]
+  rows = load_rows(args.also_json + ([] if args.redo else [args.json]))
   todo = cases(args.configs, args.stages, args.presets)
-  for case in todo:
+  for case in [] if args.table_only else todo:
     for compiler in ("native", "cpu") if args.cpu else ("native",):
-      k = key(case, compiler)
-      if k in rows and "error" not in rows[k]:
+      done = find(rows, case, compiler)
+      if done is not None and "error" not in done:
         continue
-      rows[k] = plan(case, compiler, args)
-      print(json.dumps({"planned": k, "row": scale._short(rows[k])}), flush=True)
+      rows.append(plan(case, compiler, args))
+      print(json.dumps({"planned": scale._short(rows[-1])}), flush=True)
       with open(args.json, "w") as f:
         json.dump({"benchmark": "plan_presets", "rows": rows}, f, indent=1)
   cpu_peaks = None if args.cpu or not args.cpu_table else cpu_table_peaks(args.cpu_table)
