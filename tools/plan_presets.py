@@ -167,7 +167,7 @@ def table(cases_: list[dict], rows: list[dict], cpu_peaks: dict | None = None) -
       cpu_peak = None if gib is None else gib * scale.GIB
     if cpu_peak is not None:
       line["cpu_peak"] = scale._gib(cpu_peak)
-      line["cpu_over"] = f"{100 * (cpu_peak / peak - 1):+.0f} %"
+      line["cpu_over"] = f"{round(100 * (cpu_peak / peak - 1)) or 0:+d} %"
     out.append(line)
   return out
 
