@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import configs
 from flowseg_jax import sharding, train_state, train_step
-from tools import compile_targets, plan_presets
+from tools import compile_targets, hlo_counts, plan_presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILER_PATH = [p for p in os.environ.get("FLOWSEG_COMPILER_PATH", "").split(os.pathsep) if p]
@@ -130,7 +130,7 @@ def test_compile_targets_forms_and_environment():
     '%b = (bf16[2,8]) custom-call(%g), custom_call_target="__cudnn$fmhaSoftmaxBackward"\n'
     '%c = f32[2] custom-call(%x), custom_call_target="__cublas$gemm"\n'
   )
-  assert compile_targets.fused_attention_calls(hlo) == 2
+  assert hlo_counts.fused_attention_calls(hlo) == 2
 
 
 def test_every_preset_names_its_hardware():

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import configs
 from flowseg_jax import defaults, sharding, train_state, train_step
-from tools import abstract_inputs, plan_presets, scale
+from tools import abstract_inputs, hlo_counts, plan_presets, scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 
 def test_collective_bytes_multiplies_loop_bodies_by_trip_count():
-  out = scale.collective_bytes(HLO)
+  out = hlo_counts.collective_bytes(HLO)
   assert out["all-gather"] == 26 * 16 * 4 + 64 * 4  # the loop's 26 trips + the async start's result
   assert out["all-reduce"] == 26 * 8 * 2 * 2
   assert out["reduce-scatter"] == 2 * 4

@@ -26,8 +26,6 @@ GIB = 2**30
 # v6e 32 GB, v5p 95 GB and v4 32 GB per chip (megacore: one device per chip).
 TPU_MEMORY_GIB = (("tpu v5 lite", 16.0), ("tpu v6 lite", 32.0), ("tpu v5", 95.0), ("tpu v4", 32.0))
 MEGACORE = ("v4", "v5p")  # chips with two TensorCores that JAX drives as one device
-# The cuDNN fused-attention custom calls (forward, backward) in optimised GPU HLO.
-_FUSED_ATTENTION = re.compile(r'custom_call_target="__cudnn\$fmha[^"]*"')
 
 
 class TargetError(ValueError):
@@ -109,11 +107,6 @@ def device_memory_gib(device, target: str) -> float | None:
       if key in device_kind:
         return gib
   return None
-
-
-def fused_attention_calls(hlo_text: str) -> int:
-  """cuDNN fused-attention custom calls (forward and backward) in an optimised GPU HLO module."""
-  return len(_FUSED_ATTENTION.findall(hlo_text))
 
 
 def worker_env(target: str, env: dict) -> dict:

@@ -36,15 +36,13 @@ count the cuDNN fused-attention calls in the GPU program ("fused attn").
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
-from tools import compile_targets, config_overrides
+from tools import compile_targets, config_overrides, hlo_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the worker runs from here
 GIB = 2**30
@@ -58,7 +56,6 @@ TARGETS = {
   "v5p": 95.0,
   "v6e": 32.0,
 }
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def fit(peak_bytes: int | None, capacity_gib: float) -> str:
@@ -68,81 +65,6 @@ def fit(peak_bytes: int | None, capacity_gib: float) -> str:
   if peak_bytes <= HEADROOM * capacity_gib * GIB:
     return "yes"
   return "tight" if peak_bytes <= capacity_gib * GIB else "no"
-
-
-# ------------------------------------------------------------------------------------------------
-# Collectives in the optimised HLO.
-# ------------------------------------------------------------------------------------------------
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
-_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
-_CALL = re.compile(
-  r"\b(?:body|to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?"
-)
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * _DTYPE_BYTES.get(dtype, 4)
-  return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes of the results of each collective kind per device and step.
-
-  A collective inside a while loop counts its known trip count times (loops nest); one inside a
-  conditional branch counts once. Asynchronous pairs are counted at their `-start` (the result
-  shape of a start op is a tuple holding the operand and the result: the larger half is taken).
-  """
-  computations: dict[str, list[str]] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    m = _HEADER.match(line)
-    if m and not line.startswith(" "):
-      current = m.group(1)
-      computations[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif current is not None and line.startswith(" "):
-      computations[current].append(line)
-  if entry is None:
-    return {}
-  multiplier = collections.Counter({entry: 1})
-  order, seen = [entry], {entry}
-  while order:  # breadth-first over the call graph: callers before callees
-    name = order.pop(0)
-    for line in computations.get(name, []):
-      trip = 1
-      if " while(" in line:
-        t = _TRIP.search(line)
-        trip = int(t.group(1)) if t else 1
-      for group in _CALL.findall(line):
-        for callee in (c.strip().lstrip("%") for c in group.split(",")):
-          if callee in computations:
-            multiplier[callee] += multiplier[name] * trip
-            if callee not in seen:
-              seen.add(callee)
-              order.append(callee)
-  out: dict[str, int] = collections.Counter()
-  for name, lines in computations.items():
-    for line in lines:
-      for kind in COLLECTIVES:
-        if re.search(rf"\s{kind}(-start)?\(", line):
-          lhs = line.split("=", 1)[1].split(kind, 1)[0]
-          nbytes = _shape_bytes(lhs)
-          if f"{kind}-start(" in line:
-            halves = [_shape_bytes(m.group(0)) for m in _SHAPE.finditer(lhs)]
-            nbytes = max(halves) if halves else nbytes
-          out[kind] += nbytes * max(multiplier[name], 1)
-          break
-  return dict(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,8 +108,8 @@ def plan_train_step(config, mesh, rules) -> dict:
       "memory": _memory(compiled),
       "xla_flops": flops.xla_flops(compiled),
       "model_flops": flops.train_step_flops(arch, b, h, w) / mesh.size,
-      "collective_bytes": collective_bytes(hlo),
-      "fused_attention": compile_targets.fused_attention_calls(hlo),
+      "collective_bytes": hlo_counts.collective_bytes(hlo),
+      "fused_attention": hlo_counts.fused_attention_calls(hlo),
       "num_params": sum(int(a.size) for a in jax.tree.leaves(state.params)),
     },
     setup,
@@ -223,7 +145,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
     "memory": _memory(compiled),
     "xla_flops": flops.xla_flops(compiled),
     "model_flops": steps * flops.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
-    "collective_bytes": collective_bytes(compiled.as_text()),
+    "collective_bytes": hlo_counts.collective_bytes(compiled.as_text()),
   }
 
 
