@@ -13,9 +13,10 @@ Evaluate (10 Euler steps, whole image at 512x512):
 
 Convert the weights first: `flowseg convert pixnerd --ckpt epoch=319-step=1600000_emainit.ckpt --out
 $CKPT/pixnerd_xl16` and `flowseg convert dinov2 --ckpt dinov2_vitb14_pretrain.pth --out $CKPT/dinov2_vitb14`.
-Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`), or pick a measured
-preset for your hardware with `,target=NAME` (mesh, remat and gradient accumulation from the AOT
-memory plans in benchmarks/RESULTS.md, "Memory plans"), e.g. `:stage=1,target=v5e-64`.
+Add `,fsdp=N` to shard parameters over N devices (e.g. `:stage=1,fsdp=8`), or pick a planned
+preset for your hardware with `,target=NAME` (mesh, remat, gradient accumulation and attention
+from the plans of the real TPU / GPU compiler of that hardware in benchmarks/RESULTS.md, "Memory
+plans from the TPU and GPU compilers"), e.g. `:stage=1,target=v5e-64`.
 """
 
 from flowseg_jax import defaults
@@ -35,28 +36,57 @@ def apply_stage(config, stage: str) -> None:
     raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
 
-# Presets per target (accelerator kind - number of chips): the mesh, remat policy and gradient
-# accumulation that `tools/scale.py` found to fit with 15% headroom (XL/16, REPA on, bf16;
-# table in benchmarks/RESULTS.md). Preference: the least parameter traffic (data parallelism
-# before FSDP) and no recomputation where the memory allows. Stage 2's global batch of 16 cannot
-# be split over more than 16 devices.
-def _preset(data: int, fsdp: int, remat: str = "nothing_saveable", grad_accum_steps: int = 1):
-  return dict(data=data, fsdp=fsdp, remat=remat, grad_accum_steps=grad_accum_steps)
+# Presets per target (accelerator kind - number of chips as Cloud TPU names slices: v4-16 and
+# v5p-16 are 8 chips): the mesh, remat policy, gradient accumulation and attention
+# implementation planned by the real TPU / GPU compiler of each target (`python -m
+# tools.plan_presets`; XL/16, REPA on, bf16; table in benchmarks/RESULTS.md). Preference: the
+# least parameter traffic (data parallelism before FSDP) and no recomputation where the memory
+# allows 15% headroom. Stage 2's global batch of 16 cannot be split over more than 16 devices.
+def _preset(
+  data: int,
+  fsdp: int,
+  remat: str = "nothing_saveable",
+  grad_accum_steps: int = 1,
+  attention: str | None = None,
+):
+  return dict(
+    data=data, fsdp=fsdp, remat=remat, grad_accum_steps=grad_accum_steps, attention=attention
+  )
 
 
 TARGETS = {
-  "h100-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
-  "a100-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
-  "v4-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+  "h100-8": {
+    "1": _preset(8, 1, "none", attention="cudnn"),
+    "2": _preset(8, 1, "none", attention="cudnn"),
+  },
+  "a100-8": {
+    "1": _preset(8, 1, "none", attention="cudnn"),
+    "2": _preset(8, 1, "none", attention="cudnn"),
+  },
+  "v4-16": {"1": _preset(8, 1), "2": _preset(8, 1)},
   "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
+  "v5e-16": {"1": _preset(8, 2), "2": _preset(8, 2)},
   "v5e-64": {"1": _preset(8, 8)},
-  "v5p-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
+  "v5p-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
   "v6e-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+}
+# The hardware each preset is planned for (tools/compile_targets.py targets): TPU topologies
+# (v4 / v5p chips as megacore devices) and GPU target configs in benchmarks/gpu_targets/.
+HARDWARE = {
+  "h100-8": "gpu:h100:8",
+  "a100-8": "gpu:a100:8",
+  "v4-16": "tpu:v4:2x2x2",
+  "v5e-8": "tpu:v5e:2x4",
+  "v5e-16": "tpu:v5e:4x4",
+  "v5e-64": "tpu:v5e:8x8",
+  "v5p-16": "tpu:v5p:2x2x2",
+  "v6e-8": "tpu:v6e:2x4",
 }
 
 
 def apply_target(config, target: str, stage: str) -> None:
-  """Sets config.mesh, config.model.remat_policy and config.optim.grad_accum_steps from TARGETS."""
+  """Sets config.mesh, config.model.remat_policy / attention_impl and
+  config.optim.grad_accum_steps from TARGETS."""
   if target not in TARGETS:
     raise ValueError(f"target={target!r} is not one of {sorted(TARGETS)}")
   if stage not in TARGETS[target]:
@@ -68,6 +98,8 @@ def apply_target(config, target: str, stage: str) -> None:
   config.mesh.data, config.mesh.fsdp = preset["data"], preset["fsdp"]
   config.model.remat_policy = preset["remat"]
   config.optim.grad_accum_steps = preset["grad_accum_steps"]
+  if preset["attention"]:
+    config.model.attention_impl = preset["attention"]
 
 
 def get_config(arg: str | None = None):

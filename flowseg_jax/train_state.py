@@ -52,9 +52,12 @@ def _init_boxed_fn(setup: TrainSetup):
 
 def abstract_train_state(setup: TrainSetup, mesh, rules, seed: int):
   """(abstract state as ShapeDtypeStructs carrying shardings, state shardings); allocates nothing."""
-  key = jax.random.key(seed)  # outside the mesh context: it may hold abstract devices
+  # The key is made inside eval_shape too: nothing runs on any device, so the mesh may hold
+  # compile-only devices (a TPU topology or GPU target on a CPU machine, tools/scale.py). An eager
+  # key made under set_mesh would be placed on the mesh, i.e. executed on those devices.
+  init_boxed = _init_boxed_fn(setup)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(_init_boxed_fn(setup), key)
+    boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(seed)))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
   return abstract_with_shardings(nn.unbox(boxed), shardings), shardings
 

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import configs
 from flowseg_jax import defaults, sharding, train_state, train_step
-from tools import abstract_inputs, scale
+from tools import abstract_inputs, hlo_counts, plan_presets, scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 
 def test_collective_bytes_multiplies_loop_bodies_by_trip_count():
-  out = scale.collective_bytes(HLO)
+  out = hlo_counts.collective_bytes(HLO)
   assert out["all-gather"] == 26 * 16 * 4 + 64 * 4  # the loop's 26 trips + the async start's result
   assert out["all-reduce"] == 26 * 8 * 2 * 2
   assert out["reduce-scatter"] == 2 * 4
@@ -109,8 +109,11 @@ def test_target_presets_of_the_paper_configs():
 
   path = os.path.join(REPO, "configs", "flowseg_ade20k.py")
   ade = defaults.load_config_file(path, "stage=1")
-  for name in ("h100-8", "a100-8", "v4-8", "v5e-8", "v5e-64", "v5p-8", "v6e-8"):
-    chips = int(name.rsplit("-", 1)[1])
+  # Cloud TPU names v4 / v5p slices by TensorCores (2 per chip): v4-16 and v5p-16 are 8 chips.
+  names = ("h100-8", "a100-8", "v4-16", "v5e-8", "v5e-16", "v5e-64", "v5p-16", "v6e-8")
+  assert set(names) <= set(plan_presets.presets()[0])
+  for name in names:
+    chips = int(name.rsplit("-", 1)[1]) // (2 if name[:3] in ("v4-", "v5p") else 1)
     for stage in ("1", "2"):
       for cfg_file in ("flowseg_ade20k.py", "flowseg_cocostuff.py"):
         arg = f"stage={stage},target={name}"

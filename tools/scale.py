@@ -23,20 +23,26 @@ marked "yes". Capacities (GiB, usable): H100 80, A100 40, TPU v4 32, v5e 16, v5p
   python -m tools.scale --config configs/flowseg_ade20k.py:stage=1 --devices 8,16,64
   python -m tools.scale --config configs/flowseg_ade20k.py:stage=2 --devices 8,16 \\
       --remat none,dots_with_no_batch_dims_saveable,nothing_saveable --markdown plan.md
+
+The real TPU and GPU compilers plan without the hardware (compile-only devices, see
+tools/compile_targets.py): `--topology v5e:2x4,v5e:8x8` (libtpu: `pip install "jax[tpu]==<jax>"`)
+and `--gpu h100:8,a100:8` (`pip install "jax[cuda12]==<jax>"`, GPU target configs in
+benchmarks/gpu_targets/). Their rows judge the fit against that chip's own memory ("fit") and
+count the cuDNN fused-attention calls in the GPU program ("fused attn").
+
+  python -m tools.scale --config configs/flowseg_ade20k.py:stage=1,target=v5e-8 --topology v5e:2x4
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
-from tools import config_overrides
+from tools import compile_targets, config_overrides, hlo_counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the worker runs from here
 GIB = 2**30
@@ -50,7 +56,6 @@ TARGETS = {
   "v5p": 95.0,
   "v6e": 32.0,
 }
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def fit(peak_bytes: int | None, capacity_gib: float) -> str:
@@ -60,81 +65,6 @@ def fit(peak_bytes: int | None, capacity_gib: float) -> str:
   if peak_bytes <= HEADROOM * capacity_gib * GIB:
     return "yes"
   return "tight" if peak_bytes <= capacity_gib * GIB else "no"
-
-
-# ------------------------------------------------------------------------------------------------
-# Collectives in the optimised HLO.
-# ------------------------------------------------------------------------------------------------
-
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8})
-_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_SHAPE = re.compile(r"\b(pred|[sufb]f?\d+)\[([\d,]*)\]")
-_CALL = re.compile(
-  r"\b(?:body|to_apply|calls|branch_computations|true_computation|false_computation)=\{?%?([\w.\-, %]+)\}?"
-)
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * _DTYPE_BYTES.get(dtype, 4)
-  return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes of the results of each collective kind per device and step.
-
-  A collective inside a while loop counts its known trip count times (loops nest); one inside a
-  conditional branch counts once. Asynchronous pairs are counted at their `-start` (the result
-  shape of a start op is a tuple holding the operand and the result: the larger half is taken).
-  """
-  computations: dict[str, list[str]] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    m = _HEADER.match(line)
-    if m and not line.startswith(" "):
-      current = m.group(1)
-      computations[current] = []
-      if line.startswith("ENTRY"):
-        entry = current
-    elif current is not None and line.startswith(" "):
-      computations[current].append(line)
-  if entry is None:
-    return {}
-  multiplier = collections.Counter({entry: 1})
-  order, seen = [entry], {entry}
-  while order:  # breadth-first over the call graph: callers before callees
-    name = order.pop(0)
-    for line in computations.get(name, []):
-      trip = 1
-      if " while(" in line:
-        t = _TRIP.search(line)
-        trip = int(t.group(1)) if t else 1
-      for group in _CALL.findall(line):
-        for callee in (c.strip().lstrip("%") for c in group.split(",")):
-          if callee in computations:
-            multiplier[callee] += multiplier[name] * trip
-            if callee not in seen:
-              seen.add(callee)
-              order.append(callee)
-  out: dict[str, int] = collections.Counter()
-  for name, lines in computations.items():
-    for line in lines:
-      for kind in COLLECTIVES:
-        if re.search(rf"\s{kind}(-start)?\(", line):
-          lhs = line.split("=", 1)[1].split(kind, 1)[0]
-          nbytes = _shape_bytes(lhs)
-          if f"{kind}-start(" in line:
-            halves = [_shape_bytes(m.group(0)) for m in _SHAPE.finditer(lhs)]
-            nbytes = max(halves) if halves else nbytes
-          out[kind] += nbytes * max(multiplier[name], 1)
-          break
-  return dict(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +100,7 @@ def plan_train_step(config, mesh, rules) -> dict:
     start = time.perf_counter()
     compiled = jitted.lower(state, batch, teacher_params).compile()
     compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
   arch = setup.task.model.arch_config()
   return (
     {
@@ -177,7 +108,8 @@ def plan_train_step(config, mesh, rules) -> dict:
       "memory": _memory(compiled),
       "xla_flops": flops.xla_flops(compiled),
       "model_flops": flops.train_step_flops(arch, b, h, w) / mesh.size,
-      "collective_bytes": collective_bytes(compiled.as_text()),
+      "collective_bytes": hlo_counts.collective_bytes(hlo),
+      "fused_attention": hlo_counts.fused_attention_calls(hlo),
       "num_params": sum(int(a.size) for a in jax.tree.leaves(state.params)),
     },
     setup,
@@ -197,8 +129,10 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   n = mesh.size
   images, conds = abstract_inputs.sampler_inputs(config, mesh)
   b, h, w, _ = images.shape
+  # Built outside the mesh context: its centroid table is then made on the host's default device
+  # (under the mesh it would be placed on the mesh, whose devices may be compile-only).
+  fn = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    fn = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
     start = time.perf_counter()
     compiled = fn.lower(state.ema_params["denoiser"], images, conds).compile()
     compile_s = time.perf_counter() - start
@@ -211,35 +145,38 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
     "memory": _memory(compiled),
     "xla_flops": flops.xla_flops(compiled),
     "model_flops": steps * flops.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
-    "collective_bytes": collective_bytes(compiled.as_text()),
+    "collective_bytes": hlo_counts.collective_bytes(compiled.as_text()),
   }
 
 
 def plan_devices(
   config_spec: str,
-  n: int,
+  target: int | str,
   *,
   remats: list[str] | None,
   fsdps: list[int] | None,
   sampler: bool,
   overrides: dict | None = None,
 ) -> list[dict]:
-  """Rows for N devices of this process: one per (remat, mesh); errors are rows, not crashes."""
-  import jax
+  """Rows for a target (N host devices of this process, or a `compile_targets` TPU topology / GPU
+  target): one per (remat, mesh); errors are rows, not crashes."""
   import ml_collections
 
   from benchmarks import configs
   from flowseg_jax import sharding, train_step
 
-  if jax.device_count() < n:
-    raise ValueError(f"this process has {jax.device_count()} devices, the plan needs {n}")
-  devices = jax.devices()[:n]
+  target = str(target)
+  devices = compile_targets.devices(target)
+  n = len(devices)
+  device_gib = compile_targets.device_memory_gib(devices[0], target)
   base = configs.load_config(config_spec)
   config_overrides.apply_overrides(base, overrides or {})
   rows = []
   for remat in remats or [base.model.remat_policy]:
     for fsdp in fsdps or fsdp_sizes(n):
       row = {"config": config_spec, "devices": n, "data": n // fsdp, "fsdp": fsdp, "remat": remat}
+      if not target.isdigit():
+        row.update(target=target, device_kind=devices[0].device_kind, device_gib=device_gib)
       rows.append(row)
       if n % fsdp:
         row["error"] = f"fsdp={fsdp} does not divide {n} devices"
@@ -263,7 +200,11 @@ def plan_devices(
         continue
       rules = sharding.rules_from_config(config.sharding_rules)
       row["train"], setup, state = plan_train_step(config, mesh, rules)
-      row["fits"] = {t: fit(row["train"]["memory"]["peak_bytes"], c) for t, c in TARGETS.items()}
+      peak = row["train"]["memory"]["peak_bytes"]
+      if device_gib is None:  # host devices: judged against every target
+        row["fits"] = {t: fit(peak, c) for t, c in TARGETS.items()}
+      else:  # the target's own compiler: judged against its own memory
+        row["fit"] = fit(peak, device_gib)
       if sampler:
         row["sampler"] = plan_sampler(config, setup, state, mesh, rules)
       print(json.dumps({"progress": _short(row)}), file=sys.stderr, flush=True)
@@ -271,11 +212,13 @@ def plan_devices(
 
 
 def _short(row: dict) -> str:
+  if "error" in row:
+    return f"{row['config']} {row.get('target', 'cpu')}: {row['error']}"
   t = row.get("train", {})
   peak = t.get("memory", {}).get("peak_bytes")
   return (
-    f"{row['config']} N={row['devices']} data={row['data']} fsdp={row['fsdp']} "
-    f"remat={row['remat']}: peak {peak / GIB if peak else float('nan'):.2f} GiB, "
+    f"{row['config']} {row.get('target', 'cpu')} N={row['devices']} data={row['data']} "
+    f"fsdp={row['fsdp']} remat={row['remat']}: peak {peak / GIB if peak else float('nan'):.2f} GiB, "
     f"compile {t.get('compile_s', float('nan')):.0f} s"
   )
 
@@ -285,26 +228,33 @@ def _short(row: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_device_count(args, n: int) -> list[dict]:
-  """In this process when it already has N host devices (tests), else in a fresh subprocess."""
+def run_target(args, target: int | str, config: str | None = None, python=None) -> list[dict]:
+  """Rows of one target: in this process when it already has the N host devices (tests), else in
+  a fresh subprocess (`python`, default this interpreter) whose environment
+  `compile_targets.worker_env` sets up for the target."""
+  target, config = str(target), config or args.config
   in_process = False
-  if "jax" in sys.modules:
+  if target.isdigit() and "jax" in sys.modules:
     import jax
 
-    in_process = jax.device_count() == n
+    in_process = jax.device_count() == int(target)
   options = dict(remats=args.remat, fsdps=args.fsdp, sampler=args.sampler, overrides=args.set)
   if in_process:
-    return plan_devices(args.config, n, **options)
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "tools.scale", "--worker", json.dumps([args.config, n, options])]
+    return plan_devices(config, target, **options)
+  env = compile_targets.worker_env(target, os.environ)
+  cmd = [
+    python or sys.executable,
+    "-m",
+    "tools.scale",
+    "--worker",
+    json.dumps([config, target, options]),
+  ]
   start = time.perf_counter()
   proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, timeout=args.timeout)
-  if proc.returncode:
-    return [{"config": args.config, "devices": n, "error": f"worker exit {proc.returncode}"}]
-  rows = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+  lines = proc.stdout.decode().strip().splitlines()
+  if proc.returncode or not lines:
+    return [{"config": config, "target": target, "error": f"worker exit {proc.returncode}"}]
+  rows = json.loads(lines[-1])
   for row in rows:
     row["worker_s"] = time.perf_counter() - start
   return rows
@@ -319,7 +269,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
   for r in rows:
     base = {
       "config": r["config"].split("/")[-1],
-      "N": r["devices"],
+      "target": r.get("target", "cpu"),
+      "N": r.get("devices", "?"),
       "mesh": f"{r.get('data', '?')}x{r.get('fsdp', '?')}",
       "remat": r.get("remat", ""),
     }
@@ -340,8 +291,12 @@ def table_rows(rows: list[dict]) -> list[dict]:
       "rs": _gib(coll.get("reduce-scatter", 0)),
       "ar": _gib(coll.get("all-reduce", 0)),
       "compile": f"{t['compile_s']:.0f}",
-      **{k: v for k, v in r["fits"].items()},
+      **r.get("fits", {}),
     }
+    if "fit" in r:
+      row["fit"] = f"{r['fit']} ({r['device_gib']:.0f} GiB)"
+    if r.get("target", "").startswith("gpu:"):
+      row["fused"] = str(t.get("fused_attention", 0))
     if "sampler" in r:
       s = r["sampler"]
       row["sampler"] = f"{_gib(s['memory']['peak_bytes'])} (b{s['batch']}, {s['compile_s']:.0f} s)"
@@ -351,6 +306,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
 COLUMNS = [
   ("config", "config"),
+  ("target", "compiler target"),
   ("N", "N"),
   ("mesh", "data x fsdp"),
   ("remat", "remat"),
@@ -365,13 +321,16 @@ COLUMNS = [
   ("ar", "all-reduce GiB"),
   ("compile", "compile s"),
   *[(t, t) for t in TARGETS],
+  ("fit", "fit (device memory)"),
+  ("fused", "fused attn calls"),
   ("sampler", "sampler peak GiB"),
   ("note", "note"),
 ]
 
 
-def markdown(rows: list[dict]) -> str:
-  cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+def markdown(rows: list[dict], columns=None) -> str:
+  """A markdown table of the columns ((key, header) pairs, default COLUMNS) that some row has."""
+  cols = [(k, h) for k, h in columns or COLUMNS if any(k in r for r in rows)]
   lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     lines.append("| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |")
@@ -381,19 +340,32 @@ def markdown(rows: list[dict]) -> str:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default="configs/flowseg_ade20k.py:stage=1")
-  p.add_argument("--devices", default="8,16,64", help="device counts, e.g. 8,16,64,256")
+  p.add_argument(
+    "--devices",
+    default=None,
+    help="host device counts, e.g. 8,16,64,256 (default 8,16,64 "
+    "unless --topology or --gpu is given)",
+  )
+  p.add_argument("--topology", default=None, help="TPU topologies, e.g. v5e:2x4,v5e:8x8")
+  p.add_argument("--gpu", default=None, help="GPU targets NAME:COUNT, e.g. h100:8,a100:8")
   p.add_argument("--fsdp", default=None, help="fsdp sizes to try (default: every power of 2)")
   p.add_argument("--remat", default=None, help="remat policies to try (default: the config's)")
   p.add_argument(
     "--set", action="append", default=[], help="config override KEY=VALUE (JSON value)"
   )
   p.add_argument("--sampler", action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument("--timeout", type=float, default=3600, help="seconds per device count")
+  p.add_argument("--timeout", type=float, default=3600, help="seconds per target")
   p.add_argument("--json", default=None)
   p.add_argument("--markdown", default=None, help="append the table to this file")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  args.devices = [int(x) for x in args.devices.split(",")]
+  if args.devices is None and not (args.topology or args.gpu):
+    args.devices = "8,16,64"
+  args.targets = [str(int(x)) for x in (args.devices or "").split(",") if x]
+  args.targets += [f"tpu:{t}" for t in (args.topology or "").split(",") if t]
+  args.targets += [f"gpu:{t}" for t in (args.gpu or "").split(",") if t]
+  for target in args.targets:
+    compile_targets.parse(target)
   args.fsdp = [int(x) for x in args.fsdp.split(",")] if args.fsdp else None
   args.remat = args.remat.split(",") if args.remat else None
   args.set = dict(config_overrides.parse_override(s) for s in args.set)
@@ -402,13 +374,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
-  if args.worker:  # a subprocess that owns N devices: rows as one JSON line on stdout
-    config_spec, n, options = json.loads(args.worker)
-    print(json.dumps(plan_devices(config_spec, n, **options)))
+  if args.worker:  # a subprocess that owns the target's devices: rows as one JSON line on stdout
+    config_spec, target, options = json.loads(args.worker)
+    try:
+      rows = plan_devices(config_spec, target, **options)
+    except compile_targets.TargetError as e:  # e.g. the compiler is not installed
+      rows = [{"config": config_spec, "target": target, "error": str(e)}]
+    print(json.dumps(rows))
     return []
   rows = []
-  for n in args.devices:
-    rows.extend(run_device_count(args, n))
+  for target in args.targets:
+    rows.extend(run_target(args, target))
   from benchmarks import output
 
   table = table_rows(rows)
