@@ -27,15 +27,11 @@ from flowseg_jax.models import pixnerd
 MFU = 0.5
 # Chips one host drives (a v4/v5p host has 4; v5e and v6e have 8 on a single-host slice and 4 on
 # multi-host ones; GPU servers have 8).
-CHIPS_PER_HOST = {
-  "v4-8": 4,
-  "v5e-8": 8,
-  "v5e-64": 4,
-  "v5p-8": 4,
-  "v6e-8": 8,
-  "h100-8": 8,
-  "a100-8": 8,
-}
+CHIPS_PER_HOST = {"v4-16": 4, "v5e-8": 8, "v5e-16": 4, "v5e-64": 4, "v5p-16": 4, "v6e-8": 8,
+                  "h100-8": 8, "a100-8": 8}  # fmt: skip
+# One worker's CPU ms per image as measured on 2026-12-06 (README table): configs/flowseg_ade20k.py's
+# INPUT_WORKERS are table(MEASURED_MS_PER_IMAGE)'s workers.
+MEASURED_MS_PER_IMAGE = {256: 6.4, 512: 11.7}
 DEVICE_KIND = {"v4": "tpu v4", "v5e": "tpu v5e", "v5p": "tpu v5", "v6e": "tpu v6e",
                "h100": "h100", "a100": "a100"}  # fmt: skip
 STAGE_SIZE = {"1": 256, "2": 512}

@@ -84,9 +84,23 @@ HARDWARE = {
 }
 
 
+# grain worker processes per host that feed its chips at 50 % MFU (benchmarks/input_demand.py:
+# chips per host x images/s per chip at half its bf16 peak, over one worker's measured rate).
+INPUT_WORKERS = {
+  "h100-8": {"1": 32, "2": 14},
+  "a100-8": {"1": 10, "2": 5},
+  "v4-16": {"1": 5, "2": 2},
+  "v5e-8": {"1": 7, "2": 3},
+  "v5e-16": {"1": 4, "2": 2},
+  "v5e-64": {"1": 4},
+  "v5p-16": {"1": 8, "2": 4},
+  "v6e-8": {"1": 30, "2": 13},
+}
+
+
 def apply_target(config, target: str, stage: str) -> None:
   """Sets config.mesh, config.model.remat_policy / attention_impl and
-  config.optim.grad_accum_steps from TARGETS."""
+  config.optim.grad_accum_steps from TARGETS, and config.input.num_workers from INPUT_WORKERS."""
   if target not in TARGETS:
     raise ValueError(f"target={target!r} is not one of {sorted(TARGETS)}")
   if stage not in TARGETS[target]:
@@ -100,6 +114,7 @@ def apply_target(config, target: str, stage: str) -> None:
   config.optim.grad_accum_steps = preset["grad_accum_steps"]
   if preset["attention"]:
     config.model.attention_impl = preset["attention"]
+  config.input.num_workers = INPUT_WORKERS[target][stage]
 
 
 def get_config(arg: str | None = None):

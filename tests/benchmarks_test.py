@@ -302,3 +302,12 @@ def test_input_demand_arithmetic():
   np.testing.assert_allclose(v5e["images_per_s_chip"], 0.5 * 197e12 / per_image)
   assert v5e["workers"] == int(np.ceil(8 * 0.5 * 197e12 / per_image / 100.0))
   assert rows[("h100-8", "2")]["images_per_s_worker"] == 50.0  # 20 ms per 512² image
+  # The presets' grain workers are the table's at the measured per-worker rates.
+  from configs import flowseg_ade20k
+
+  measured = input_demand.table(input_demand.MEASURED_MS_PER_IMAGE)
+  assert {(r["target"], r["stage"]): r["workers"] for r in measured} == {
+    (t, st): n for t, stages in flowseg_ade20k.INPUT_WORKERS.items() for st, n in stages.items()
+  }
+  config = flowseg_ade20k.get_config("stage=1,target=h100-8")
+  assert config.input.num_workers == 32

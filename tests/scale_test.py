@@ -51,7 +51,7 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
     setup, mesh, sharding.rules_from_config(config.sharding_rules), 0
   )
   b, (h, w) = config.input.batch_size, config.input.image_size
-  batch = b // 8 * h * w * (3 * 4 + 4)
+  batch = b // 8 * (h * w * (3 + 4) + 2 * 4)  # uint8 image, int32 label, int32 image_hw
   teacher = sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(setup.teacher_params))
   assert mem["argument_bytes"] == _per_device_bytes(state) + batch + teacher
   assert mem["temp_bytes"] > 0 and mem["peak_bytes"] >= mem["argument_bytes"]
