@@ -367,7 +367,8 @@ def test_consecutive_skipped_updates_stop_the_run(tmp_path, monkeypatch):
 
   def poisoned(batch, mesh):
     if "label" in batch:
-      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      nan = np.full(batch["image"].shape, np.nan, np.float32)  # float images pass through
+      batch = {**batch, "image": nan}
     return real(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_batch", poisoned)
