@@ -44,15 +44,15 @@ from flowseg_jax.data import classes
 from flowseg_jax.inference_host import (
   decode_colours_host,
   decode_views_host,
+  mean_colours,
   network_input,
   resize_colours,
   to_rgb,
+  tta_views,
 )
 from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
-
-TTA = ("none", "flip", "ms_flip")
 
 # ------------------------------------------------------------------------------------------------
 # The sampler.
@@ -417,7 +417,7 @@ class Segmenter:
               else:
                 labels = self.decode_views(per_view, rgb.shape[:2])
               ref = min(range(len(views)), key=lambda i: abs(views[i][0] - 1.0))
-              yield key, _mean_colours(per_view, ref), labels, dts[g] / num_windows[g]
+              yield key, mean_colours(per_view, ref), labels, dts[g] / num_windows[g]
               if progress is not None:
                 progress.update()
 
@@ -432,29 +432,6 @@ class Segmenter:
     """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then
     decode); with confidence, (labels, confidence) as `decode_colours_host`."""
     return decode_colours_host(resize_colours(colours, size), self.centroids, confidence=confidence)
-
-
-def tta_views(config, tta: str | None = None) -> list[tuple[float, bool]]:
-  """The (scale, mirrored) views of test-time augmentation `tta` (default config.eval.tta):
-  'none' [(1, no)], 'flip' [(1, no), (1, yes)], 'ms_flip' both mirrorings at every scale of
-  config.eval.tta_scales (mmseg's ADE20K ratios by default)."""
-  tta = config.eval.get("tta", "none") if tta is None else tta
-  if tta not in TTA:
-    raise ValueError(f"tta (config.eval.tta) must be one of {TTA}, got {tta!r}")
-  if tta == "none":
-    return [(1.0, False)]
-  scales = [float(s) for s in config.eval.get("tta_scales", ())] if tta == "ms_flip" else [1.0]
-  if not scales or any(not s > 0 for s in scales):
-    raise ValueError(
-      f"config.eval.tta_scales={tuple(scales)} must be positive ratios, e.g. (0.5, 1.0)"
-    )
-  return [(s, flip) for s in scales for flip in (False, True)]
-
-
-def _mean_colours(views: list[np.ndarray], ref: int) -> np.ndarray:
-  """The views' mean colour at view `ref`'s size (for pictures; labels decode probabilities)."""
-  size = views[ref].shape[:2]
-  return np.mean([v if v.shape[:2] == size else resize_colours(v, size) for v in views], axis=0)
 
 
 def _take(items: Iterator, n: int) -> list:

@@ -4,7 +4,9 @@
 `network_input` makes an image the network's input, whole (resized to `config.input.image_size`)
 or as mmseg's grid of sliding windows (`slide_settings`, `slide_windows`); `resize_colours` brings
 the network's continuous colours to the image's size and `decode_colours_host` decodes them to the
-nearest class colour, optionally with a confidence margin.
+nearest class colour, optionally with a confidence margin. Test-time augmentation: `tta_views`
+lists the (scale, mirrored) views, `decode_views_host` decodes them together, `mean_colours`
+averages their colours for pictures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flowseg_jax import storage
 from flowseg_jax.data import transforms
 
 MODES = ("whole", "slide")
+TTA = ("none", "flip", "ms_flip")
 
 
 def to_rgb(image: Any) -> np.ndarray:
@@ -185,3 +188,26 @@ def decode_views_host(
     best[better] = score[better]
     index[better] = k
   return index
+
+
+def tta_views(config, tta: str | None = None) -> list[tuple[float, bool]]:
+  """The (scale, mirrored) views of test-time augmentation `tta` (default config.eval.tta):
+  'none' [(1, no)], 'flip' [(1, no), (1, yes)], 'ms_flip' both mirrorings at every scale of
+  config.eval.tta_scales (mmseg's ADE20K ratios by default)."""
+  tta = config.eval.get("tta", "none") if tta is None else tta
+  if tta not in TTA:
+    raise ValueError(f"tta (config.eval.tta) must be one of {TTA}, got {tta!r}")
+  if tta == "none":
+    return [(1.0, False)]
+  scales = [float(s) for s in config.eval.get("tta_scales", ())] if tta == "ms_flip" else [1.0]
+  if not scales or any(not s > 0 for s in scales):
+    raise ValueError(
+      f"config.eval.tta_scales={tuple(scales)} must be positive ratios, e.g. (0.5, 1.0)"
+    )
+  return [(s, flip) for s in scales for flip in (False, True)]
+
+
+def mean_colours(views: list[np.ndarray], ref: int) -> np.ndarray:
+  """The views' mean colour at view `ref`'s size (for pictures; labels decode probabilities)."""
+  size = views[ref].shape[:2]
+  return np.mean([v if v.shape[:2] == size else resize_colours(v, size) for v in views], axis=0)
