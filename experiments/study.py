@@ -164,6 +164,11 @@ def eval_json(workdir: str, step: int) -> str:
   return os.path.join(workdir, "eval", f"step_{step}.json")
 
 
+def sampling_json(target: str, step: int, num_steps: int) -> str:
+  """The eval json `flowseg_jax.evaluate.evaluate` writes for a Table 3 evaluation (whole mode)."""
+  return os.path.join(target, "eval", f"step_{step}_steps{num_steps}_whole.json")
+
+
 def train_one(out: str, base: str, setting: str, seed: int, steps: int) -> str:
   """Trains one run (resuming it if it was interrupted); returns its final eval json path."""
   from flowseg_jax import train
@@ -237,7 +242,7 @@ def sampling_all(out: str, setting: str, seeds, num_steps) -> None:
       continue
     for n in num_steps:
       target = os.path.join(workdir, "sampling", f"steps_{n}")
-      if os.path.exists(eval_json(target, meta["steps"])):
+      if os.path.exists(sampling_json(target, meta["steps"], n)):
         continue
       os.makedirs(target, exist_ok=True)
       link = os.path.join(target, "checkpoints")
@@ -245,6 +250,7 @@ def sampling_all(out: str, setting: str, seeds, num_steps) -> None:
         os.symlink(os.path.join("..", "..", "checkpoints"), link)
       config = run_config(meta["base"], setting, seed, meta["steps"])
       config.eval.num_steps = n
+      config.eval.mode = "whole"  # the file sampling_json names
       config.eval.num_pictures = 0
       evaluate.evaluate(config, target)
       print(f"{setting} seed {seed}: {n} steps evaluated", flush=True)
@@ -289,9 +295,10 @@ def collect(out: str) -> dict:
       sampling = {}
       sdir = os.path.join(workdir, "sampling")
       for sub in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
-        value = read_miou(eval_json(os.path.join(sdir, sub), meta["steps"]))
+        n = int(sub.split("_")[1])
+        value = read_miou(sampling_json(os.path.join(sdir, sub), meta["steps"], n))
         if value is not None:
-          sampling[int(sub.split("_")[1])] = value
+          sampling[n] = value
       if sampling:
         entry["sampling"] = dict(sorted(sampling.items()))
       results.setdefault(setting, {})[meta["seed"]] = entry

@@ -53,6 +53,22 @@ def test_report_holds_each_runs_own_eval_numbers(tiny_study):
   assert "| static + mask | `static` |" in open(os.path.join(tiny_study, "report.md")).read()
 
 
+def test_table3_sampling_is_collected_from_its_eval_files(tiny_study):
+  """`sampling` evaluates trained runs with other Euler step counts; the report reads each
+  evaluation's own json (a name keyed by steps and mode) into Table 3."""
+  study.sampling_all(tiny_study, "static", [0, 1], [1, 2])
+  rep = study.report(tiny_study, plots=False)
+  table = rep["sampling"]["static"]
+  assert sorted(table) == [1, 2]
+  for n in (1, 2):
+    for seed in (0, 1):
+      target = os.path.join(study.run_dir(tiny_study, "static", seed), "sampling", f"steps_{n}")
+      with open(study.sampling_json(target, 2, n)) as f:
+        saved = json.load(f)
+      assert saved["num_steps"] == n
+      assert table[n]["per_seed"][seed] == pytest.approx(100 * saved["mIoU"], abs=1e-12)
+
+
 def test_finished_runs_are_skipped(tiny_study, capsys):
   path = os.path.join(study.run_dir(tiny_study, "static", 0), "eval", "step_2.json")
   before = os.path.getmtime(path)
