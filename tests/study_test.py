@@ -8,7 +8,7 @@ import jax
 import pytest
 import scipy.stats
 
-from experiments import stats, study
+from experiments import stats, study, study_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_table3_sampling_is_collected_from_its_eval_files(tiny_study):
   """`sampling` evaluates trained runs with other Euler step counts; the report reads each
   evaluation's own json (a name keyed by steps and mode) into Table 3."""
   study.sampling_all(tiny_study, "static", [0, 1], [1, 2])
-  rep = study.report(tiny_study, plots=False)
+  rep = study_report.report(tiny_study, plots=False)
   table = rep["sampling"]["static"]
   assert sorted(table) == [1, 2]
   for n in (1, 2):
@@ -131,7 +131,9 @@ def test_holm_matches_its_definition_and_verdicts_use_it():
 def test_report_recomputes_from_a_report_json(tmp_path):
   """The committed report.json regenerates its tables: same rows, Holm-adjusted two-sided claims."""
   source = os.path.join(REPO, "experiments", "study", "report.json")
-  rep = study.report(str(tmp_path), plots=False, results=study.results_from_report(source))
+  rep = study_report.report(
+    str(tmp_path), plots=False, results=study_report.results_from_report(source)
+  )
   old = json.load(open(source))
   assert {g: [r["per_seed"] for r in t] for g, t in rep["rows"].items()} == {
     g: [{int(k): v for k, v in r["per_seed"].items()} for r in t] for g, t in old["rows"].items()
@@ -171,7 +173,7 @@ def test_class_count_settings_and_the_gain_claim():
   scores = {"static": [60, 62, 61], "vanilla": [58, 59, 59], "static_c48": [40, 45, 41],
             "vanilla_c48": [30, 34, 33]}  # fmt: skip
   results = {s: {k: {"mIoU": float(v)} for k, v in enumerate(vals)} for s, vals in scores.items()}
-  [claim] = study.gain_claims(results)  # 24 classes did not run: no claim
+  [claim] = study_report.gain_claims(results)  # 24 classes did not run: no claim
   gains48, gains12 = [10, 11, 8], [2, 3, 2]
   want = stats.compare(dict(enumerate(map(float, gains48))), dict(enumerate(map(float, gains12))))
   assert claim["diff"] == pytest.approx(22 / 3) and claim["p"] == pytest.approx(want["p"])
