@@ -22,13 +22,12 @@ import jax
 import numpy as np
 
 from flowseg_jax.convert import common
-from flowseg_jax.convert.pixnerd import (
+from flowseg_jax.convert.pixnerd import read_checkpoint_file, select_weights
+from flowseg_jax.convert.pixnerd_names import (
   _NERF_BLOCK_ENTRIES,
   _fmt_config,
   _to_flax_layout,
   _to_torch_layout,
-  read_checkpoint_file,
-  select_weights,
 )
 from flowseg_jax.models import pixnerd_t2i
 from flowseg_jax.models.pixnerd_t2i import PixNerdT2I
