@@ -255,5 +255,5 @@ def official_model(src: str, setup: train_step.TrainSetup):
   )
   params = nn.unbox(jax.jit(setup.init_params)(jax.random.key(setup.config.seed)))["denoiser"]
   state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.task.model)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
   return model
