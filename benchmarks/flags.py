@@ -24,7 +24,12 @@ def add_common_flags(p: argparse.ArgumentParser, *, torch: bool = True) -> None:
     "--dtype", default="auto", help="auto (CPU float32, else bfloat16) | float32 | bfloat16"
   )
   p.add_argument("--remat", default="none", help="'none', 'full' or a jax.checkpoint_policies name")
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument(
+    "--scan",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="scan the blocks (nn.scan) or unroll them; default: the config's (models.default_scan_blocks)",
+  )
   p.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"])
   p.add_argument("--steps", type=int, default=3, help="steps per timed round")
   p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")

@@ -1,14 +1,19 @@
-"""The real FlowSeg train step (forward + backward + optimiser + EMA): JAX vs the PyTorch reference.
+"""The real FlowSeg train step (forward + backward + optimiser + EMA): JAX vs PyTorch.
 
 JAX side: `train_step.TrainSetup` -> `train_state.create_train_state` ->
-`train_step.compile_train_step`, compiled ahead of time (`.lower(...).compile()`), state donated, timed over `--steps` steps per round with
-`jax.block_until_ready`. PyTorch side, same process and shapes: `tests/torch_reference/pixnerd.py`
-+ `tests/torch_reference/flowseg.py` loss + AdamW + global-norm clipping + EMA (bf16 autocast on
-CUDA, float32 on CPU). Prints steps/s, images/s, model FLOPs per step (benchmarks/flops.py),
-MFU, XLA's FLOP count and peak memory, the JAX/PyTorch throughput ratio (> 1: JAX faster) and the
+`train_step.compile_train_step`, compiled ahead of time (`.lower(...).compile()`), state donated, timed
+over `--steps` steps per round with `jax.block_until_ready`; the block layout is the config's
+(`--scan` / `--no-scan` to force one, `--also-unrolled` / `--also-scanned` to time the other too).
+PyTorch side, same process and shapes (benchmarks/torch_peer.py): our reference PixNerDiT
+(`--torch`) and, with `--official-src`, the official one, each with an efficient FlowSeg loss + AdamW
++ global-norm clipping + EMA (bf16 autocast on CUDA, float32 on CPU); the official network also
+with an MSE loss (network + optimiser alone) and its FlowSeg loss alone. On CPU all take turns in
+every round and the ratios are per-round. Prints steps/s, images/s, model FLOPs per step
+(benchmarks/flops.py), MFU, XLA's FLOP count and peak memory, the ratios (> 1: JAX faster) and the
 input pipeline's images/s against what the step consumes (benchmarks/input_rate.py).
 
   python -m benchmarks.train_step                                   # CPU: S/16 at 64 and 128
+  python -m benchmarks.train_step --cases S/16:128:4 --official-src ~/PixNerd --no-torch
   python -m benchmarks.train_step --cases XL/16:256:64,XL/16:512:16 --json xl.json   # one GPU
 """
 
@@ -16,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import os
 import tempfile
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -54,14 +57,27 @@ def parse_args(argv=None):
   p.add_argument(
     "--official-src",
     default=None,
-    help="a local checkout of github.com/MCG-NJU/PixNerd: also time the step with the official "
-    "PixNerDiT (same initial weights as JAX, same loss, optimiser and EMA) in the same rounds",
+    help="a local checkout of github.com/MCG-NJU/PixNerd: also time the official PixNerDiT (same "
+    "initial weights as JAX) in the same rounds: its full step (FlowSeg loss, AdamW, clipping, "
+    "EMA), its network + AdamW with an MSE loss, and the FlowSeg loss alone",
   )
   p.add_argument(
     "--also-unrolled",
     action="store_true",
-    help="with --scan: also time the unrolled-blocks step (config.model.scan_blocks=False) in the "
-    "same rounds, to report what the scanned layout costs (scan/unrolled)",
+    help="when the default step scans its blocks: also time the unrolled-blocks step "
+    "(config.model.scan_blocks=False) in the same rounds (scan/unrolled: what the scan costs)",
+  )
+  p.add_argument(
+    "--also-scanned",
+    action="store_true",
+    help="when the default step unrolls its blocks: also time the scanned step in the same rounds",
+  )
+  p.add_argument(
+    "--peer-loss",
+    default="flowseg",
+    choices=["flowseg", "reference"],
+    help="the PyTorch full steps' loss: benchmarks/torch_peer.py's efficient FlowSeg loss, or the "
+    "parity reference tests/torch_reference/flowseg.py (slow: written for clarity)",
   )
   p.add_argument("--data-workers", type=int, default=0, help="grain worker processes")
   p.add_argument("--data-batches", type=int, default=10)
@@ -70,146 +86,6 @@ def parse_args(argv=None):
   )
   p.add_argument("--hlo-dir", default=None, help="write each case's compiled HLO text here")
   return p.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------------
-# PyTorch reference.
-# ------------------------------------------------------------------------------------------------
-
-
-class TorchTrainStep:
-  """Eager PyTorch: reference PixNerDiT + reference FlowSeg loss + AdamW + clipping + EMA."""
-
-  def __init__(
-    self,
-    setup: train_step.TrainSetup,
-    batch: dict[str, np.ndarray],
-    device,
-    *,
-    bf16: bool,
-    model=None,
-  ):
-    import torch
-
-    from tests.torch_reference import pixnerd as torch_pixnerd
-
-    cfg, task = setup.config, setup.task
-    self.torch, self.device, self.cfg, self.objective = torch, device, cfg, task.objective
-    torch.manual_seed(cfg.seed)
-    if model is None:
-      model = torch_pixnerd.PixNerDiT(**task.model.arch_config())
-    self.model = model.to(device)
-    self.params = [p for p in self.model.parameters() if p.requires_grad]
-    self.ema = [p.detach().clone() for p in self.params]
-    self.opt = torch.optim.AdamW(
-      self.params,
-      lr=cfg.optim.learning_rate,
-      betas=(cfg.optim.b1, cfg.optim.b2),
-      eps=cfg.optim.eps,
-      weight_decay=cfg.optim.weight_decay,
-      fused=device.type == "cuda",
-    )
-    self.centroids = torch.tensor(np.asarray(task.centroids), device=device)
-    self.x0 = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
-    self.labels = torch.from_numpy(batch["label"]).long().to(device)
-    b = self.x0.shape[0]
-    self.y = torch.full((b,), task.cond_label, dtype=torch.long, device=device)
-    self.autocast = functools.partial(
-      torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16
-    )
-    self.loss = None
-
-  def _sample_t(self, b: int):
-    torch, obj = self.torch, self.cfg.objective
-    if obj.t_distribution == "uniform":
-      t = torch.rand(b, device=self.device)
-    else:
-      t = torch.sigmoid(obj.t_mean + obj.t_std * torch.randn(b, device=self.device))
-    return t if obj.t_shift == 1.0 else t / (t + (1 - t) * obj.t_shift)
-
-  def step(self) -> None:
-    from tests.torch_reference import flowseg as torch_flowseg
-
-    torch, obj = self.torch, self.cfg.objective
-    n = self.centroids.shape[0]
-    ignored = self.labels == torch_flowseg.IGNORE
-    lab = torch.where(
-      ignored, torch.full_like(self.labels, 0 if obj.mask_ignored else n - 1), self.labels
-    )
-    t = self._sample_t(self.x0.shape[0])
-    tb = t[:, None, None, None]
-    x_t = (1 - tb) * self.x0 + tb * self.centroids[lab].permute(0, 3, 1, 2)
-    with self.autocast():
-      out = self.model(x_t, t, self.y)
-    loss, *_ = torch_flowseg.flowseg_loss(
-      out.float(),
-      self.x0,
-      self.labels,
-      t,
-      self.centroids,
-      **self.objective.reference_options(),
-    )
-    self.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if self.cfg.optim.grad_clip_norm:
-      torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip_norm)
-    self.opt.step()
-    with torch.no_grad():
-      torch._foreach_lerp_(self.ema, self.params, 1.0 - self.cfg.optim.ema_decay)
-    self.loss = loss
-
-  def run(self, n: int) -> None:
-    for _ in range(n):
-      self.step()
-    hardware.torch_sync(self.device)
-
-  def peak_bytes(self) -> int | None:
-    if self.device.type != "cuda":
-      return None
-    return int(self.torch.cuda.max_memory_allocated())
-
-
-def official_source(src: str) -> str:
-  """The official class-to-image model file inside a checkout of MCG-NJU/PixNerd."""
-  path = os.path.join(src, "src", "models", "transformer", "pixnerd_c2i.py")
-  if not os.path.isfile(path):
-    raise ValueError(f"--official-src {src!r}: {path} not found (a checkout of MCG-NJU/PixNerd)")
-  return path
-
-
-def official_model(src: str, setup: train_step.TrainSetup):
-  """The official PixNerd class-to-image network, from a local checkout, with JAX's initial weights.
-
-  Imports `src/models/transformer/pixnerd_c2i.py` of the checkout by path (it needs only torch)
-  and loads the parameters `train_state.create_train_state` starts from (the same seed), converted by
-  `convert.pixnerd.flax_to_torch`, so both frameworks train the same network from the same point.
-  """
-  import importlib.util
-
-  import torch
-
-  from flowseg_jax.convert import pixnerd as pixnerd_convert
-
-  path = official_source(src)
-  spec = importlib.util.spec_from_file_location("pixnerd_official_c2i", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  arch = setup.task.model.arch_config()
-  model = module.PixNerDiT(
-    in_channels=arch["in_channels"],
-    num_groups=arch["num_heads"],
-    hidden_size=arch["hidden_size"],
-    hidden_size_x=arch["nerf_hidden_size"],
-    nerf_mlpratio=arch["nerf_mlp_ratio"],
-    num_blocks=arch["num_blocks"],
-    num_cond_blocks=arch["num_cond_blocks"],
-    patch_size=arch["patch_size"],
-    num_classes=arch["num_classes"],
-  )
-  params = nn.unbox(jax.jit(setup.init_params)(jax.random.key(setup.config.seed)))["denoiser"]
-  state = pixnerd_convert.flax_to_torch(jax.device_get(params), setup.task.model)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-  return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,73 +129,84 @@ def _dump_diagnostics(jstep: compiled_step.JaxTrainStep, case: configs.Case, arg
       jstep.run(3)
 
 
-def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
-  config = configs.case_config(
-    base,
-    case,
-    dtype=dtype,
-    remat=args.remat,
-    scan=args.scan,
-    attention_impl=args.attention_impl,
-    teacher_dir=args.teacher_dir,
+def _torch_contenders(setup, batch, device, dtype, args, fns) -> dict:
+  """The PyTorch steps (benchmarks/torch_peer.py), added to `fns` by name; returns them by name.
+
+  torch: our reference network, the full step. official: the official network, the full step
+  (FlowSeg loss). official_net: the official network + AdamW with an MSE loss, the network and
+  optimiser alone. loss: the FlowSeg loss's forward + backward alone on an output of the step's
+  shape, to show what it adds.
+  """
+  from benchmarks import torch_peer
+
+  bf16, steps = dtype == "bfloat16", {}
+  if args.torch:
+    steps["torch"] = torch_peer.TorchTrainStep(setup, batch, device, bf16=bf16, loss=args.peer_loss)
+  if args.official_src:
+    model = torch_peer.official_model(args.official_src, setup)
+    steps["official"] = torch_peer.TorchTrainStep(
+      setup, batch, device, bf16=bf16, model=model, loss=args.peer_loss
+    )
+    net = torch_peer.official_model(args.official_src, setup)
+    steps["official_net"] = torch_peer.TorchTrainStep(
+      setup, batch, device, bf16=bf16, model=net, loss="mse"
+    )
+    steps["loss"] = torch_peer.LossStep(steps["official"])
+  for name, step in steps.items():
+    fns[name] = step.run
+  return steps
+
+
+def _jax_contenders(case, base, args, dtype, batch, fns) -> tuple[compiled_step.JaxTrainStep, str]:
+  """The default JAX step as 'jax', and with --also-unrolled / --also-scanned the other block
+  layout as 'unrolled' / 'scanned' when it differs from the default. Returns (default, other name)."""
+  kw = dict(
+    dtype=dtype, remat=args.remat, attention_impl=args.attention_impl, teacher_dir=args.teacher_dir
   )
+  config = configs.case_config(base, case, scan=args.scan, **kw)
+  jstep = compiled_step.JaxTrainStep(train_step.TrainSetup(config), batch)
+  fns["jax"] = jstep.run
+  scanned = jstep.setup.task.model.scan_blocks
+  other = "unrolled" if scanned else "scanned"
+  if (args.also_unrolled and scanned) or (args.also_scanned and not scanned):
+    oconfig = configs.case_config(base, case, scan=not scanned, **kw)
+    ostep = compiled_step.JaxTrainStep(train_step.TrainSetup(oconfig), batch, count_flops=False)
+    fns[other] = ostep.run
+  return jstep, other
+
+
+def _per_round(times: dict, num: str, den: str) -> dict | None:
+  """Per-round ratios num/den: each pair ran back to back under the same load."""
+  if num not in times or den not in times:
+    return None
+  return timing.summarize([a / b for a, b in zip(times[num], times[den])])
+
+
+def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
+  config = configs.case_config(base, case, dtype=dtype, scan=args.scan)
   setup = train_step.TrainSetup(config)
   batch = configs.random_batch(config, setup.task.num_classes, seed=config.seed)
-  fns, tstep = {}, None
-  torch_times, torch_peak = None, None
-  if args.torch and not interleave:  # torch first, then free its memory for JAX
-    tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
-    torch_times = timing.interleaved_rounds(
-      {"torch": tstep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
-    )["torch"]
-    torch_peak = tstep.peak_bytes()
-    del tstep
-    tstep = None
+  fns, times, tsteps = {}, {}, {}
+  if not interleave:  # accelerators: torch first, then free its memory for JAX
+    tsteps = _torch_contenders(setup, batch, device, dtype, args, fns)
+    times = timing.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    torch_peak = {n: s.peak_bytes() for n, s in tsteps.items() if hasattr(s, "peak_bytes")}
+    losses = {n: s.loss for n, s in tsteps.items()}
+    fns, tsteps = {}, {}
     gc.collect()
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
       import torch
 
       torch.cuda.empty_cache()
-  official_times, ostep = None, None
-  if args.official_src and not interleave:
-    ostep = TorchTrainStep(
-      setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
-    )
-    official_times = timing.interleaved_rounds(
-      {"official": ostep.run}, rounds=args.rounds, steps=args.steps, warmup=args.warmup
-    )["official"]
-    del ostep
-    ostep = None
-    gc.collect()
-  jstep = compiled_step.JaxTrainStep(setup, batch)
-  fns["jax"] = jstep.run
-  ustep = None
-  if args.also_unrolled and args.scan:
-    uconfig = configs.case_config(
-      base,
-      case,
-      dtype=dtype,
-      remat=args.remat,
-      scan=False,
-      attention_impl=args.attention_impl,
-      teacher_dir=args.teacher_dir,
-    )
-    ustep = compiled_step.JaxTrainStep(train_step.TrainSetup(uconfig), batch, count_flops=False)
-    fns["unrolled"] = ustep.run
-  if args.torch and interleave:
-    tstep = TorchTrainStep(setup, batch, device, bf16=dtype == "bfloat16")
-    fns["torch"] = tstep.run
-  if args.official_src and interleave:
-    ostep = TorchTrainStep(
-      setup, batch, device, bf16=dtype == "bfloat16", model=official_model(args.official_src, setup)
-    )
-    fns["official"] = ostep.run
-  times = timing.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
-  if official_times is None and "official" in times:
-    official_times = times["official"]
-  if torch_times is None and "torch" in times:
-    torch_times = times["torch"]
-    torch_peak = tstep.peak_bytes()
+  jstep, other = _jax_contenders(case, base, args, dtype, batch, fns)
+  if interleave:
+    tsteps = _torch_contenders(setup, batch, device, dtype, args, fns)
+  times.update(
+    timing.interleaved_rounds(fns, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+  )
+  if interleave:
+    torch_peak = {n: s.peak_bytes() for n, s in tsteps.items() if hasattr(s, "peak_bytes")}
+    losses = {n: s.loss for n, s in tsteps.items()}
 
   jt = timing.summarize(times["jax"])
   _dump_diagnostics(jstep, case, args)
@@ -333,7 +220,7 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     "batch": case.batch,
     "dtype": dtype,
     "remat": args.remat,
-    "scan": args.scan,
+    "scan": jstep.setup.task.model.scan_blocks,
     "num_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(jstep.state.params)),
     "jax_step_s": jt,
     "jax_steps_per_s": 1.0 / jt["median"],
@@ -349,53 +236,60 @@ def bench_case(case, base, args, dtype, peak, device, interleave) -> dict:
     "device_peak_bytes_in_use": hardware.device_peak_bytes_in_use(),
     "jax_loss": jstep.last_loss(),
   }
-  if torch_times is not None:
-    tt = timing.summarize(torch_times)
+  if "torch" in times:
+    tt = timing.summarize(times["torch"])
     row.update(
       torch_step_s=tt,
       torch_images_per_s=case.batch / tt["median"],
-      torch_peak_bytes=torch_peak,
+      torch_peak_bytes=torch_peak.get("torch"),
       speedup=tt["median"] / jt["median"],
+      speedup_per_round=_per_round(times, "torch", "jax") if interleave else None,
     )
-    if interleave:  # per-round ratios: each pair ran back to back under the same load
-      ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
-      row["speedup_per_round"] = timing.summarize(ratios)
-  if official_times is not None:
-    ot = timing.summarize(official_times)
-    row.update(
-      official_step_s=ot,
-      official_loss=None if ostep is None else float(ostep.loss.detach()),
-      official_speedup=ot["median"] / jt["median"],
+  for name in ("official", "official_net"):  # the full step and the network + optimiser alone
+    if name in times:
+      ot = timing.summarize(times[name])
+      row[f"{name}_step_s"] = ot
+      row[f"{name}_loss"] = float(losses[name].detach())
+      row[f"{name}_speedup"] = ot["median"] / jt["median"]
+      for jname, suffix in (("jax", ""), (other, "_" + other)):
+        if interleave and jname in times:
+          row[f"{name}_speedup{suffix}_per_round"] = _per_round(times, name, jname)
+  if "loss" in times:  # the peer's FlowSeg loss against its full step
+    row["official_loss_fn_s"] = timing.summarize(times["loss"])
+    row["official_loss_share"] = (
+      row["official_loss_fn_s"]["median"] / row["official_step_s"]["median"]
     )
-    if interleave:
-      ratios = [o / j for o, j in zip(times["official"], times["jax"])]
-      row["official_speedup_per_round"] = timing.summarize(ratios)
-  if ustep is not None:
-    row.update(
-      unrolled_step_s=timing.summarize(times["unrolled"]),
-      scan_cost=jt["median"] / timing.summarize(times["unrolled"])["median"],
-      scan_cost_per_round=timing.summarize(
-        [j / u for j, u in zip(times["jax"], times["unrolled"])]
-      ),
+    row["official_loss_share_per_round"] = _per_round(times, "loss", "official")
+  if other in times:
+    row[f"{other}_step_s"] = timing.summarize(times[other])
+    row["scan_cost_per_round"] = (
+      _per_round(times, "jax", "unrolled")
+      if other == "unrolled"
+      else _per_round(times, "scanned", "jax")
     )
-  del jstep, tstep, ostep, ustep
+    row["scan_cost"] = row["scan_cost_per_round"]["median"]
+  del jstep, tsteps
   gc.collect()
   return row
 
 
 def _ratio_text(row: dict, key: str) -> str:
-  """'1.07 (1.02-1.10)': the median ratio and the range of the per-round ratios."""
+  """'1.07 (1.02-1.10)': the median of the per-round ratios and their range (else the ratio of the
+  medians)."""
   if row.get(key) is None:
     return "n/a"
   rounds = row.get(key + "_per_round")
-  spread = f" ({rounds['min']:.2f}-{rounds['max']:.2f})" if rounds else ""
-  return f"{row[key]:.2f}{spread}"
+  if rounds:  # the median of the per-round ratios, and their range
+    return f"{rounds['median']:.2f} ({rounds['min']:.2f}-{rounds['max']:.2f})"
+  return f"{row[key]:.2f}"
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.official_src:
-    official_source(args.official_src)  # fail before compiling anything
+    from benchmarks import torch_peer
+
+    torch_peer.official_source(args.official_src)  # fail before compiling anything
   cases, dtype, threads = flags.setup_run(args)
   base = configs.load_config(args.config)
   peak, peak_source = flags.peak_flops(args, dtype)
@@ -407,7 +301,7 @@ def main(argv=None) -> dict:
   print(
     f"train step: JAX {env['jax']} on {env['backend']} ({env['device_kind']}), "
     f"torch {env.get('torch')} on {device.type if device else 'off'} ({threads} threads), "
-    f"{dtype}, remat={args.remat}, scan={args.scan}; peak {output.fmt(peak, '.2f', 1e-12)} "
+    f"{dtype}, remat={args.remat}, scan={args.scan} (None: the config's); peak {output.fmt(peak, '.2f', 1e-12)} "
     f"TFLOP/s ({peak_source}); {args.rounds} rounds x {args.steps} steps, load {env['load_average']}"
   )
   rows = []
@@ -444,7 +338,12 @@ def main(argv=None) -> dict:
         "speedup": output.fmt(r.get("speedup"), ".2f"),
         "official_ms": output.fmt(r.get("official_step_s", {}).get("median"), ".1f", 1e3),
         "official": _ratio_text(r, "official_speedup"),
-        "unrolled_ms": output.fmt(r.get("unrolled_step_s", {}).get("median"), ".1f", 1e3),
+        "net_ms": output.fmt(r.get("official_net_step_s", {}).get("median"), ".1f", 1e3),
+        "net": _ratio_text(r, "official_net_speedup"),
+        "loss_share": output.fmt(r.get("official_loss_share"), ".1%"),
+        "other_ms": output.fmt(
+          r.get("unrolled_step_s", r.get("scanned_step_s", {})).get("median"), ".1f", 1e3
+        ),
         "scan_cost": _ratio_text(r, "scan_cost"),
         "data_img_s": output.fmt(r.get("data_images_per_s"), ".0f"),
         "data_ratio": output.fmt(r.get("data_over_consumption"), ".1f"),
@@ -465,9 +364,12 @@ def main(argv=None) -> dict:
       ("compile", "compile s"),
       ("torch_ms", "torch ms/step"),
       ("speedup", "JAX/torch"),
-      ("official_ms", "official ms/step"),
-      ("official", "official/JAX (rounds)"),
-      ("unrolled_ms", "unrolled ms/step"),
+      ("official_ms", "official full ms/step"),
+      ("official", "official full/JAX (rounds)"),
+      ("net_ms", "official net+AdamW ms/step"),
+      ("net", "official net+AdamW/JAX (rounds)"),
+      ("loss_share", "FlowSeg loss/official step"),
+      ("other_ms", "other layout ms/step"),
       ("scan_cost", "scan/unrolled (rounds)"),
       ("data_img_s", "data img/s"),
       ("data_ratio", "data/consumed"),

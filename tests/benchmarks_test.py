@@ -239,15 +239,20 @@ def PixNerDiT(in_channels, num_groups, hidden_size, hidden_size_x, nerf_mlpratio
 def test_train_step_official_src(tmp_path):
   """--official-src: the official constructor's signature, JAX's initial weights (strict load)."""
   _official_checkout(tmp_path)
-  argv = [*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path), "--also-unrolled"]
+  argv = [*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path), "--also-scanned"]
   result = train_step.main(argv)
   (row,) = result["rows"]
   assert row["official_step_s"]["median"] > 0 and np.isfinite(row["official_loss"])
   assert row["official_speedup"] > 0 and row["official_speedup_per_round"]["n"] == 1
-  # --also-unrolled: the unrolled-blocks step takes turns in the same rounds.
-  assert row["scan"] and row["unrolled_step_s"]["n"] == 1
+  # The network + AdamW alone (MSE loss) and the FlowSeg loss alone take turns in the same rounds.
+  assert row["official_net_step_s"]["n"] == 1 and np.isfinite(row["official_net_loss"])
+  assert row["official_net_speedup_per_round"]["n"] == 1
+  assert 0 < row["official_loss_share"] and row["official_loss_fn_s"]["n"] == 1
+  # tiny/4 unrolls by default (models.resolve_scan_blocks); --also-scanned times the scan as well.
+  assert not row["scan"] and row["scanned_step_s"]["n"] == 1
+  assert row["official_speedup_scanned_per_round"]["n"] == 1
   assert row["scan_cost"] == pytest.approx(
-    row["jax_step_s"]["median"] / row["unrolled_step_s"]["median"]
+    row["scanned_step_s"]["median"] / row["jax_step_s"]["median"]
   )
   with pytest.raises(ValueError, match="not found"):
     train_step.main([*TINY, "--no-torch", "--data", "none", "--official-src", str(tmp_path / "x")])

@@ -119,3 +119,18 @@ def test_parse_arg_types_values_and_names_mistakes():
     defaults.parse_arg("stage", stage="1")
   with pytest.raises(ValueError, match="true or false"):
     defaults.parse_arg("smoke=maybe", smoke=False)
+
+
+def test_block_layout_default_scans_only_deep_models():
+  """config.model.scan_blocks None: L/16 and XL/16 (24, 30 blocks) scan, B/16, S/16 and tiny unroll
+  (faster on CPU); an explicit True / False always wins, also through an overridden depth."""
+  base = load("flowseg_ade20k", "stage=1")
+  assert base.model.scan_blocks is None and models.create_model(base.model).scan_blocks
+  for variant, scanned in (("L/16", True), ("B/16", False), ("S/16", False), ("tiny/4", False)):
+    base.model.variant = variant
+    assert models.create_model(base.model).scan_blocks == scanned, variant
+  base.model.num_blocks, base.model.num_cond_blocks = 16, 14
+  assert models.create_model(base.model).scan_blocks  # S/16 made 16 deep
+  base.model.scan_blocks = False
+  assert not models.create_model(base.model).scan_blocks
+  assert models.resolve_scan_blocks(True, 4) and not models.resolve_scan_blocks(None, 12)

@@ -36,12 +36,26 @@ def default_model_config(variant: str = "XL/16") -> ml_collections.ConfigDict:
   c.attention_impl = ml_collections.FieldReference(None, field_type=str)
   # Per-block rematerialisation: "none", "full" or a jax.checkpoint_policies name.
   c.remat_policy = "none"
-  # nn.scan over identical blocks (fast compiles for deep models).
-  c.scan_blocks = True
+  # nn.scan over identical blocks: True, False, or None (auto: `resolve_scan_blocks`, scanned only
+  # for models deeper than UNROLL_MAX_BLOCKS, i.e. L/16 and XL/16 scan, B/16, S/16 and tiny unroll).
+  c.scan_blocks = ml_collections.FieldReference(None, field_type=bool)
   # Blocks per iteration of the scanned loops (nn.scan's unroll); only with scan_blocks. Without
   # remat the NeRF decoder's loop is always fully unrolled (see models/pixnerd.py).
   c.scan_unroll = 1
   return c
+
+
+# The deepest model whose blocks are unrolled by default. Unrolled blocks run faster on CPU (no
+# per-layer slices of stacked parameters, no stacked residual buffers: S/16 128² b4 step 1.10-1.12x
+# faster, less XLA memory; benchmarks/RESULTS.md), and their compile time grows with the depth, which
+# for the 24- and 30-block L/16 and XL/16 (the paper's configs, their memory plans and presets) is what
+# nn.scan saves.
+UNROLL_MAX_BLOCKS = 12
+
+
+def resolve_scan_blocks(scan_blocks: bool | None, num_blocks: int) -> bool:
+  """`config.model.scan_blocks` as set, or for None whether a model of `num_blocks` blocks scans."""
+  return bool(scan_blocks) if scan_blocks is not None else num_blocks > UNROLL_MAX_BLOCKS
 
 
 def create_model(cfg: ml_collections.ConfigDict):
@@ -49,12 +63,15 @@ def create_model(cfg: ml_collections.ConfigDict):
   if cfg.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
   overrides = {k: cfg[k] for k in ARCH_OVERRIDES if cfg.get(k) is not None}
+  num_blocks = overrides.get(
+    "num_blocks", pixnerd.VARIANTS.get(cfg.variant, {}).get("num_blocks", 0)
+  )
   return pixnerd.make_model(
     cfg.variant,
     **overrides,
     dtype=DTYPES[cfg.dtype],
     attention_impl=cfg.attention_impl,
     remat_policy=cfg.remat_policy,
-    scan_blocks=bool(cfg.scan_blocks),
+    scan_blocks=resolve_scan_blocks(cfg.get("scan_blocks"), num_blocks),
     scan_unroll=int(cfg.get("scan_unroll", 1)),
   )

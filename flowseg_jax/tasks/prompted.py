@@ -164,8 +164,9 @@ class PromptedTask(base.Task):
       cfg.variant,
       **cfg.overrides.to_dict(),
       dtype=models.DTYPES[config.model.dtype],
-      scan_blocks=bool(config.model.scan_blocks),
     )
+    depth = t2i.num_encoder_blocks + t2i.num_decoder_blocks + t2i.num_text_blocks
+    t2i = t2i.clone(scan_blocks=models.resolve_scan_blocks(config.model.scan_blocks, depth))
     t2i.check_config()
     self._t2i = t2i
     self.condition_kind = cfg.condition

@@ -66,8 +66,13 @@ def flowseg_loss(
   t_eps=0.05,
   reshape=True,
   max_grad_norm=1.0,
+  grad_fn=None,
 ):
-  """Returns (loss, grad_phi, v_target, v_theta) with tensors in NCHW; `out` may require grad."""
+  """Returns (loss, grad_phi, v_target, v_theta) with tensors in NCHW; `out` may require grad.
+
+  grad_fn: another implementation of `potential_grad` (same arguments) to use instead; the benchmark's
+  efficient peer (benchmarks/torch_peer.py) passes its closed form.
+  """
   n = centroids.shape[0]
   ignored = labels == IGNORE
   if mask_ignored:
@@ -86,7 +91,7 @@ def flowseg_loss(
   else:
     x1_hat = out
     v_theta = (x1_hat - x_t) / torch.clamp(1 - tb, min=t_eps)
-  grad_phi = potential_grad(x1_hat, lab, centroids, tau, eps, transform, max_grad_norm)
+  grad_phi = (grad_fn or potential_grad)(x1_hat, lab, centroids, tau, eps, transform, max_grad_norm)
   if not reshape:
     v_target = v
   elif target == "static":
