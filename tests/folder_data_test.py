@@ -339,15 +339,24 @@ def test_ade20k_names_the_empty_folder_and_reports_a_png_image(tmp_path):
   assert str(info.value) == f"ADE20K: no images found in {folder_} (looked for .jpg files)."
 
 
-def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
-  palette = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
+PALETTE = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
+
+
+def _palette_config(tmp_path):
+  """The folder smoke config on a dataset whose classes.json gives names and colours."""
   root = _one_mask_dataset(
     str(tmp_path / "data"),
     np.zeros((2, 2)),
-    classes_json={"classes": ["sky", "sea", "boat"], "palette": palette},
+    classes_json={"classes": ["sky", "sea", "boat"], "palette": PALETTE},
   )
   config = defaults.load_config_file(CONFIG, "smoke")
   config.input.data_dir = root
+  return config
+
+
+def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
+  palette = PALETTE
+  config = _palette_config(tmp_path)
   segmenter = types.SimpleNamespace(
     config=config, task=types.SimpleNamespace(decode_centroids=None)
   )
@@ -383,14 +392,8 @@ def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_pat
 
 
 def test_classes_json_palette_colours_predictions_and_travels_with_the_model(tmp_path):
-  palette = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
-  root = _one_mask_dataset(
-    str(tmp_path / "data"),
-    np.zeros((2, 2)),
-    classes_json={"classes": ["sky", "sea", "boat"], "palette": palette},
-  )
-  config = defaults.load_config_file(CONFIG, "smoke")
-  config.input.data_dir = root
+  palette = PALETTE
+  config = _palette_config(tmp_path)
   task = tasks.create_task(config)
   np.testing.assert_array_equal(task.palette, palette)
   # The model folder's config.json records it, and a task rebuilt from the folder (no dataset)
