@@ -141,7 +141,7 @@ class Segmenter:
     self.num_classes = self.task.num_classes
     self.class_names = self.task.class_names
     self.centroids = self.task.decode_centroids
-    self.palette = centroids_lib.palette(self.centroids)  # a perfect mask is drawn in these
+    self.palette = self.task.palette  # classes.json's colours, else the centroids'
     if prompt_cache_size < 1:
       raise ValueError(f"prompt_cache_size must be >= 1, got {prompt_cache_size}")
     self.prompt_cache_size = int(prompt_cache_size)
@@ -295,7 +295,7 @@ class Segmenter:
     return self.segment_batch(images, prompts=prompts, **kwargs)
 
   def colourise(self, labels: np.ndarray) -> np.ndarray:
-    """int (H, W) labels -> uint8 (H, W, 3) in the class-centroid colours (255 white)."""
+    """int (H, W) labels -> uint8 (H, W, 3) in the model's palette (255 white)."""
     return classes.colourise(labels, self.palette)
 
   def overlay(self, image, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:

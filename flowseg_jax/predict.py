@@ -2,7 +2,7 @@
 
 For every input image `NAME.ext` it writes, in the output folder:
   NAME_label.png    uint8 class ids at the image's own size (mode L),
-  NAME_mask.png     the mask in the centroid palette,
+  NAME_mask.png     the mask in the model's palette (classes.json's colours, else the centroids'),
   NAME_overlay.png  the image blended 50/50 with the mask.
 Files that cannot be read are reported and skipped; the others are written.
 """

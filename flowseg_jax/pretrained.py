@@ -217,7 +217,6 @@ def library() -> dict:
 
 def describe(config, task, *, source: dict | None = None) -> dict:
   """config.json of a segmenter: what `model_config` and `vocabulary` rebuild it from."""
-  from flowseg_jax import centroids as centroids_lib
 
   vocab = task.vocabulary()
   model = config.model.to_dict()
@@ -240,7 +239,7 @@ def describe(config, task, *, source: dict | None = None) -> dict:
     "classes": {
       "names": list(vocab.class_names),
       "centroids": task.decode_centroids.tolist(),
-      "palette": centroids_lib.palette(task.decode_centroids).tolist(),
+      "palette": task.palette.tolist(),
     },
   }
   for key in ("slide_stride", "tta_scales"):  # tuples in the config, lists in JSON
@@ -304,7 +303,9 @@ def read_segmenter(name_or_path: storage.PathLike, revision: str | None = None):
     if prompted.get("prompt_features"):
       features = read_tensors(folder, prompted["prompt_features"])["features"]
     names = tuple(meta["classes"]["names"])
-    vocab = Vocabulary(names, tuple(prompted.get("prompts", ())), features)
+    palette = meta["classes"].get("palette")
+    palette = None if palette is None else np.asarray(palette, np.uint8).reshape(len(names), 3)
+    vocab = Vocabulary(names, tuple(prompted.get("prompts", ())), features, palette)
   except (KeyError, TypeError, ValueError) as e:
     if isinstance(e, ModelFolderError):
       raise

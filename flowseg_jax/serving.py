@@ -115,7 +115,7 @@ def describe(segmenter, exported, num_steps: int) -> dict:
     "mode": "whole: images at the model's input size",
     "classes": {
       "names": segmenter.class_names,
-      "palette": centroids_lib.palette(task.decode_centroids).tolist(),
+      "palette": task.palette.tolist(),
     },
     "source": {"step": segmenter.step},
   }

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import defaults, main
+from flowseg_jax import centroids as centroids_lib
+from flowseg_jax import defaults, main, pretrained, tasks
 from flowseg_jax.data import folder, pipeline, preflight, sources
 from flowseg_jax.evaluators import miou
 from tools.make_folder_dataset import write_folder_dataset
@@ -338,15 +339,24 @@ def test_ade20k_names_the_empty_folder_and_reports_a_png_image(tmp_path):
   assert str(info.value) == f"ADE20K: no images found in {folder_} (looked for .jpg files)."
 
 
-def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
-  palette = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
+PALETTE = [[200, 0, 0], [0, 180, 0], [10, 10, 250]]
+
+
+def _palette_config(tmp_path):
+  """The folder smoke config on a dataset whose classes.json gives names and colours."""
   root = _one_mask_dataset(
     str(tmp_path / "data"),
     np.zeros((2, 2)),
-    classes_json={"classes": ["sky", "sea", "boat"], "palette": palette},
+    classes_json={"classes": ["sky", "sea", "boat"], "palette": PALETTE},
   )
   config = defaults.load_config_file(CONFIG, "smoke")
   config.input.data_dir = root
+  return config
+
+
+def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
+  palette = PALETTE
+  config = _palette_config(tmp_path)
   segmenter = types.SimpleNamespace(
     config=config, task=types.SimpleNamespace(decode_centroids=None)
   )
@@ -379,3 +389,27 @@ def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_pat
     panel[:, 6:8].reshape(-1, 3)[:3], [palette[0], palette[1], palette[2]]
   )
   np.testing.assert_array_equal(writer.images["eval/x"][0], panel)
+
+
+def test_classes_json_palette_colours_predictions_and_travels_with_the_model(tmp_path):
+  palette = PALETTE
+  config = _palette_config(tmp_path)
+  task = tasks.create_task(config)
+  np.testing.assert_array_equal(task.palette, palette)
+  # The model folder's config.json records it, and a task rebuilt from the folder (no dataset)
+  # draws in it: predict's masks and overlays use the user's colours, not the centroids'.
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(pretrained.describe(config, task)))
+  _, _, loaded_config, vocab = pretrained.read_segmenter(str(folder))
+  loaded_config.input.data_dir = str(tmp_path / "gone")
+  rebuilt = tasks.create_task(loaded_config, vocab)
+  np.testing.assert_array_equal(rebuilt.palette, palette)
+  assert rebuilt.palette.dtype == np.uint8
+  # Without classes.json colours: the centroid colours, as before.
+  plain = _one_mask_dataset(str(tmp_path / "plain"), np.zeros((2, 2)), classes="a\nb\nc\n")
+  config.input.data_dir = plain
+  np.testing.assert_array_equal(
+    tasks.create_task(config).palette,
+    centroids_lib.palette(tasks.create_task(config).decode_centroids),
+  )

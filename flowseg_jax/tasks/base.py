@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import flow, sampling, sharding
 from flowseg_jax.data import pipeline
 
@@ -26,11 +27,14 @@ class Vocabulary:
   """What a model knows besides its weights that a task otherwise reads from the dataset config:
   its class names (index = train id) and, for a prompted model, its prompts (index = prompt id)
   and their cached text features (N, T, D) float32 (None where the network learns its own table).
-  A model folder records it (`pretrained.py`), so loading one needs no dataset."""
+  `palette` (uint8 (N, 3)) colours pictures only; None: the dataset's own (a folder's classes.json),
+  else the centroid colours. A model folder records it (`pretrained.py`), so loading one needs no
+  dataset."""
 
   class_names: tuple[str, ...]
   prompts: tuple[str, ...] = ()
   prompt_features: np.ndarray | None = None
+  palette: np.ndarray | None = None
 
 
 class Task(abc.ABC):
@@ -58,6 +62,20 @@ class Task(abc.ABC):
       return list(self._vocabulary.class_names)
     return pipeline.class_names(self.config.input)
 
+  @property
+  def palette(self) -> np.ndarray:
+    """uint8 (num_classes, 3): the colours pictures draw classes in. The vocabulary's, else the
+    dataset's own (a folder's classes.json), else the centroid colours, which a perfect colour
+    output equals."""
+    given = None
+    if self._vocabulary is not None:
+      given = self._vocabulary.palette
+    else:
+      given = pipeline.dataset_palette(self.config.input)
+    if given is None:
+      return centroids_lib.palette(self.decode_centroids)
+    return np.asarray(given, np.uint8)
+
   def vocabulary(self) -> Vocabulary:
     """This model's vocabulary, as a model folder records it."""
     features = getattr(self, "features", None)
@@ -65,6 +83,7 @@ class Task(abc.ABC):
       tuple(self.class_names),
       tuple(self.prompts),
       None if features is None else np.asarray(features, np.float32),
+      self.palette,
     )
 
   @property
