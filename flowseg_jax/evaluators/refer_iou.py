@@ -273,10 +273,13 @@ class ReferIouEvaluator(common.Evaluator):
 
   def run(self, settings: dict) -> dict:
     seg = self.segmenter
+    seg.task.check_inputs([self.config.input.eval_split])
     dataset, examples, _ = common.local_examples(self.config)
     examples = list(examples)
     targets = [ex["label"][None] for ex in examples]
     ids = [int(ex["prompt"]) for ex in examples]
+    # Streamed text features (data.text_cache) are the conditions themselves: prompt id -> them.
+    streamed = {int(ex["prompt"]): ex["text"] for ex in examples if "text" in ex}
     confusion = [PromptConfusion.empty(len(seg.prompts))]
     group: list = []  # (prompt, prediction, target) of the current image's examples
 
@@ -296,7 +299,7 @@ class ReferIouEvaluator(common.Evaluator):
       if image is not None:
         group.append((ids[i], pred, targets[i]))
 
-    model, dts = self._score(examples, ids, targets, settings, on_prediction)
+    model, dts = self._score(examples, ids, targets, settings, on_prediction, streamed)
     flush()
     background = PromptedIoU.empty()
     for target in targets:
@@ -307,7 +310,8 @@ class ReferIouEvaluator(common.Evaluator):
     base = _summed(background).compute()
     result["baseline_giou"], result["baseline_ciou"] = base["giou"], base["ciou"]
     if bool(self.config.prompted.get("eval_wrong_prompt", False)):
-      wrong, _ = self._score(examples, wrong_prompts(ids, len(seg.prompts)), targets, settings)
+      wrong_ids = wrong_prompts(ids, len(seg.prompts))  # other examples' sentences
+      wrong, _ = self._score(examples, wrong_ids, targets, settings, streamed=streamed)
       wrong = _summed(wrong).compute()
       result["wrong_giou"], result["wrong_ciou"] = wrong["giou"], wrong["ciou"]
     dt_sum = common.sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
@@ -316,10 +320,12 @@ class ReferIouEvaluator(common.Evaluator):
     result.update(common.sum_over_processes(confusion[0]).compute(seg.prompts))
     return result
 
-  def _score(self, examples, ids, targets, settings, on_prediction=None):
-    """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes);
-    on_prediction(example index, int32 (H, W) prediction) sees each prediction in order."""
-    items = [(i, ex["image_orig"], int(p)) for i, (ex, p) in enumerate(zip(examples, ids))]
+  def _score(self, examples, ids, targets, settings, on_prediction=None, streamed=None):
+    """(PromptedIoU of this process's predictions for prompts `ids` (their `streamed` features
+    where given), the step sizes); on_prediction(example index, int32 (H, W) prediction) sees
+    each prediction in order."""
+    conds = [(streamed or {}).get(int(p), int(p)) for p in ids]  # else encoded by the model
+    items = [(i, ex["image_orig"], c) for i, (ex, c) in enumerate(zip(examples, conds))]
     metric, dts = PromptedIoU.empty(), []
     stream = self.segmenter.segment_stream(
       items,
