@@ -222,3 +222,14 @@ def test_host_and_device_memory_flat_in_the_number_of_sentences(tmp_path):
   assert large["argument_bytes"] == small["argument_bytes"]
   assert large["live_device_bytes"] == small["live_device_bytes"]
   assert large["rss_growth"] - small["rss_growth"] < 16 * 2**20  # a table: + 140 MiB
+
+
+def test_cache_text_without_an_encoder_is_refused_in_one_line(tmp_path, capsys):
+  from flowseg_jax import main
+
+  layout = refcoco_layout(tmp_path / "data", 20)
+  fields = [f"--config.input.refcoco.{k}={v}" for k, v in layout.items() if k != "name"]
+  spec = "--config=configs/rlfseg/refcoco.py"
+  assert main.run(["cache-text", spec, "--split=train", *fields]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "config.prompted.encoder_dir" in err

@@ -199,7 +199,9 @@ def plan_devices(
         image_size=list(config.input.image_size),
         grad_accum_steps=config.optim.grad_accum_steps,
         repa=bool(config.repa.enabled),
-        variant=config.model.variant,
+        variant=config.prompted.variant
+        if config.get("task") == "prompted"
+        else config.model.variant,
         dtype=config.model.dtype,
       )
       mesh = sharding.make_mesh(n // fsdp, fsdp, devices)

@@ -273,7 +273,6 @@ class ReferIouEvaluator(common.Evaluator):
 
   def run(self, settings: dict) -> dict:
     seg = self.segmenter
-    seg.task.check_inputs([self.config.input.eval_split])
     dataset, examples, _ = common.local_examples(self.config)
     examples = list(examples)
     targets = [ex["label"][None] for ex in examples]
