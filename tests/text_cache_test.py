@@ -233,3 +233,34 @@ def test_cache_text_without_an_encoder_is_refused_in_one_line(tmp_path, capsys):
   assert main.run(["cache-text", spec, "--split=train", *fields]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "config.prompted.encoder_dir" in err
+
+
+def test_evaluation_reads_each_examples_features_from_the_cache(tmp_path, monkeypatch):
+  """A 'cache' model is evaluated on the eval split's cached features (never its encoder), the
+  wrong-prompt pass on other examples' cached features."""
+  import jax
+
+  from flowseg_jax import defaults, evaluate, inference, tasks
+
+  layout = refcoco_layout(tmp_path / "data", 60)
+  config = defaults.load_config_file("configs/rlfseg/refcoco.py")
+  config.input = input_config(layout, str(tmp_path / "features"))
+  config.prompted.variant = "tiny"
+  config.prompted.overrides = ml_collections.ConfigDict({"text_dim": D})
+  config.prompted.eval_wrong_prompt = True
+  config.model.dtype, config.model.remat_policy = "float32", "none"
+  config.eval.batch_per_device = 2
+  build_split(config.input, "val", FakeEncoder(), chunk_size=4)
+  task = tasks.create_task(config)
+  params = task.model.init(jax.random.key(0), *task.init_inputs((16, 16)))["params"]
+  read = []
+  cache_read = text_cache.SplitFeatures.features
+  monkeypatch.setattr(
+    text_cache.SplitFeatures, "features", lambda self, k: read.append(k) or cache_read(self, k)
+  )
+  monkeypatch.setattr(type(task), "encode", lambda *a: pytest.fail("the encoder ran"))
+  seg = inference.Segmenter(config, params, task=task)
+  result = evaluate.evaluate_segmenter(seg, str(tmp_path / "work"), step=0, num_steps=1)
+  keys, _ = pipeline.split_sentences(config.input, "val")
+  assert result["num_examples"] == len(keys) == 10 and 0 <= result["wrong_giou"] <= 1
+  assert sorted(set(read)) == sorted(keys.tolist())

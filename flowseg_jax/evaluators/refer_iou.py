@@ -46,6 +46,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from flowseg_jax.centroids import IGNORE_LABEL
+from flowseg_jax.data import text_cache
 from flowseg_jax.evaluators import common
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -274,11 +275,15 @@ class ReferIouEvaluator(common.Evaluator):
   def run(self, settings: dict) -> dict:
     seg = self.segmenter
     dataset, examples, _ = common.local_examples(self.config)
-    examples = list(examples)
+    # Streamed text features (data.text_cache) are the conditions themselves, read again from the
+    # split's cache as each example is scored: all of them would not fit (RefCOCO val ~10 GiB).
+    examples = [{k: v for k, v in ex.items() if k != "text"} for ex in examples]
+    streamed = None
+    if self.config.input.get("text_features") and seg.task.encodes_text:
+      root, split = self.config.input.text_features, self.config.input.eval_split
+      streamed = text_cache.SplitFeatures(text_cache.split_dir(root, split)).features
     targets = [ex["label"][None] for ex in examples]
     ids = [int(ex["prompt"]) for ex in examples]
-    # Streamed text features (data.text_cache) are the conditions themselves: prompt id -> them.
-    streamed = {int(ex["prompt"]): ex["text"] for ex in examples if "text" in ex}
     confusion = [PromptConfusion.empty(len(seg.prompts))]
     group: list = []  # (prompt, prediction, target) of the current image's examples
 
@@ -320,15 +325,15 @@ class ReferIouEvaluator(common.Evaluator):
     return result
 
   def _score(self, examples, ids, targets, settings, on_prediction=None, streamed=None):
-    """(PromptedIoU of this process's predictions for prompts `ids` (their `streamed` features
-    where given), the step sizes); on_prediction(example index, int32 (H, W) prediction) sees
-    each prediction in order."""
-    conds = [(streamed or {}).get(int(p), int(p)) for p in ids]  # else encoded by the model
-    items = [(i, ex["image_orig"], c) for i, (ex, c) in enumerate(zip(examples, conds))]
+    """(PromptedIoU of this process's predictions for prompts `ids` (`streamed(id)`: their
+    features, read as they are needed), the step sizes); on_prediction(example index, int32
+    (H, W) prediction) sees each prediction in order."""
+    conds = (streamed(int(p)) if streamed else int(p) for p in ids)
+    items = ((i, ex["image_orig"], c) for i, (ex, c) in enumerate(zip(examples, conds)))
     metric, dts = PromptedIoU.empty(), []
     stream = self.segmenter.segment_stream(
       items,
-      len(items),
+      len(examples),
       num_steps=settings["num_steps"],
       mode="whole",
       adaptive=settings["adaptive_one_step"],
