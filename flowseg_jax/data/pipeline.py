@@ -17,6 +17,9 @@ processes have consumed exactly the global examples [start, start + n * global_b
 position from which an iterator for another process count continues (elastic resume). Batches are dicts of NumPy arrays:
   image        float32 (B_local, H, W, 3) in [-1, 1]
   label        int32   (B_local, H, W), 255 = ignore
+  prompt       int32   (B_local,) prompted datasets: each example's sentence (prompt) id
+  text         float32 (B_local, T, D) with `text_features`: those sentences' encoder features,
+               read per example from the split's cache on disk (`data.text_cache`)
   num_skipped  int32   () bad examples this process skipped while filling this batch (always 0
                in 'raise' mode). It travels with the batch, so it reaches the main process also
                from grain worker processes. Pop it before turning the batch into global arrays;
