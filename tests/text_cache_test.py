@@ -5,6 +5,7 @@ with host and device memory flat in the number of sentences."""
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -142,6 +143,11 @@ def test_batches_carry_their_examples_features(tmp_path):
   prompts = pipeline.prompt_list(cfg)
   want, _ = FakeEncoder()([prompts[int(p)] for p in batch["prompt"]])
   np.testing.assert_array_equal(batch["text"], want)
+  src, _ = pipeline._make_source(cfg, "train", prepare=False)
+  src[0]  # opens a chunk file; a copy for a grain worker process opens its own
+  again = pickle.loads(pickle.dumps(src))
+  assert again.cache._files == {} and len(again) == len(src)
+  np.testing.assert_array_equal(again[3]["text"], src[3]["text"])
 
 
 def _probe(root: str, features: str) -> None:
