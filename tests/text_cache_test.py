@@ -270,3 +270,15 @@ def test_evaluation_reads_each_examples_features_from_the_cache(tmp_path, monkey
   keys, _ = pipeline.split_sentences(config.input, "val")
   assert result["num_examples"] == len(keys) == 10 and 0 <= result["wrong_giou"] <= 1
   assert sorted(set(read)) == sorted(keys.tolist())
+
+
+def test_the_preflight_counts_streamed_features_and_checks_their_folder():
+  from flowseg_jax import defaults
+  from flowseg_jax.run import hosts
+
+  config = defaults.load_config_file("configs/rlfseg/refcoco.py", "target=v5e-8")
+  config.input.num_workers = 4  # each holds prefetch_buffer + 1 = 3 batches of 32 in /dev/shm
+  without = hosts.shm_needed(config)
+  config.input.text_features = "/data/refcoco_text"
+  assert hosts.shm_needed(config) - without == 4 * 3 * 32 * 128 * 2048 * 4  # 1 MiB an example
+  assert hosts.input_paths(config)["config.input.text_features"] == "/data/refcoco_text"
