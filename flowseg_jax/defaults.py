@@ -115,8 +115,9 @@ def prompted_config() -> ml_collections.ConfigDict:
   # features, cached; any prompt at inference) | 'text' (a small Qwen3 over a word-level tokenizer,
   # trained with the denoiser: `text` below; any prompt at inference)
   c.condition = "table"
-  c.encoder_dir = ""  # 'cache': Qwen3 Hugging Face directory (config.json + safetensors)
-  c.cache_dir = ""  # 'cache': where prompt embeddings are cached
+  # 'cache': Qwen3 Hugging Face directory (config.json + safetensors): builds the split caches of
+  # config.input.text_features (`flowseg cache-text`) and encodes new prompts at inference
+  c.encoder_dir = ""
   # [ours] 'text': the word vocabulary (`tasks.prompts.word_tokenizer`; other words read as [UNK])
   # and the encoder's shape (width: the T2I model's text_dim; tasks.prompts.builtin_encoder_config).
   c.text = ml_collections.ConfigDict(

@@ -43,6 +43,7 @@ def evaluate_segmenter(
   name: the result's name (default: keyed by step and settings); writer: a metric writer for the
   scalars (and pictures); settings: num_steps, mode, adaptive (default: the config's).
   """
+  segmenter.task.check_inputs([segmenter.config.input.eval_split])  # e.g. its text features
   evaluator = segmenter.task.evaluator(segmenter)
   resolved = evaluator.settings(**settings)
   result = evaluator.run(resolved)

@@ -206,20 +206,24 @@ class Segmenter:
 
   def conditions(self, prompts: Sequence) -> np.ndarray:
     """The network's condition of each prompt, (N, *task.condition_spec()): ids, or a text
-    model's features, encoded once per distinct text (the last prompt_cache_size are kept).
+    model's features, encoded once per distinct text (the last prompt_cache_size are kept); a
+    text model also takes features themselves (an array of that shape, e.g. a streamed cache's).
     Every prompt is checked (a missing or, for a learned table, unknown one raises)."""
-    conds = [self.task.condition_of(p) for p in prompts]
     shape, dtype = self.task.condition_spec()
+    given = {i: p for i, p in enumerate(prompts) if isinstance(p, np.ndarray)}
+    if given and (not self.task.encodes_text or {p.shape for p in given.values()} != {shape}):
+      raise ValueError(f"features given as prompts must be text features of shape {shape}")
+    conds = [p if i in given else self.task.condition_of(p) for i, p in enumerate(prompts)]
     if not self.task.encodes_text:
       return np.asarray(conds, dtype).reshape(len(conds), *shape)
     cache = self._prompt_features
-    new = list(dict.fromkeys(c for c in conds if c not in cache))
+    new = list(dict.fromkeys(c for i, c in enumerate(conds) if i not in given and c not in cache))
     found = dict(zip(new, self.task.encode(self.params, new))) if new else {}
     out = np.zeros((len(conds), *shape), dtype)
     for i, text in enumerate(conds):
-      if text not in found:
+      if i not in given and text not in found:
         cache.move_to_end(text)
-      out[i] = found[text] if text in found else cache[text]
+      out[i] = text if i in given else found[text] if text in found else cache[text]
     for text, features in found.items():
       cache[text] = features
     while len(cache) > self.prompt_cache_size:

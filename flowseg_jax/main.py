@@ -6,6 +6,8 @@ flowseg predict  --workdir DIR --input IMG_OR_DIR --output DIR [--prompt TEXT (p
 flowseg convert  pixnerd --ckpt FILE --out DIR [--weights ema|online] [--model XL/16]
 flowseg convert  dinov2  --ckpt FILE --out DIR
 flowseg export   --workdir DIR --out DIR [--push_to_hub USER/NAME] [--format stablehlo]
+flowseg cache-text --config FILE[:ARG] --split SPLIT [--config.FIELD=VALUE ...]  (prompted runs:
+                 encode a split's sentences into config.input.text_features; resumes when rerun)
 
 `flowseg COMMAND --help` lists a command's flags. evaluate and predict read the config training wrote
 (WORKDIR/config.json); --config is needed only for a workdir without one.
@@ -26,7 +28,7 @@ import ml_collections
 
 from flowseg_jax.run import console
 
-COMMANDS = ("train", "evaluate", "predict", "convert", "export")
+COMMANDS = ("train", "evaluate", "predict", "convert", "export", "cache-text")
 
 OVERRIDES_HELP = """\
 config overrides:
@@ -284,6 +286,40 @@ def _run_convert(argv: list[str]) -> int:
   return dinov2.cli(argv[1:])
 
 
+def _run_cache_text(argv: list[str]) -> int:
+  """`flowseg cache-text`: one split's text-feature cache (tasks.prompts.build_split_features)."""
+  console.setup_logging()
+  rest, overrides = split_overrides(argv)
+  p = argparse.ArgumentParser(
+    prog="flowseg cache-text",
+    description="Encode every sentence of a split with config.prompted.encoder_dir into "
+    "config.input.text_features/SPLIT (chunked; a rerun finishes a stopped build).",
+    epilog=OVERRIDES_HELP,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="the training config")
+  p.add_argument("--split", required=True, help="e.g. the config's train_split or eval_split")
+  p.add_argument("--chunk_size", type=int, default=1024, help="sentences per file and per write")
+  p.add_argument("--batch_size", type=int, default=64, help="sentences per encoder call")
+  p.add_argument("--storage_dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+  args = p.parse_args(rest)
+  config = load_config(args.config, None, overrides, from_workdir=False)
+  from flowseg_jax.tasks import prompts
+
+  try:
+    manifest = prompts.build_split_features(
+      config,
+      args.split,
+      chunk_size=args.chunk_size,
+      storage_dtype=args.storage_dtype,
+      batch_size=args.batch_size,
+    )
+  except (ValueError, FileNotFoundError) as e:  # includes a stale cache (ConfigError)
+    raise UsageError(str(e)) from e
+  print(f"cache-text: {manifest['num_rows']} sentences of {args.split!r} are cached")
+  return 0
+
+
 def train_command(config, workdir: str) -> int:
   """`flowseg train`: the exit status says how the run ended (run.status.EXIT_STATUS)."""
   from flowseg_jax import train
@@ -331,6 +367,8 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
       return e.code if isinstance(e.code, int) else 2
   try:
+    if command == "cache-text":
+      return _run_cache_text(rest)
     return _run_command(command, rest)
   except UsageError as e:
     sys.stderr.write(f"flowseg {command}: error: {e}\n")

@@ -206,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   hosts.check_inputs(config)  # every host sees the data and weights, before anything reads them
   try:  # every check that needs no workdir runs before one is created
     setup = TrainSetup(config)
+    splits = [config.input.train_split] + [config.input.eval_split] * bool(config.eval_every_steps)
+    setup.task.check_inputs(splits)  # e.g. text-feature caches of another encoder
     mesh = sharding.mesh_from_config(config.mesh)
     check_batch_fits_mesh(config, mesh)
   except ValueError as e:

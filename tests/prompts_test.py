@@ -1,4 +1,4 @@
-"""Prompt tokenisation, encoding (against transformers.Qwen3Model) and the on-disk cache."""
+"""Prompt tokenisation, encoding (against transformers.Qwen3Model) and the split feature cache."""
 
 import numpy as np
 import pytest
@@ -47,71 +47,50 @@ def test_embeddings_match_transformers_and_fit_features(encoder_and_hf):
   np.testing.assert_array_equal(prompts.fit_features(emb, 16), emb[..., :16])
 
 
-def test_cache_computes_once_and_refuses_stale(encoder_and_hf, tmp_path, monkeypatch):
-  enc, _ = encoder_and_hf
-  emb, mask = prompts.cached_prompt_embeddings(tmp_path, PROMPTS, enc)
-  files = list(tmp_path.iterdir())
-  assert len(files) == 1 and files[0].name.startswith("prompts-")
-
-  def fail(*_):
-    raise AssertionError("the encoder ran although the cache exists")
-
-  monkeypatch.setattr(prompts.TextEncoder, "__call__", fail)
-  emb2, mask2 = prompts.cached_prompt_embeddings(tmp_path, PROMPTS, enc)
-  np.testing.assert_array_equal(emb2, emb)
-  np.testing.assert_array_equal(mask2, mask)
-  # Another prompt order is another key (another file), never a silent reuse.
-  key = prompts.cache_key(PROMPTS[::-1], enc.identity, enc.max_length, enc.embed_dim)
-  assert not (tmp_path / prompts.cache_path(tmp_path, key)).exists()
-  with pytest.raises(prompts.StalePromptCacheError, match="prompts differ"):
-    prompts.load_prompt_cache(files[0], PROMPTS[:3])
-  with pytest.raises(prompts.StalePromptCacheError, match="encoder"):
-    prompts.load_prompt_cache(files[0], PROMPTS, identity="another encoder")
-  with pytest.raises(prompts.StalePromptCacheError, match="embed_dim 40 != expected 2048"):
-    prompts.load_prompt_cache(files[0], embed_dim=2048)
-
-
-def test_bfloat16_storage_and_identity(encoder_and_hf, tmp_path):
-  enc, _ = encoder_and_hf
-  emb, mask = enc(PROMPTS[:2])
-  path = tmp_path / "c.npz"
-  prompts.save_prompt_cache(
-    path, PROMPTS[:2], emb, mask, identity=enc.identity, storage_dtype="bfloat16"
-  )
-  back, _, cached = prompts.load_prompt_cache(path, PROMPTS[:2], identity=enc.identity)
-  assert cached == PROMPTS[:2] and back.dtype == np.float32
-  np.testing.assert_allclose(back, emb, rtol=1 / 128, atol=1e-6)  # 8-bit mantissa
-  assert 0 < np.abs(back - emb).max()
-  with pytest.raises(ValueError, match="storage_dtype"):
-    prompts.save_prompt_cache(path, PROMPTS[:2], emb, mask, identity="x", storage_dtype="int8")
-
-
-def test_a_cache_model_segments_a_sentence_it_was_not_cached_for(tmp_path):
-  """A model on frozen Qwen3 features encodes a new sentence with its encoder at inference; the
-  prompt list's cache is read only when training needs it, and gives the same features."""
+def test_a_cache_model_trains_on_streamed_features_and_segments_a_new_sentence(tmp_path, capsys):
+  """`flowseg cache-text` encodes a split's prompts with the Qwen3 of encoder_dir into its cache
+  (bfloat16 rows); training batches carry those features; at inference the model encodes a
+  sentence it never saw with the same encoder, and the cached features of a prompt of the list
+  are the encoder's (to bfloat16's precision)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
 
-  from flowseg_jax import defaults, inference, tasks
-  from flowseg_jax.data import synthetic
+  from flowseg_jax import defaults, inference, main, tasks
+  from flowseg_jax.data import pipeline, synthetic
+  from flowseg_jax.data import text_cache as text_cache_lib
 
   qwen3_testutil.make_model_dir(tmp_path / "qwen3")
+  overrides = [
+    "--config.prompted.condition=cache",
+    f"--config.prompted.encoder_dir={tmp_path / 'qwen3'}",
+    f"--config.input.text_features={tmp_path / 'features'}",
+  ]
+  spec = "configs/rlfseg/demo.py:smoke"
+  assert main.run(["cache-text", f"--config={spec}", "--split=train", *overrides]) == 0
+  out = capsys.readouterr().out
+  assert "train: chunk 1/1" in out and "sentences of 'train' are cached" in out
   cfg = defaults.load_config_file("configs/rlfseg/demo.py", "smoke")
-  cfg.prompted.condition = "cache"
-  cfg.prompted.encoder_dir = str(tmp_path / "qwen3")
-  cfg.prompted.cache_dir = str(tmp_path / "cache")
+  main.apply_overrides(cfg, main.split_overrides(overrides)[1])
   task = tasks.create_task(cfg)
+  with pytest.raises(text_cache_lib.StaleFeatureCacheError, match="validation"):
+    task.check_inputs(["train", cfg.input.eval_split])  # not built yet: one line says so
+  task.check_inputs(["train"])
+  want = prompts.TextEncoder.from_pretrained(tmp_path / "qwen3", max_length=8, embed_dim=32)
+  batch = next(pipeline.create_train_iterator(cfg.input, seed=0))
+  texts = [task.prompts[int(p)] for p in batch["prompt"]]
+  np.testing.assert_allclose(batch["text"], want(texts)[0], rtol=1 / 64, atol=1e-2)  # bfloat16
+  assert task.condition(batch) is batch["text"]
   params = nn.unbox(task.model.init(jax.random.key(0), *task.init_inputs((32, 32))))["params"]
   params["t2i"]["final_layer"]["kernel"] += 0.5  # the prompt made to matter
   seg = inference.Segmenter(cfg, params, task=task)
   image = synthetic.make_example(2, num_classes=8, size=(32, 32))[0]
   sentence = "the big dog on the left"
-  mask = seg(image, prompt=sentence)
-  assert mask.shape == (32, 32) and task._features is None  # no prompt-list cache was built
-  want = prompts.TextEncoder.from_pretrained(tmp_path / "qwen3", max_length=8, embed_dim=32)
+  assert seg(image, prompt=sentence).shape == (32, 32)
   np.testing.assert_allclose(seg.conditions([sentence]), want([sentence])[0], atol=1e-6)
   x, t = jnp.zeros((1, 32, 32, 3)), jnp.asarray([0.5])
-  by_id = task.apply(params, x, t, jnp.asarray([3], jnp.int32))  # training's path: the cache
-  assert any((tmp_path / "cache").iterdir())
-  np.testing.assert_allclose(by_id, task.apply(params, x, t, seg.conditions([3])), atol=1e-6)
+  streamed = task.apply(params, x, t, jnp.asarray(batch["text"][:1]))  # training's path
+  encoded = task.apply(params, x, t, seg.conditions([texts[0]]))
+  np.testing.assert_allclose(streamed, encoded, atol=0.05)
+  with pytest.raises(ValueError, match="not prompt ids"):
+    task.apply(params, x, t, jnp.asarray([3], jnp.int32))

@@ -133,3 +133,21 @@ def test_target_presets_of_the_paper_configs():
   assert ade.mesh.fsdp == 1
   with pytest.raises(ValueError, match="target='tpu-9' is not one of"):
     defaults.load_config_file(path, "stage=1,target=tpu-9")
+
+
+def test_a_prompted_cache_config_plans_with_streamed_features_in_its_batch():
+  """RefCOCO's 'cache' model: the planned step's batch carries the examples' text features (no
+  table of sentences anywhere, no refs file read), the sampler takes features, and the T2I model
+  gets the config's remat policy."""
+  config = defaults.load_config_file("configs/rlfseg/refcoco.py", "target=v5e-8")
+  config.prompted.variant = "tiny"
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  setup, state, shardings, batch, _ = abstract_inputs.train_step_inputs(config, mesh, rules)
+  assert batch["text"].shape == (32, 8, 32) and "prompt" not in batch
+  assert setup.task.model.t2i.remat_policy == "full" and setup.task.model.num_prompts == 0
+  _, conds = abstract_inputs.sampler_inputs(config, mesh, setup.task)
+  assert conds.shape == (8, 8, 32) and conds.dtype == np.float32
+  step = train_step.compile_train_step(setup, mesh, shardings)
+  with jax.set_mesh(mesh):
+    step.lower(state, batch, None)  # traces with the streamed features as the condition

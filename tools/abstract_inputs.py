@@ -32,6 +32,8 @@ def train_step_inputs(config, mesh, rules):
     "label": jax.ShapeDtypeStruct((b, h, w), jnp.int32, sharding=data),
     "image_hw": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=data),
   }
+  for key, (shape, dtype) in setup.task.condition_batch_spec(b).items():  # ids or text features
+    batch[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=data)
   teacher_params = None
   if teacher is not None:
     repl = sharding.replicated(mesh)
@@ -41,11 +43,13 @@ def train_step_inputs(config, mesh, rules):
   return setup, state, shardings, batch, teacher_params
 
 
-def sampler_inputs(config, mesh) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-  """(images float32 (B, H, W, 3), conditions int32 (B,)) of one sampler call:
-  `config.eval.batch_per_device` images per device, what evaluation and `Segmenter` run per call."""
+def sampler_inputs(config, mesh, task) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """(images float32 (B, H, W, 3), conditions (B, *task.condition_spec()): ids or a text model's
+  features) of one sampler call: `config.eval.batch_per_device` images per device, what
+  evaluation and `Segmenter` run per call."""
   b = config.eval.batch_per_device * mesh.size
   h, w = tuple(config.input.image_size)
   data = sharding.batch_sharding(mesh)
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data)
-  return images, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)
+  shape, dtype = task.condition_spec()
+  return images, jax.ShapeDtypeStruct((b, *shape), dtype, sharding=data)

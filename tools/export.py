@@ -93,7 +93,7 @@ def _export_programs(config, platforms, *, mesh, out_dir) -> dict:
   mesh = mesh or sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   rules = sharding.rules_from_config(config.sharding_rules)
   setup, state, shardings, batch, teacher = abstract_inputs.train_step_inputs(config, mesh, rules)
-  images, conds = abstract_inputs.sampler_inputs(config, mesh)
+  images, conds = abstract_inputs.sampler_inputs(config, mesh, setup.task)
   sampler = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
   programs = {
     "train_step": (train_step.compile_train_step(setup, mesh, shardings), (state, batch, teacher)),

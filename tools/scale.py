@@ -101,13 +101,13 @@ def plan_train_step(config, mesh, rules) -> dict:
     compiled = jitted.lower(state, batch, teacher_params).compile()
     compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
-  arch = setup.task.model.arch_config()
+  arch = setup.task.architecture()
   return (
     {
       "compile_s": compile_s,
       "memory": _memory(compiled),
       "xla_flops": flops.xla_flops(compiled),
-      "model_flops": flops.train_step_flops(arch, b, h, w) / mesh.size,
+      "model_flops": _model_flops(arch, 3 * b, h, w, mesh.size),
       "collective_bytes": hlo_counts.collective_bytes(hlo),
       "fused_attention": hlo_counts.fused_attention_calls(hlo),
       "num_params": sum(int(a.size) for a in jax.tree.leaves(state.params)),
@@ -115,6 +115,16 @@ def plan_train_step(config, mesh, rules) -> dict:
     setup,
     state,
   )
+
+
+def _model_flops(arch: dict, passes: int, h: int, w: int, n: int) -> float | None:
+  """Matmul FLOPs per device of `passes` image forwards (training: 3 per image); None for a model
+  `benchmarks.flops` has no formula for (PixNerd-T2I: XLA's count stands alone)."""
+  from benchmarks import flops
+
+  if "num_cond_blocks" not in arch:
+    return None
+  return passes * flops.pixnerd_forward_flops(arch, 1, h, w)["total"] / n
 
 
 def plan_sampler(config, setup, state, mesh, rules) -> dict:
@@ -127,7 +137,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
   from tools import abstract_inputs
 
   n = mesh.size
-  images, conds = abstract_inputs.sampler_inputs(config, mesh)
+  images, conds = abstract_inputs.sampler_inputs(config, mesh, setup.task)
   b, h, w, _ = images.shape
   # Built outside the mesh context: its centroid table is then made on the host's default device
   # (under the mesh it would be placed on the mesh, whose devices may be compile-only).
@@ -136,7 +146,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
     start = time.perf_counter()
     compiled = fn.lower(state.ema_params["denoiser"], images, conds).compile()
     compile_s = time.perf_counter() - start
-  arch = setup.task.model.arch_config()
+  arch = setup.task.architecture()
   steps = config.eval.num_steps
   return {
     "batch": b,
@@ -144,7 +154,7 @@ def plan_sampler(config, setup, state, mesh, rules) -> dict:
     "compile_s": compile_s,
     "memory": _memory(compiled),
     "xla_flops": flops.xla_flops(compiled),
-    "model_flops": steps * flops.pixnerd_forward_flops(arch, b, h, w)["total"] / n,
+    "model_flops": _model_flops(arch, steps * b, h, w, n),
     "collective_bytes": hlo_counts.collective_bytes(compiled.as_text()),
   }
 
@@ -189,7 +199,9 @@ def plan_devices(
         image_size=list(config.input.image_size),
         grad_accum_steps=config.optim.grad_accum_steps,
         repa=bool(config.repa.enabled),
-        variant=config.model.variant,
+        variant=config.prompted.variant
+        if config.get("task") == "prompted"
+        else config.model.variant,
         dtype=config.model.dtype,
       )
       mesh = sharding.make_mesh(n // fsdp, fsdp, devices)
@@ -199,7 +211,13 @@ def plan_devices(
         row["error"] = str(e)
         continue
       rules = sharding.rules_from_config(config.sharding_rules)
-      row["train"], setup, state = plan_train_step(config, mesh, rules)
+      try:
+        row["train"], setup, state = plan_train_step(config, mesh, rules)
+      except Exception as e:  # the TPU compiler refuses a program that cannot fit: a row
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        row["error"] = str(e).strip().splitlines()[0][:300]
+        continue
       peak = row["train"]["memory"]["peak_bytes"]
       if device_gib is None:  # host devices: judged against every target
         row["fits"] = {t: fit(peak, c) for t, c in TARGETS.items()}
@@ -285,7 +303,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
       "out": _gib(m["output_bytes"] - (m["alias_bytes"] or 0)),
       "temp": _gib(m["temp_bytes"]),
       "peak": _gib(m["peak_bytes"]),
-      "tflop": f"{t['model_flops'] / 1e12:.2f}",
+      "tflop": "–" if t["model_flops"] is None else f"{t['model_flops'] / 1e12:.2f}",
       "xla_tflop": "–" if t["xla_flops"] is None else f"{t['xla_flops'] / 1e12:.2f}",
       "ag": _gib(coll.get("all-gather", 0)),
       "rs": _gib(coll.get("reduce-scatter", 0)),

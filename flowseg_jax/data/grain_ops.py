@@ -73,9 +73,12 @@ class LoadTrainExample(grain.transforms.RandomMap):
 
 
 def _with_prompt(ex: dict, record: dict) -> dict:
-  """Prompted records carry the example's prompt id through (data.prompted)."""
+  """Prompted records carry the example's prompt id through (data.prompted), and its text
+  features float32 (T, D) when they are streamed from a cache (data.text_cache)."""
   if "prompt" in record:
     ex["prompt"] = np.int32(record["prompt"])
+  if "text" in record:
+    ex["text"] = np.asarray(record["text"], np.float32)
   return ex
 
 

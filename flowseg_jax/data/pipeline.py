@@ -17,6 +17,9 @@ processes have consumed exactly the global examples [start, start + n * global_b
 position from which an iterator for another process count continues (elastic resume). Batches are dicts of NumPy arrays:
   image        float32 (B_local, H, W, 3) in [-1, 1]
   label        int32   (B_local, H, W), 255 = ignore
+  prompt       int32   (B_local,) prompted datasets: each example's sentence (prompt) id
+  text         float32 (B_local, T, D) with `text_features`: those sentences' encoder features,
+               read per example from the split's cache on disk (`data.text_cache`)
   num_skipped  int32   () bad examples this process skipped while filling this batch (always 0
                in 'raise' mode). It travels with the batch, so it reaches the main process also
                from grain worker processes. Pop it before turning the batch into global arrays;
@@ -50,6 +53,7 @@ from flowseg_jax.data import (
   refcoco_source,
   sources,
   synthetic,
+  text_cache,
 )
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
@@ -104,6 +108,10 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.preflight = True
   # COCO-Stuff raw folder: 'raw' stuffthingmaps <id>.png, or 'train_ids' <id>_labelTrainIds.png.
   c.coco_stuff_labels = "raw"
+  # Prompted datasets: folder of per-split text-feature caches (`flowseg cache-text`, one
+  # subfolder per split); each example then carries its sentence's features ('text'), read from
+  # disk by the loader (data.text_cache). None: no features in the batch.
+  c.text_features = ml_collections.FieldReference(None, field_type=str)
   c.folder = folder.default_folder_config()  # dataset 'folder' (data.folder)
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.num_classes = 150
@@ -182,7 +190,31 @@ def dataset_palette(cfg: ml_collections.ConfigDict) -> np.ndarray | None:
 
 def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
   """Returns (random-access source, label map) for a split; prompted examples (binary masks, a
-  'prompt' id) when `cfg.prompted` is set (see `data.prompted`)."""
+  'prompt' id) when `cfg.prompted` is set (see `data.prompted`), each with its text features
+  when `cfg.text_features` names their caches."""
+  src, label_map = _make_prompted_source(cfg, split, prepare)
+  if cfg.get("text_features"):
+    features = text_cache.SplitFeatures(text_cache.split_dir(cfg.text_features, split))
+    features.check(*_sentences(cfg, src), split)
+    src = text_cache.WithTextFeatures(src, features)
+  return src, label_map
+
+
+def split_sentences(cfg: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, list[str]]:
+  """(distinct sentence ids int64 ascending, their sentences) of a prompted split: what its text
+  feature cache holds (`flowseg cache-text`)."""
+  return _sentences(cfg, _make_prompted_source(cfg, split, prepare=False)[0])
+
+
+def _sentences(cfg, src) -> tuple[np.ndarray, list[str]]:
+  if not hasattr(src, "prompt_ids"):
+    raise ValueError(f"config.input.text_features: {cfg.dataset!r} examples carry no prompts")
+  keys = np.unique(src.prompt_ids())
+  texts = prompt_list(cfg)
+  return keys, [texts[k] for k in keys]
+
+
+def _make_prompted_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
   if cfg.dataset == "refcoco":
     r = _refcoco_config(cfg)
     src = refcoco_source.RefCocoSource(r.refs_json, r.instances_json, r.image_dir, split)
@@ -454,12 +486,12 @@ def check_eval_examples(
 
 def num_eval_examples(cfg: ml_collections.ConfigDict) -> int:
   """Total number of eval examples over all processes (before skipping bad ones)."""
-  return len(_make_source(cfg, cfg.eval_split, prepare=False)[0])
+  return len(_make_prompted_source(cfg, cfg.eval_split, prepare=False)[0])
 
 
 def num_train_examples(cfg: ml_collections.ConfigDict) -> int:
   """Number of training examples (one epoch, all processes)."""
-  return len(_make_source(cfg, cfg.train_split, prepare=False)[0])
+  return len(_make_prompted_source(cfg, cfg.train_split, prepare=False)[0])
 
 
 def check_split(

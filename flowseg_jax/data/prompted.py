@@ -141,6 +141,12 @@ class PromptedSource:
     """int64 (len,): the base example of every record (records of one image are contiguous)."""
     return self.index[:, 0]
 
+  def prompt_ids(self) -> np.ndarray:
+    """int64 (len,): each record's 'prompt' id, without reading an annotation."""
+    i, c = self.index[:, 0], self.index[:, 1]
+    templates = np.asarray(self.phrasings, np.int64)[(i + c) % len(self.phrasings)]
+    return templates * self.num_classes + c
+
   def __getitem__(self, index: int) -> dict:
     i, c = (int(v) for v in self.index[int(index)])
     record = self.base[i]

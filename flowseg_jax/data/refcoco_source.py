@@ -107,22 +107,28 @@ class RefCocoSource:
       instances = json.load(f)
     self.images = {im["id"]: im for im in instances["images"]}
     self.anns = {a["id"]: a for a in instances["annotations"]}
-    self.examples = []
+    examples = []
     sid = 0
     for ref in refs:
       for _ in ref["sentences"]:
         if ref["split"] == self.split:
-          self.examples.append((ref["ann_id"], ref["image_id"], sid, ref["ref_id"]))
+          examples.append((ref["ann_id"], ref["image_id"], sid, ref["ref_id"]))
         sid += 1
-    if not self.examples:
+    # (ann_id, image_id, sentence id, ref_id) int64 rows: 32 bytes a sentence, not a tuple's ~150
+    self.examples = np.asarray(examples, np.int64).reshape(-1, 4)
+    if not len(self.examples):
       splits = sorted({r["split"] for r in refs})
       raise ValueError(f"{self.refs_json}: no sentences in split {self.split!r} (splits: {splits})")
 
   def __len__(self) -> int:
     return len(self.examples)
 
+  def prompt_ids(self) -> np.ndarray:
+    """int64 (len,): each record's 'prompt' (its sentence id: the index in `prompts(refs)`)."""
+    return self.examples[:, 2].copy()
+
   def __getitem__(self, index: int) -> dict:
-    ann_id, image_id, sid, ref_id = self.examples[int(index)]
+    ann_id, image_id, sid, ref_id = (int(v) for v in self.examples[int(index)])
     image = self.images[image_id]
     h, w = int(image["height"]), int(image["width"])
     mask = annotation_mask(self.anns[ann_id]["segmentation"], h, w)

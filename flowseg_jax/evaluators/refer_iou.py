@@ -46,6 +46,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from flowseg_jax.centroids import IGNORE_LABEL
+from flowseg_jax.data import text_cache
 from flowseg_jax.evaluators import common
 
 PREC_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -274,7 +275,13 @@ class ReferIouEvaluator(common.Evaluator):
   def run(self, settings: dict) -> dict:
     seg = self.segmenter
     dataset, examples, _ = common.local_examples(self.config)
-    examples = list(examples)
+    # Streamed text features (data.text_cache) are the conditions themselves, read again from the
+    # split's cache as each example is scored: all of them would not fit (RefCOCO val ~10 GiB).
+    examples = [{k: v for k, v in ex.items() if k != "text"} for ex in examples]
+    streamed = None
+    if self.config.input.get("text_features") and seg.task.encodes_text:
+      root, split = self.config.input.text_features, self.config.input.eval_split
+      streamed = text_cache.SplitFeatures(text_cache.split_dir(root, split)).features
     targets = [ex["label"][None] for ex in examples]
     ids = [int(ex["prompt"]) for ex in examples]
     confusion = [PromptConfusion.empty(len(seg.prompts))]
@@ -296,7 +303,7 @@ class ReferIouEvaluator(common.Evaluator):
       if image is not None:
         group.append((ids[i], pred, targets[i]))
 
-    model, dts = self._score(examples, ids, targets, settings, on_prediction)
+    model, dts = self._score(examples, ids, targets, settings, on_prediction, streamed)
     flush()
     background = PromptedIoU.empty()
     for target in targets:
@@ -307,7 +314,8 @@ class ReferIouEvaluator(common.Evaluator):
     base = _summed(background).compute()
     result["baseline_giou"], result["baseline_ciou"] = base["giou"], base["ciou"]
     if bool(self.config.prompted.get("eval_wrong_prompt", False)):
-      wrong, _ = self._score(examples, wrong_prompts(ids, len(seg.prompts)), targets, settings)
+      wrong_ids = wrong_prompts(ids, len(seg.prompts))  # other examples' sentences
+      wrong, _ = self._score(examples, wrong_ids, targets, settings, streamed=streamed)
       wrong = _summed(wrong).compute()
       result["wrong_giou"], result["wrong_ciou"] = wrong["giou"], wrong["ciou"]
     dt_sum = common.sum_over_processes(np.asarray([np.sum(dts), len(dts)], np.float64))
@@ -316,14 +324,16 @@ class ReferIouEvaluator(common.Evaluator):
     result.update(common.sum_over_processes(confusion[0]).compute(seg.prompts))
     return result
 
-  def _score(self, examples, ids, targets, settings, on_prediction=None):
-    """(PromptedIoU of this process's predictions for prompts `ids`, the step sizes);
-    on_prediction(example index, int32 (H, W) prediction) sees each prediction in order."""
-    items = [(i, ex["image_orig"], int(p)) for i, (ex, p) in enumerate(zip(examples, ids))]
+  def _score(self, examples, ids, targets, settings, on_prediction=None, streamed=None):
+    """(PromptedIoU of this process's predictions for prompts `ids` (`streamed(id)`: their
+    features, read as they are needed), the step sizes); on_prediction(example index, int32
+    (H, W) prediction) sees each prediction in order."""
+    conds = (streamed(int(p)) if streamed else int(p) for p in ids)
+    items = ((i, ex["image_orig"], c) for i, (ex, c) in enumerate(zip(examples, conds)))
     metric, dts = PromptedIoU.empty(), []
     stream = self.segmenter.segment_stream(
       items,
-      len(items),
+      len(examples),
       num_steps=settings["num_steps"],
       mode="whole",
       adaptive=settings["adaptive_one_step"],

@@ -108,7 +108,7 @@ def initialize(args: argparse.Namespace) -> None:
 def input_paths(config) -> dict[str, str]:
   """What each host reads: {config field: path}, for the fields that are set."""
   paths = {}
-  fields = ["input.data_dir", "init_from", "model_init"]
+  fields = ["input.data_dir", "input.text_features", "init_from", "model_init"]
   if config.repa.enabled:
     fields.append("repa.teacher_dir")
   prompted = config.get("prompted")
@@ -182,7 +182,8 @@ SHM_DIR = "/dev/shm"
 
 def shm_needed(config) -> int:
   """Bytes of shared memory grain's worker processes hold at once: each keeps prefetch_buffer + 1
-  of this host's batches (uint8 image, int32 label) in /dev/shm on their way to the trainer."""
+  of this host's batches (uint8 image, int32 label, float32 text features when streamed) in
+  /dev/shm on their way to the trainer."""
   import jax
 
   cfg = config.input
@@ -191,8 +192,18 @@ def shm_needed(config) -> int:
     return 0
   h, w = (int(s) for s in cfg.image_size)
   local_batch = -(-int(cfg.batch_size) // jax.process_count())
-  batch_bytes = local_batch * (h * w * (3 + 4) + 8)
+  batch_bytes = local_batch * (h * w * (3 + 4) + 8 + _text_bytes(config))
   return workers * (max(1, int(cfg.get("prefetch_buffer", 1))) + 1) * batch_bytes
+
+
+def _text_bytes(config) -> int:
+  """float32 bytes of one example's streamed text features (config.input.text_features)."""
+  if not config.input.get("text_features") or config.get("prompted") is None:
+    return 0
+  from flowseg_jax.models import pixnerd_t2i
+
+  arch = {**pixnerd_t2i.VARIANTS[config.prompted.variant], **config.prompted.overrides}
+  return 4 * int(arch["text_length"]) * int(arch["text_dim"])
 
 
 def shm_free_bytes() -> int | None:

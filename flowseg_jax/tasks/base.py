@@ -97,6 +97,17 @@ class Task(abc.ABC):
   def condition(self, batch) -> jax.Array:
     """int32 (B,): each training example's condition (class label or prompt id)."""
 
+  def condition_batch_spec(self, batch_size: int) -> dict:
+    """{key: (shape, dtype)} of what a training batch carries for `condition` besides the image
+    and label (prompt ids, streamed text features); none by default."""
+    del batch_size
+    return {}
+
+  def check_inputs(self, splits) -> None:
+    """Raises ValueError (one line) when what the splits' batches will carry does not suit this
+    model (e.g. a prompted model's text-feature caches); nothing to check by default."""
+    del splits
+
   @abc.abstractmethod
   def condition_of(self, prompt) -> int:
     """The condition inference passes for one image given the user's `prompt` argument."""

@@ -6,13 +6,15 @@ int32 (B,) ids into the task's prompt list. The network sees text features (B, T
 prompt, from
   'table': a learned (num_prompts, T, Dt) embedding table, one entry per prompt (the CPU demo: no
     language model, so only the prompts of the list: `condition_of` refuses any other),
-  'cache': frozen Qwen3 last hidden states, computed once per prompt set through
-    `prompts.cached_prompt_embeddings` and kept as a non-trained constant (RefCOCO), or
+  'cache': frozen Qwen3 last hidden states, encoded once per split into an on-disk cache
+    (`flowseg cache-text`, `data.text_cache`) and streamed with the batch: each example's
+    features arrive as `batch['text']` float32 (B, T, Dt); no table of the dataset's sentences is
+    ever placed on a device (RefCOCO: ~142k sentences x 1 MiB), or
   'text': a small Qwen3 (`config.prompted.text`) over a word-level tokenizer built in code,
     trained with the denoiser (its weights are checkpointed with it).
 A text model ('cache', 'text') segments any sentence at inference: `condition_of` passes the text
 through and `encode` turns texts into features with the model's own encoder (the Segmenter caches
-them); training never runs the 'cache' encoder per step.
+them); training never runs the 'cache' encoder.
 Metrics gIoU / cIoU (`evaluators.refer_iou`). The flow is FlowSeg's with two centroids; this module
 adds what RLFSeg adds, as pure jit-able functions. RLFSeg's paper gives no equations for either;
 these are our definitions.
@@ -154,38 +156,31 @@ class PromptedTask(base.Task):
       raise ValueError(
         f"config.prompted.condition must be one of {CONDITIONS}, got {cfg.condition!r}"
       )
-    if vocabulary is None:
-      self.prompts = list(pipeline.prompt_list(config.input) or [])
-    else:
-      self.prompts = list(vocabulary.prompts)
-    if not self.prompts:
-      raise ValueError("the prompted task needs its prompt list (config.input.prompted)")
+    self.condition_kind = cfg.condition
+    self._prompts = None if vocabulary is None else list(vocabulary.prompts)
+    if self._prompts is None and cfg.condition != "cache":
+      self._prompts = list(pipeline.prompt_list(config.input) or [])
+      if not self._prompts:
+        raise ValueError("the prompted task needs its prompt list (config.input.prompted)")
     t2i = pixnerd_t2i.make_model(
       cfg.variant,
       **cfg.overrides.to_dict(),
       dtype=models.DTYPES[config.model.dtype],
+      remat_policy=config.model.remat_policy,  # e.g. RefCOCO's 'full': the 1.2B model at 512²
+      attention_impl=config.model.attention_impl,
     )
     depth = t2i.num_encoder_blocks + t2i.num_decoder_blocks + t2i.num_text_blocks
     t2i = t2i.clone(scan_blocks=models.resolve_scan_blocks(config.model.scan_blocks, depth))
     t2i.check_config()
     self._t2i = t2i
-    self.condition_kind = cfg.condition
-    self._features = None  # 'cache': the prompt list's features, read when training needs them
-    self._encoder = None  # 'cache': the Qwen3 encoder, loaded when first needed
+    # 'cache': a model folder's stored features of its prompt list (host memory; training reads
+    # the streamed split caches instead and has none).
+    self._features = None
+    if cfg.condition == "cache" and vocabulary is not None:
+      self._features = vocabulary.prompt_features
+    self._encoder = None  # 'cache': the Qwen3 encoder, loaded when a new prompt needs it
     self.tokens = None  # 'text': (token ids, mask) int32 (num_prompts, T) of the prompt list
     text_encoder = None
-    if cfg.condition == "cache" and vocabulary is not None:  # a model folder's stored features
-      if vocabulary.prompt_features is not None:
-        self._features = jnp.asarray(vocabulary.prompt_features)
-    if (
-      cfg.condition == "cache"
-      and self._features is None
-      and (not cfg.encoder_dir or not cfg.cache_dir)
-    ):
-      raise ValueError(
-        "config.prompted.condition='cache' needs config.prompted.encoder_dir (a Qwen3 Hugging "
-        "Face directory) and config.prompted.cache_dir"
-      )
     if cfg.condition == "text":
       text_encoder = self._builtin = self._builtin_encoder(t2i)
       self.tokens = self._text_encoder(None).tokenize(self.prompts)
@@ -226,16 +221,30 @@ class PromptedTask(base.Task):
     return self._encoder
 
   @property
+  def prompts(self) -> list[str]:
+    """The prompt texts (index = prompt id): the vocabulary's, else the dataset's, read when first
+    needed ('cache' training streams features by id and never needs the texts)."""
+    if self._prompts is None:
+      self._prompts = list(pipeline.prompt_list(self.config.input) or [])
+    return self._prompts
+
+  @property
   def features(self):
-    """'cache': the prompt list's features (num_prompts, T, Dt), computed or read once."""
+    """'cache' model folders: the stored features of the prompt list (N, T, Dt), on the host."""
+    return self._features
+
+  def check_inputs(self, splits) -> None:
+    """'cache': each split's feature cache is complete and was built by config.prompted.encoder_dir
+    (when set) at the T2I model's (text_length, text_dim) (`data.text_cache.check_caches`)."""
+    if self.condition_kind != "cache":
+      return
+    from flowseg_jax.data import text_cache
     from flowseg_jax.tasks import prompts as prompts_lib
 
-    if self._features is None and self.condition_kind == "cache":
-      features, _ = prompts_lib.cached_prompt_embeddings(
-        self.config.prompted.cache_dir, self.prompts, self._text_encoder(None)
-      )
-      self._features = jnp.asarray(features)
-    return self._features
+    expect = {"max_length": self._t2i.text_length, "embed_dim": self._t2i.text_dim}
+    if self.config.prompted.encoder_dir:
+      expect["encoder"] = prompts_lib.encoder_identity(self.config.prompted.encoder_dir)
+    text_cache.check_caches(self.config.input.get("text_features"), splits, expect)
 
   @property
   def encodes_text(self) -> bool:
@@ -255,11 +264,10 @@ class PromptedTask(base.Task):
     if not self.encodes_text:
       raise ValueError("a learned-table model has no text encoder (condition='table')")
     prompts = list(prompts)
-    if self._features is not None:
-      known = [p in self.prompts for p in prompts]
-      if all(known):
-        rows = [self.prompts.index(p) for p in prompts]
-        return np.asarray(jnp.take(self._features, np.asarray(rows, np.int32), axis=0))
+    if self._features is not None and all(p in self.prompts for p in prompts):
+      return np.asarray(self._features)[[self.prompts.index(p) for p in prompts]]
+    if self.condition_kind == "cache" and not self.config.prompted.encoder_dir:
+      raise ValueError("encoding a prompt needs the Qwen3 encoder: set config.prompted.encoder_dir")
     features, _ = self._text_encoder(params)(prompts)
     return features
 
@@ -297,7 +305,21 @@ class PromptedTask(base.Task):
     return norm[key]
 
   def condition(self, batch):
+    """'cache': the streamed features float32 (B, T, Dt); else the prompt ids int32 (B,)."""
+    if self.condition_kind == "cache":
+      if "text" not in batch:
+        raise ValueError(
+          "condition='cache' trains on streamed text features: set config.input.text_features "
+          "to the folder `flowseg cache-text` built"
+        )
+      return batch["text"]
     return batch["prompt"]
+
+  def condition_batch_spec(self, batch_size: int) -> dict:
+    """{key: (shape, dtype)} of the condition a training batch carries (`condition`)."""
+    if self.condition_kind == "cache":
+      return {"text": ((batch_size, *self.condition_spec()[0]), np.float32)}
+    return {"prompt": ((batch_size,), np.int32)}
 
   def pretrained_params(self, path: str):
     """The official PixNerd-T2I checkpoint's EMA weights."""
@@ -339,8 +361,8 @@ class PromptedTask(base.Task):
       raise ValueError(f"the prompted task does not support {sorted(kw)} (e.g. REPA)")
     if jnp.issubdtype(jnp.result_type(cond), jnp.integer):
       if self.condition_kind == "cache":
-        cond = jnp.take(self.features, cond, axis=0)
-      elif self.condition_kind == "text":
+        raise ValueError("condition='cache' takes text features (B, T, Dt), not prompt ids")
+      if self.condition_kind == "text":
         ids, mask = (jnp.take(jnp.asarray(a), cond, axis=0) for a in self.tokens)
         cond = (ids, mask)
     return self.model.apply({"params": params}, x, t, cond)

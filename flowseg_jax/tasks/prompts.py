@@ -1,4 +1,4 @@
-"""Prompt embeddings for PixNerd-T2I: tokenise, run the Qwen3 text encoder once, cache on disk.
+"""Prompt embeddings for PixNerd-T2I: tokenise, run the Qwen3 text encoder, cache a split on disk.
 
 PixNerd-T2I's condition is the Qwen3 last hidden state over exactly `max_length` tokens (128):
 prompts are tokenised without special tokens, cut to 128 tokens and right-padded with the pad
@@ -6,11 +6,9 @@ token to 128 (attention mask 0 on the padding), encoded, and the features padded
 cut to `embed_dim` (2048), as the official conditioner does. Padded positions keep the values the
 encoder computes there (the T2I model attends to them; they are not zeroed).
 
-Training never runs the language model per step: `cached_prompt_embeddings` computes the
-embeddings of a prompt set once and stores them in `<cache_dir>/prompts-<key>.npz`, where the key
-hashes the prompts, the encoder's identity and the shaping parameters. `load_prompt_cache`
-refuses (`StalePromptCacheError`, saying what differs) a file made for other prompts, another
-encoder or other shapes.
+Training never runs the language model: `build_split_features` (the `flowseg cache-text` command)
+encodes a split's sentences once into its on-disk cache (`data.text_cache`), from which the data
+loader reads each example's features.
 
 A small encoder for CPU work (`condition='text'`): `word_tokenizer` builds a word-level
 `tokenizers.Tokenizer` in code from a vocabulary list (no download; the same list gives the same
@@ -23,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -35,16 +32,10 @@ import numpy as np
 
 from flowseg_jax import storage
 
-CACHE_FORMAT = 1
 TEXT_LENGTH = 128
 TEXT_DIM = 2048
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _DEFAULT_PAD = "<|endoftext|>"  # Qwen3's pad token
 WORD_PAD, WORD_UNK = "[PAD]", "[UNK]"  # ids 0 and 1 of `word_tokenizer`
-
-
-class StalePromptCacheError(ValueError):
-  """A prompt cache made for other prompts, another encoder or other shapes."""
 
 
 @dataclasses.dataclass
@@ -203,139 +194,37 @@ def encoder_identity(path: str | os.PathLike) -> str:
   return h.hexdigest()
 
 
-def cache_key(prompts: Sequence[str], identity: str, max_length: int, embed_dim: int) -> str:
-  """sha256 of the prompt list (order matters), encoder identity and shapes."""
-  payload = json.dumps(
-    dict(
-      format=CACHE_FORMAT,
-      prompts=list(prompts),
-      encoder=identity,
-      max_length=max_length,
-      embed_dim=embed_dim,
-    ),
-    ensure_ascii=False,
-  )
-  return hashlib.sha256(payload.encode()).hexdigest()
+def build_split_features(
+  config, split: str, *, chunk_size: int = 1024, storage_dtype: str = "bfloat16", **kw
+) -> dict:
+  """Encodes every sentence of `split` of `config.input` with the Qwen3 of
+  `config.prompted.encoder_dir` into `<config.input.text_features>/<split>/` (`data.text_cache.build`:
+  chunked, with progress, resuming a stopped build); shapes are the T2I model's (text_length,
+  text_dim). `kw`: batch_size (sentences per encoder call), log, after_chunk. Returns the manifest."""
+  from flowseg_jax.data import pipeline, text_cache
+  from flowseg_jax.models import pixnerd_t2i
 
-
-def cache_path(cache_dir: str | os.PathLike, key: str) -> str:
-  return storage.join(os.fspath(cache_dir), f"prompts-{key[:24]}.npz")
-
-
-def save_prompt_cache(
-  path: str | os.PathLike,
-  prompts: Sequence[str],
-  embeddings: np.ndarray,
-  mask: np.ndarray,
-  *,
-  identity: str,
-  storage_dtype: str = "float32",
-) -> None:
-  """Writes the cache atomically (storage.write_atomic: local or e.g. gs://)."""
-  if storage_dtype not in STORAGE_DTYPES:
-    raise ValueError(f"storage_dtype={storage_dtype!r}; expected one of {STORAGE_DTYPES}.")
-  n, length, dim = embeddings.shape
-  if len(prompts) != n or mask.shape != (n, length):
+  cfg = config.prompted
+  if not config.input.get("text_features") or not cfg.encoder_dir:
     raise ValueError(
-      f"{len(prompts)} prompts, embeddings {embeddings.shape}, mask {mask.shape} do not agree."
+      "building text features needs config.input.text_features (the cache folder) and "
+      "config.prompted.encoder_dir (a Qwen3 Hugging Face directory)"
     )
-  stored = np.asarray(jnp.asarray(embeddings).astype(storage_dtype))
-  if storage_dtype == "bfloat16":  # .npz has no bfloat16: keep the bits
-    stored = stored.view(np.uint16)
-  meta = dict(
-    format=CACHE_FORMAT,
-    key=cache_key(prompts, identity, length, dim),
-    encoder=identity,
-    max_length=length,
-    embed_dim=dim,
+  t2i = pixnerd_t2i.make_model(cfg.variant, **cfg.overrides.to_dict())
+  encoder = TextEncoder.from_pretrained(
+    cfg.encoder_dir,
+    max_length=t2i.text_length,
+    embed_dim=t2i.text_dim,
+    batch_size=int(kw.pop("batch_size", 64)),
+  )
+  keys, sentences = pipeline.split_sentences(config.input, split)
+  return text_cache.build(
+    text_cache.split_dir(config.input.text_features, split),
+    keys,
+    sentences,
+    encoder,
+    split=split,
+    chunk_size=chunk_size,
     storage_dtype=storage_dtype,
+    **kw,
   )
-  storage.path(path).parent.mkdir(parents=True, exist_ok=True)
-  buffer = io.BytesIO()
-  np.savez(
-    buffer,
-    embeddings=stored,
-    mask=mask.astype(np.int8),
-    prompts=np.asarray(list(prompts), dtype=str),
-    meta=np.asarray(json.dumps(meta)),
-  )
-  storage.write_atomic(path, buffer.getvalue())
-
-
-def load_prompt_cache(
-  path: str | os.PathLike,
-  prompts: Sequence[str] | None = None,
-  *,
-  identity: str | None = None,
-  max_length: int | None = None,
-  embed_dim: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """Reads a cache: (embeddings float32 (N, L, D), mask int32 (N, L), prompts).
-
-  Every expectation given (prompts, encoder identity, shapes) is checked.
-
-  Raises:
-    FileNotFoundError: no such file.
-    StalePromptCacheError: the file was made for other prompts / encoder / shapes.
-  """
-  path = os.fspath(path)
-  if not storage.path(path).is_file():
-    raise FileNotFoundError(f"Prompt cache {path} does not exist.")
-  with np.load(io.BytesIO(storage.path(path).read_bytes()), allow_pickle=False) as f:
-    meta = json.loads(str(f["meta"]))
-    stored, mask, cached = (
-      f["embeddings"],
-      f["mask"].astype(np.int32),
-      [str(p) for p in f["prompts"]],
-    )
-  if meta.get("format") != CACHE_FORMAT:
-    raise StalePromptCacheError(
-      f"{path}: cache format {meta.get('format')}, expected {CACHE_FORMAT}."
-    )
-  problems = []
-  if identity is not None and meta["encoder"] != identity:
-    problems.append(f"encoder {meta['encoder'][:16]}… != expected {identity[:16]}…")
-  for name, want in (("max_length", max_length), ("embed_dim", embed_dim)):
-    if want is not None and meta[name] != want:
-      problems.append(f"{name} {meta[name]} != expected {want}")
-  if prompts is not None and list(prompts) != cached:
-    diff = next((i for i, (a, b) in enumerate(zip(prompts, cached)) if a != b), None)
-    where = f"first difference at index {diff}" if diff is not None else "different lengths"
-    problems.append(f"prompts differ ({len(cached)} cached vs {len(prompts)} asked; {where})")
-  if problems:
-    raise StalePromptCacheError(
-      f"Stale prompt cache {path}: " + "; ".join(problems) + ". Delete it or rebuild it."
-    )
-  if meta["key"] != cache_key(cached, meta["encoder"], meta["max_length"], meta["embed_dim"]):
-    raise StalePromptCacheError(f"{path}: its key does not match its contents (edited file?).")
-  if meta["storage_dtype"] == "bfloat16":
-    stored = stored.view(jnp.bfloat16)
-  return stored.astype(np.float32), mask, cached
-
-
-def cached_prompt_embeddings(
-  cache_dir: str | os.PathLike,
-  prompts: Sequence[str],
-  encoder: TextEncoder,
-  *,
-  storage_dtype: str = "float32",
-) -> tuple[np.ndarray, np.ndarray]:
-  """(embeddings (N, L, D) float32, mask (N, L)) of `prompts`, computed once per prompt set.
-
-  The first call runs the encoder and writes `cache_path(cache_dir, key)`; later calls with the
-  same prompts and encoder read the file.
-  """
-  key = cache_key(prompts, encoder.identity, encoder.max_length, encoder.embed_dim)
-  path = cache_path(cache_dir, key)
-  expect = dict(
-    identity=encoder.identity, max_length=encoder.max_length, embed_dim=encoder.embed_dim
-  )
-  if storage.path(path).is_file():
-    embeddings, mask, _ = load_prompt_cache(path, prompts, **expect)
-    return embeddings, mask
-  embeddings, mask = encoder(prompts)
-  save_prompt_cache(
-    path, prompts, embeddings, mask, identity=encoder.identity, storage_dtype=storage_dtype
-  )
-  embeddings, mask, _ = load_prompt_cache(path, prompts, **expect)  # what later runs will see
-  return embeddings, mask
