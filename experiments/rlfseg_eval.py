@@ -6,7 +6,12 @@ What is scored depends on the arm:
                  eval/step_<last>.json, written by training with the wrong-prompt columns)
   compositional  'seen_10' / 'held_out_10': the same restricted to the seen / held-out colour x
                  texture combinations (config.input.prompted.eval_classes); each with its own
-                 wrong-prompt figure (the prompt of another example of the same group)
+                 wrong-prompt figure (the prompt of another example of the same group);
+                 'held_out_colour_10' / 'held_out_texture_10': the held-out combinations prompted
+                 with one of the two words only ("one olive object"; sentences no training example
+                 had): what each word alone finds, against which the two-word figure shows whether
+                 the model combines them; '<seen|held_out>_<shared|unique>_10': the same split
+                 by whether the image holds another object of the target's colour (`colour_group`)
   the others     'final_1': one Euler step; and at every kept checkpoint (500, 1000, ... steps)
                  'step<k>_1' (one Euler step, dt = 1), 'step<k>_adaptive' (adaptive one-step,
                  tasks/prompted.py) and 'step<k>_threshold' (one Euler step, then a per-image
@@ -51,23 +56,54 @@ def threshold_labels(colours: np.ndarray) -> np.ndarray:
   return (s > otsu_threshold(s)).astype(np.int32)
 
 
-def score_threshold(segmenter) -> dict:
-  """gIoU / cIoU of one Euler step decoded by `threshold_labels` on the config's eval split."""
+def score_examples(segmenter, *, num_steps: int, threshold: bool = False, group_of=None) -> dict:
+  """{group: gIoU / cIoU metrics} of `num_steps` Euler steps on the config's eval split, decoded by
+  the nearest centroid or (`threshold`) by `threshold_labels`; group_of(example) names an
+  example's group (None: one group, 'all')."""
   from flowseg_jax.evaluators import common, refer_iou
   from flowseg_jax.inference_host import resize_colours
 
   _, examples, _ = common.local_examples(segmenter.config)
   examples = list(examples)
   items = [(i, ex["image_orig"], int(ex["prompt"])) for i, ex in enumerate(examples)]
-  metric = refer_iou.PromptedIoU.empty()
-  stream = segmenter.segment_stream(items, len(items), num_steps=1, mode="whole", adaptive=False)
-  for ex, (_, colours, _, _) in zip(examples, stream, strict=True):
+  metrics: dict = {}
+  stream = segmenter.segment_stream(
+    items, len(items), num_steps=num_steps, mode="whole", adaptive=False
+  )
+  for ex, (_, colours, pred, _) in zip(examples, stream, strict=True):
     target = ex["label"]
-    pred = threshold_labels(resize_colours(colours, target.shape[:2]))
-    metric = metric.merge(
-      refer_iou.PromptedIoU.from_model_output(predictions=pred[None], targets=target[None])
+    if threshold:
+      pred = threshold_labels(resize_colours(colours, target.shape[:2]))
+    key = "all" if group_of is None else group_of(ex)
+    one = refer_iou.PromptedIoU.from_model_output(predictions=pred[None], targets=target[None])
+    metrics[key] = metrics.get(key, refer_iou.PromptedIoU.empty()).merge(one)
+  return {k: common.sum_over_processes(m.to_host()).compute() for k, m in metrics.items()}
+
+
+COLOUR_GROUPS = ("seen_unique", "seen_shared", "held_out_unique", "held_out_shared")
+
+
+def colour_group(config):
+  """group_of for compositional data: '<seen|held_out>_<shared|unique>', shared when the example's
+  image holds another class of the same colour (>= min_pixels pixels): there the colour word alone
+  cannot tell the target apart, the texture word must."""
+  from flowseg_jax.data import pipeline
+
+  base, _ = pipeline._make_semantic_source(config.input, "validation", False)
+  trained = set(config.input.synthetic.train_classes)
+  textures = int(config.input.synthetic.compose[1])
+  least = int(config.input.prompted.min_pixels)
+
+  def group_of(ex) -> str:
+    image, cls = str(ex["name"]).rsplit(":", 1)
+    counts = np.bincount(base[int(image.rsplit("_", 1)[1])]["label"].ravel(), minlength=256)
+    c = int(cls)
+    shared = any(
+      k != c and k // textures == c // textures for k in np.flatnonzero(counts[:255] >= least)
     )
-  return common.sum_over_processes(metric.to_host()).compute()
+    return f"{'seen' if c in trained else 'held_out'}_{'shared' if shared else 'unique'}"
+
+  return group_of
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
@@ -78,7 +114,8 @@ def _checkpoint_steps(workdir: str) -> list[int]:
 def planned(arm: str, workdir: str) -> list[str]:
   """The evaluation names of a run of `arm` (module docstring)."""
   if arm == "compositional":
-    return ["final_10", "seen_10", "held_out_10"]
+    names = ["final_10", "seen_10", "held_out_10", "held_out_colour_10", "held_out_texture_10"]
+    return names + [f"{g}_10" for g in COLOUR_GROUPS]
   if arm in TEXT_ARMS:
     return ["final_10"]
   names = ["final_10", "final_1"]
@@ -125,11 +162,22 @@ def evaluate_run(workdir: str, arm: str) -> dict | None:
     if name in evals:
       continue
     cfg = files.load_config(workdir)
-    if name in ("seen_10", "held_out_10"):
+    if name[: -len("_10")] in COLOUR_GROUPS:
+      seg = Segmenter.from_workdir(workdir, cfg)
+      groups = score_examples(seg, num_steps=10, group_of=colour_group(cfg))
+      for g in COLOUR_GROUPS:
+        if g in groups:
+          evals[f"{g}_10"] = {**_metrics(groups[g]), "step": int(cfg.total_steps), "num_steps": 10}
+      if name not in evals:  # no example of that group
+        continue
+    elif name.startswith(("seen", "held_out")):
       trained = set(cfg.input.synthetic.train_classes)  # seen: the training images' classes
       every = range(int(cfg.input.synthetic.num_classes))
-      seen = name == "seen_10"
+      seen = name.startswith("seen")
       cfg.input.prompted.eval_classes = [k for k in every if (k in trained) == seen]
+      word = {"colour": 0, "texture": 1}.get(name.split("_")[-2])
+      if word is not None:  # names are "{colour} {texture}"; the vocabulary stays the config's
+        cfg.input.prompted.names = [n.split()[word] for n in cfg.input.prompted.names]
       result, _ = evaluate.score(Segmenter.from_workdir(workdir, cfg), num_steps=10)
       evals[name] = {**_metrics(result), "step": int(cfg.total_steps), "num_steps": 10}
     else:
@@ -138,7 +186,7 @@ def evaluate_run(workdir: str, arm: str) -> dict | None:
       cfg.prompted.eval_wrong_prompt = step_name == "final"  # the under-trained ones: gIoU only
       seg = Segmenter.from_workdir(workdir, cfg, step=step)
       if mode == "threshold":
-        result = score_threshold(seg)
+        result = score_examples(seg, num_steps=1, threshold=True)["all"]
       else:
         result, _ = evaluate.score(seg, num_steps=1, adaptive=mode == "adaptive")
       evals[name] = {**_metrics(result), "step": step, "num_steps": 1, "mode": mode}

@@ -32,6 +32,8 @@ def _claims() -> list[tuple[str, str, tuple[str, str, str], tuple[str, str, str]
      ("compositional", "held_out_10", "giou"), ("compositional", "held_out_10", "wrong_giou")),
     ("compositional", "held-out combinations beat all-background (gIoU)",
      ("compositional", "held_out_10", "giou"), ("compositional", "held_out_10", "baseline_giou")),
+    ("compositional", "on held-out combinations the texture word adds to the colour word (gIoU)",
+     ("compositional", "held_out_10", "giou"), ("compositional", "held_out_colour_10", "giou")),
     ("refinement", "refinement helps on noisy annotations (gIoU, 10 steps)",
      ("noisy_refine", "final_10", "giou"), ("noisy", "final_10", "giou")),
     ("refinement", "refinement helps on noisy annotations (cIoU, 10 steps)",
@@ -124,6 +126,21 @@ def report(out: str, results: dict | None = None) -> dict:
         ("all-background gIoU", "baseline_giou"),
         ("prompt use", "prompt_use"),
       )
+    ]
+    + [
+      (
+        f"held_out gIoU, prompted with the {word} word only",
+        ("compositional", f"held_out_{word}_10", "giou"),
+      )
+      for word in ("colour", "texture")
+    ]
+    + [
+      (
+        f"{g.rsplit('_', 1)[0]} gIoU, {'another' if g.endswith('shared') else 'no other'} "
+        "object of its colour in the image",
+        ("compositional", f"{g}_10", "giou"),
+      )
+      for g in ("seen_unique", "seen_shared", "held_out_unique", "held_out_shared")
     ],  # fmt: skip
     "refinement": _final_rows(("noisy", "noisy_refine")),
     "adaptive": [

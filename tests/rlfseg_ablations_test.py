@@ -169,3 +169,22 @@ def test_report_on_fixed_numbers(tmp_path):
   assert json.load(open(os.path.join(tmp_path, "report.json")))["goal"]["per_seed"]["1"] == (
     pytest.approx(0.25 / 0.55)
   )
+
+
+def test_colour_groups_name_held_out_and_shared_colour_examples():
+  cfg = _config("compositional,smoke")
+  cfg.input.synthetic.num_eval = 24
+  group_of = rlfseg_eval.colour_group(cfg)
+  src, _ = pipeline._make_source(cfg.input, "validation", False)
+  seen_groups = set()
+  for j in range(len(src)):
+    i, c = (int(v) for v in src.index[j])
+    _, label = synthetic.make_example(
+      synthetic.EVAL_INDEX_OFFSET + i, num_classes=16, size=(32, 32), compose=(4, 4)
+    )
+    counts = np.bincount(label.ravel(), minlength=256)
+    others = [k for k in range(16) if k != c and counts[k] >= 16 and k // 4 == c // 4]
+    expect = f"{'held_out' if c in HELD_OUT else 'seen'}_{'shared' if others else 'unique'}"
+    assert group_of(src[j]) == expect
+    seen_groups.add(expect)
+  assert len(seen_groups) >= 3
