@@ -12,7 +12,7 @@ What is scored depends on the arm:
                  had): what each word alone finds, against which the two-word figure shows whether
                  the model combines them; '<seen|held_out>_<shared|unique>_10': the same split
                  by whether the image holds another object of the target's colour (`colour_group`)
-  the others     'final_1': one Euler step; and at every kept checkpoint (500, 1000, ... steps)
+  the others     'final_1': one Euler step; and at the checkpoints of 500, 1000 and 2000 steps
                  'step<k>_1' (one Euler step, dt = 1), 'step<k>_adaptive' (adaptive one-step,
                  tasks/prompted.py) and 'step<k>_threshold' (one Euler step, then a per-image
                  threshold instead of the nearest centroid: `otsu_threshold` of the colours'
@@ -29,6 +29,7 @@ import numpy as np
 
 SUBSETS = ("seen", "held_out")
 TEXT_ARMS = ("compositional", "text")
+ADAPTIVE_STEPS = (500, 1000, 2000)  # the checkpoints scored with one step, adaptive, threshold
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -119,7 +120,7 @@ def planned(arm: str, workdir: str) -> list[str]:
   if arm in TEXT_ARMS:
     return ["final_10"]
   names = ["final_10", "final_1"]
-  for step in _checkpoint_steps(workdir):
+  for step in sorted(set(_checkpoint_steps(workdir)) & set(ADAPTIVE_STEPS)):
     names += [f"step{step}_1", f"step{step}_adaptive", f"step{step}_threshold"]
   return names
 
@@ -136,9 +137,10 @@ def evaluate_run(workdir: str, arm: str) -> dict | None:
   from flowseg_jax.inference import Segmenter
   from flowseg_jax.run import files
 
-  config = files.load_config(workdir)
-  final = os.path.join(workdir, "eval", f"step_{config.total_steps}.json")
-  if not os.path.exists(final):
+  exists = os.path.exists(os.path.join(workdir, files.CONFIG_FILE))
+  config = files.load_config(workdir) if exists else None
+  final = config and os.path.join(workdir, "eval", f"step_{config.total_steps}.json")
+  if not final or not os.path.exists(final):
     print(f"{workdir}: not trained yet, skipped", flush=True)
     return None
   path = os.path.join(workdir, "ablation.json")
@@ -158,6 +160,7 @@ def evaluate_run(workdir: str, arm: str) -> dict | None:
     with open(path, "w") as f:
       json.dump(out, f, indent=2)
 
+  segmenters: list = [None, None]  # (step name, wrong-prompt columns), its Segmenter
   for name in planned(arm, workdir):
     if name in evals:
       continue
@@ -184,7 +187,10 @@ def evaluate_run(workdir: str, arm: str) -> dict | None:
       step_name, mode = name.rsplit("_", 1)
       step = int(cfg.total_steps) if step_name == "final" else int(step_name[4:])
       cfg.prompted.eval_wrong_prompt = step_name == "final"  # the under-trained ones: gIoU only
-      seg = Segmenter.from_workdir(workdir, cfg, step=step)
+      if (step_name, bool(cfg.prompted.eval_wrong_prompt)) != segmenters[0]:  # reused per step
+        segmenters[:] = [(step_name, bool(cfg.prompted.eval_wrong_prompt)), None]
+        segmenters[1] = Segmenter.from_workdir(workdir, cfg, step=step)
+      seg = segmenters[1]
       if mode == "threshold":
         result = score_examples(seg, num_steps=1, threshold=True)["all"]
       else:

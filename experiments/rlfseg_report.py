@@ -16,10 +16,10 @@ import os
 import statistics
 
 from experiments import stats
+from experiments.rlfseg_eval import ADAPTIVE_STEPS
 from experiments.study_report import _fmt, claims_table, summarize
 
 ADAPTIVE_ARMS = ("noisy", "baseline")  # refinement off: the checkpoints the sampler study reads
-ADAPTIVE_STEPS = (500, 1000, 2000)
 GOAL_RATIO = 0.5  # issue 23: held-out gIoU at least half of seen gIoU
 
 
