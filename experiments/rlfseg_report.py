@@ -187,7 +187,7 @@ def _markdown(rep: dict) -> list[str]:
       f"{' in every seed' if g['met_every_seed'] else ''}.",
       "",
     ]
-  lines += claims_table(rep["claims"], "% (A − B)")
+  lines += claims_table(rep["claims"], "%")
   times = [(arm, k, t) for arm, seeds in rep["time"].items() for k, t in seeds.items()]
   if times:
     lines += ["## Training time (with its two evaluations)", "", "| arm | seed | wall s | CPU s |"]

@@ -39,7 +39,9 @@ Variants (`--config configs/rlfseg/demo.py:ARG`, comma-separated):
              of `COMPOSE_HELD_OUT` never appear in a training image (`synthetic.train_classes`),
              while each of their words appears in 3 seen ones; evaluation (128 images, the
              training phrasings) covers all 16. experiments/rlfseg_ablations.py scores seen and
-             held-out combinations apart.
+             held-out combinations apart. Seeds 0-2: held-out gIoU 32.9 +- 6.9 against seen
+             38.3 +- 4.8, 5.2-5.8 CPU minutes per run; the model reads the colour word (alone
+             33.4 on held-out combinations) and little of the texture word (alone 5.8).
   noisy      noisy training annotations: every training mask dilated or eroded by 1 pixel and its
              outline jittered (`config.input.prompted.mask_noise`, data/mask_noise.py), the
              evaluation masks clean; refinement (when on) looks 2 pixels from an outline, as far
