@@ -179,14 +179,14 @@ def _markdown(rep: dict) -> list[str]:
     for r in table:
       lines.append(f"| {r['row']} | {_cell(r['per_seed'])} | {_seeds(r['per_seed'])} |")
     lines.append("")
-  if rep["goal"] is not None:
-    g = rep["goal"]
-    lines += [
-      f"Goal (held-out gIoU ≥ {GOAL_RATIO:.0%} of seen gIoU): mean ratio {g['mean']:.2f} "
-      f"({_seeds(g['per_seed'])}): {'met' if g['met'] else 'not met'}"
-      f"{' in every seed' if g['met_every_seed'] else ''}.",
-      "",
-    ]
+    if group == "compositional" and rep["goal"] is not None:
+      g = rep["goal"]
+      lines += [
+        f"Goal (held-out gIoU ≥ {GOAL_RATIO:.0%} of seen gIoU): mean ratio {g['mean']:.2f} "
+        f"({_seeds(g['per_seed'])}): {'met' if g['met'] else 'not met'}"
+        f"{' in every seed' if g['met_every_seed'] else ''}.",
+        "",
+      ]
   lines += claims_table(rep["claims"], "%")
   times = [(arm, k, t) for arm, seeds in rep["time"].items() for k, t in seeds.items()]
   if times:
