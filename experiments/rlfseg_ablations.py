@@ -8,7 +8,8 @@ annotations, adaptive one-step on under-trained checkpoints, the reshaped target
 
 `train` trains every (arm, seed) of `configs/rlfseg/demo.py:<ARMS[arm]>` into OUT/runs/<arm>/
 seed_<k>, one subprocess per run (`--threads` XLA threads), one run at a time, checkpoints every
-500 steps kept (the under-trained checkpoints the adaptive evaluation reads). A run whose final
+500 steps kept (the under-trained checkpoints the adaptive evaluation reads; room is left for
+the checkpoints of up to 4 preemptions). A run whose final
 eval json exists is skipped, a killed one resumes: rerunning the command finishes what is left.
 `evaluate` scores each finished run (`rlfseg_eval.evaluate_run`: what it measures depends on the
 arm) into OUT/runs/<arm>/seed_<k>/ablation.json, skipping runs already scored; `report`
@@ -55,7 +56,9 @@ def run_config(arm: str, seed: int):
   config = defaults.load_config_file(CONFIG, ARMS[arm])
   config.seed = seed
   config.ckpt_every_steps = CKPT_EVERY
-  config.keep_checkpoints = config.total_steps // CKPT_EVERY
+  # Every 500-step checkpoint, plus room for the checkpoints a preemption writes (a killed run
+  # resumed): the oldest, step 500, must survive to the sampler evaluation.
+  config.keep_checkpoints = config.total_steps // CKPT_EVERY + 4
   return config
 
 
