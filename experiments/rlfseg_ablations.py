@@ -9,8 +9,8 @@ annotations, adaptive one-step on under-trained checkpoints, the reshaped target
 `train` trains every (arm, seed) of `configs/rlfseg/demo.py:<ARMS[arm]>` into OUT/runs/<arm>/
 seed_<k>, one subprocess per run (`--threads` XLA threads), one run at a time, checkpoints every
 500 steps kept (the under-trained checkpoints the adaptive evaluation reads; room is left for
-the checkpoints of up to 4 preemptions). A run whose final
-eval json exists is skipped, a killed one resumes: rerunning the command finishes what is left.
+the checkpoints of up to 4 preemptions). A run whose final eval json exists is skipped, a killed
+one resumes: rerunning the command finishes what is left.
 `evaluate` scores each finished run (`rlfseg_eval.evaluate_run`: what it measures depends on the
 arm) into OUT/runs/<arm>/seed_<k>/ablation.json, skipping runs already scored; `report`
 (`rlfseg_report.py`) writes OUT/report.md and OUT/report.json: per-arm tables over seeds and the
