@@ -1,20 +1,20 @@
-"""RLFSeg demo ablations: label refinement on/off x sampler (1 step, adaptive 1 step, N steps).
+"""RLFSeg demo ablations over seeds: compositional zero-shot, label refinement on noisy
+annotations, adaptive one-step on under-trained checkpoints, the reshaped target.
 
-  python -m experiments.rlfseg_ablations --workdir /tmp/rlfseg_runs [--seeds 0] [--steps 10]
-      [--arms baseline,refine,zeroshot,textures,text]
+  nice -n 5 python -m experiments.rlfseg_ablations train --out OUT --arms compositional \\
+      --seeds 0,1,2 [--threads 1]
+  python -m experiments.rlfseg_ablations evaluate --out OUT [--arms ...] [--seeds ...]
+  python -m experiments.rlfseg_ablations report --out OUT
 
-For each seed trains `configs/rlfseg/demo.py` (refinement off), `configs/rlfseg/demo.py:refine`
-and, when asked, `configs/rlfseg/demo.py:zeroshot` (train on classes 0-5, evaluate on 6-7) and
-`configs/rlfseg/demo.py:textures` (objects in random colours, the class only in the texture) and
-`configs/rlfseg/demo.py:text` (sentences through a small Qwen3, evaluated on held-out phrasings) into
-WORKDIR/<arm>_seed<k> (a finished workdir is reused: rerunning a finished run changes nothing),
-then scores the EMA weights on the eval split with one Euler step (dt = 1), adaptive one-step
-sampling, and `--steps` Euler steps. Prints one table (gIoU / cIoU in %, the same with every
-example's prompt replaced by another example's (`evaluators.refer_iou.wrong_prompts`: a model that
-uses its prompt collapses there, one that ignores it does not), the prompt-use figure (`refer_iou`:
-near 0 for a prompt-blind model and for one that answers with nothing), the all-background
-baseline, the adaptive step's mean dt, seconds per evaluation) and writes it to
-WORKDIR/ablations.json.
+`train` trains every (arm, seed) of `configs/rlfseg/demo.py:<ARMS[arm]>` into OUT/runs/<arm>/
+seed_<k>, one subprocess per run (`--threads` XLA threads), one run at a time, checkpoints every
+500 steps kept (the under-trained checkpoints the adaptive evaluation reads; room is left for
+the checkpoints of up to 4 preemptions). A run whose final eval json exists is skipped, a killed
+one resumes: rerunning the command finishes what is left.
+`evaluate` scores each finished run (`rlfseg_eval.evaluate_run`: what it measures depends on the
+arm) into OUT/runs/<arm>/seed_<k>/ablation.json, skipping runs already scored; `report`
+(`rlfseg_report.py`) writes OUT/report.md and OUT/report.json: per-arm tables over seeds and the
+paired two-sided tests of the claims with Holm's correction (experiments/stats.py).
 """
 
 from __future__ import annotations
@@ -22,72 +22,124 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 
-from flowseg_jax import defaults, evaluate, train
-from flowseg_jax.inference import Segmenter
-from flowseg_jax.run import files
+from experiments.study import REPO, _child_env, _ints
 
+CONFIG = os.path.join(REPO, "configs", "rlfseg", "demo.py")
+# arm -> the demo config's variant argument.
 ARMS = {
   "baseline": "",
   "refine": "refine",
+  "reshape": "reshape",
   "zeroshot": "zeroshot",
   "textures": "textures",
   "text": "text",
+  "compositional": "compositional",
+  "noisy": "noisy",
+  "noisy_refine": "noisy,refine",
 }
+CKPT_EVERY = 500
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--seeds", default="0")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--arms", default="baseline,refine")
-  args = parser.parse_args()
-  config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "rlfseg", "demo.py")
-  rows = []
-  for seed in (int(s) for s in args.seeds.split(",")):
-    for arm in args.arms.split(","):
-      config = defaults.load_config_file(config_path, ARMS[arm])
-      config.seed = seed
-      workdir = os.path.join(args.workdir, f"{arm}_seed{seed}")
-      start = time.perf_counter()
-      train.train_and_evaluate(config, workdir)
-      train_s = time.perf_counter() - start
-      run_config = files.load_config(workdir)
-      run_config.prompted.eval_wrong_prompt = True  # the wrong-prompt columns
-      seg = Segmenter.from_workdir(workdir, run_config)
-      for name, steps, adaptive in (
-        ("1 step", 1, False),
-        ("1 step adaptive", 1, True),
-        (f"{args.steps} steps", args.steps, False),
-      ):
-        start = time.perf_counter()
-        r, _ = evaluate.score(seg, num_steps=steps, adaptive=adaptive)
-        rows.append(
-          dict(arm=arm, seed=seed, sampler=name, giou=r["giou"], ciou=r["ciou"],
-               wrong_giou=r["wrong_giou"], wrong_ciou=r["wrong_ciou"],
-               prompt_use=r.get("prompt_use", float("nan")),
-               baseline_giou=r["baseline_giou"], baseline_ciou=r["baseline_ciou"],
-               mean_dt=r["mean_dt"], eval_s=time.perf_counter() - start, train_s=train_s,
-               num_examples=r["num_examples"])
-        )  # fmt: skip
-  print(
-    "| arm | seed | sampler | gIoU | cIoU | wrong-prompt gIoU | wrong-prompt cIoU | prompt use "
-    "| all-bg gIoU | all-bg cIoU | mean dt | eval s |"
-  )
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(
-      f"| {r['arm']} | {r['seed']} | {r['sampler']} | {100 * r['giou']:.2f} | "
-      f"{100 * r['ciou']:.2f} | {100 * r['wrong_giou']:.2f} | {100 * r['wrong_ciou']:.2f} | "
-      f"{100 * r['prompt_use']:.2f} | "
-      f"{100 * r['baseline_giou']:.2f} | {100 * r['baseline_ciou']:.2f} | "
-      f"{r['mean_dt']:.3f} | {r['eval_s']:.1f} |"
+def run_dir(out: str, arm: str, seed: int) -> str:
+  return os.path.join(out, "runs", arm, f"seed_{seed}")
+
+
+def run_config(arm: str, seed: int):
+  """The demo config of one run: the arm's variant, the seed, a checkpoint every 500 steps kept."""
+  from flowseg_jax import defaults
+
+  config = defaults.load_config_file(CONFIG, ARMS[arm])
+  config.seed = seed
+  config.ckpt_every_steps = CKPT_EVERY
+  # Every 500-step checkpoint, plus room for the checkpoints a preemption writes (a killed run
+  # resumed): the oldest, step 500, must survive to the sampler evaluation.
+  config.keep_checkpoints = config.total_steps // CKPT_EVERY + 4
+  return config
+
+
+def final_eval(workdir: str, config) -> str:
+  return os.path.join(workdir, "eval", f"step_{config.total_steps}.json")
+
+
+def train_one(out: str, arm: str, seed: int) -> None:
+  """Trains one run in this process (resumes a killed one; a finished one is left alone) and
+  records its wall and CPU seconds in time.json."""
+  from flowseg_jax import train
+
+  config = run_config(arm, seed)
+  workdir = run_dir(out, arm, seed)
+  if os.path.exists(final_eval(workdir, config)):
+    return
+  os.makedirs(workdir, exist_ok=True)
+  start, cpu = time.time(), time.process_time()
+  train.train_and_evaluate(config, workdir)
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  with open(os.path.join(workdir, "time.json"), "w") as f:
+    json.dump(
+      {
+        "wall_s": time.time() - start,
+        "cpu_s": time.process_time() - cpu,
+        "user_s": usage.ru_utime,
+        "system_s": usage.ru_stime,
+      },
+      f,
     )
-  with open(os.path.join(args.workdir, "ablations.json"), "w") as f:
-    json.dump(rows, f, indent=2)
+
+
+def train_all(out: str, arms: list[str], seeds: list[int], threads: int) -> None:
+  """Seeds outer, arms inner (each seed completes every arm first); one subprocess per run."""
+  for seed in seeds:
+    for arm in arms:
+      workdir = run_dir(out, arm, seed)
+      if os.path.exists(final_eval(workdir, run_config(arm, seed))):
+        continue
+      os.makedirs(workdir, exist_ok=True)
+      cmd = [sys.executable, "-m", "experiments.rlfseg_ablations", "one", "--out"]
+      cmd += [os.path.abspath(out), "--arms", arm, "--seeds", str(seed)]
+      start = time.time()
+      with open(os.path.join(workdir, "log.txt"), "a") as log:
+        rc = subprocess.call(
+          cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads, out), cwd=REPO
+        )
+      status = "done" if rc == 0 else f"FAILED (exit {rc}, see {workdir}/log.txt)"
+      print(f"{arm} seed {seed}: {status} in {time.time() - start:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("command", choices=("train", "one", "evaluate", "report"))
+  p.add_argument("--out", required=True, help="ablation directory")
+  p.add_argument("--arms", default="compositional,noisy,noisy_refine,baseline,reshape")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--threads", type=int, default=1, help="XLA CPU threads per run (1 or default)")
+  args = p.parse_args(argv)
+  arms = [a for a in args.arms.split(",") if a]
+  for arm in arms:
+    if arm not in ARMS:
+      raise SystemExit(f"--arms: unknown arm {arm!r}; known: {', '.join(ARMS)}")
+  os.makedirs(args.out, exist_ok=True)
+  if args.command == "train":
+    train_all(args.out, arms, _ints(args.seeds), args.threads)
+  elif args.command == "one":
+    train_one(args.out, arms[0], _ints(args.seeds)[0])
+  elif args.command == "evaluate":
+    from experiments import rlfseg_eval
+
+    for seed in _ints(args.seeds):
+      for arm in arms:
+        rlfseg_eval.evaluate_run(run_dir(args.out, arm, seed), arm)
+  else:
+    from experiments import rlfseg_report
+
+    rlfseg_report.report(args.out)
+    print(open(os.path.join(args.out, "report.md")).read())
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

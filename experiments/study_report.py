@@ -81,6 +81,22 @@ def _claim_cell(c: dict) -> tuple[str, str, str, str]:
   return diff, f"{_fmt(c['t'], 2)} ({c['df']})", f"{c['p']:.3f}", f"{c['p_holm']:.3f}"
 
 
+def claims_table(claims: list[dict], unit: str) -> list[str]:
+  """Markdown lines of the claims' table (nothing without claims); `unit` names the score."""
+  if not claims:
+    return []
+  lines = [
+    "## Claims (two-sided paired t over seeds; Holm's correction over all claims)",
+    "",
+    f"| claim | better − worse, {unit} [95 % CI] | t (df) | p | Holm p | verdict |",
+    "|---|---|---|---|---|---|",
+  ]
+  for c in claims:
+    diff, t, p, p_holm = _claim_cell(c)
+    lines.append(f"| {c['claim']} | {diff} | {t} | {p} | {p_holm} | {c['verdict']} |")
+  return lines + [""]
+
+
 def results_from_report(path: str) -> dict:
   """{setting: {seed: {'mIoU', 'steps', 'sampling'}}} from a report.json written by `report`: the
   tables and verdicts can be recomputed where the runs themselves are not kept."""
@@ -190,17 +206,7 @@ def _tables(rep: dict) -> list[str]:
         f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
       )
     lines.append("")
-  if rep["claims"]:
-    lines += [
-      "## Claims (two-sided paired t over seeds; Holm's correction over all claims)",
-      "",
-      "| claim | better − worse, mIoU [95 % CI] | t (df) | p | Holm p | verdict |",
-      "|---|---|---|---|---|---|",
-    ]
-    for c in rep["claims"]:
-      diff, t, p, p_holm = _claim_cell(c)
-      lines.append(f"| {c['claim']} | {diff} | {t} | {p} | {p_holm} | {c['verdict']} |")
-    lines.append("")
+  lines += claims_table(rep["claims"], "mIoU")
   for setting, table in rep["sampling"].items():
     lines += [f"## Table 3: Euler steps ({setting})", ""]
     lines += [

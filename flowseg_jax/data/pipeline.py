@@ -120,6 +120,10 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.synthetic.size = (64, 64)
   c.synthetic.seed = 0
   c.synthetic.class_colours = False  # colour labelled objects by class (data.synthetic)
+  # (colours, textures): class k = colour k // T, texture k % T (compositional data, data.synthetic)
+  c.synthetic.compose = ml_collections.FieldReference(None, field_type=tuple)
+  # classes the training images' objects are drawn from (None: all; eval images: always all)
+  c.synthetic.train_classes = ml_collections.FieldReference(None, field_type=list)
   return c
 
 
@@ -231,6 +235,8 @@ def _make_prompted_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
     classes=p.train_classes if train else p.eval_classes,
     min_pixels=int(p.min_pixels),
     phrasings=prompted.split_phrasings(p, train),
+    mask_noise=int(p.get("mask_noise", 0)) if train else 0,  # evaluation masks stay clean
+    noise_seed=int(p.get("mask_noise_seed", 0)),
   )
   return src, prompted.BINARY_LABEL_MAP
 
@@ -283,6 +289,12 @@ def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.
       seed=int(s.seed),
       split=split,
       class_colours=bool(s.get("class_colours", False)),
+      compose=None if s.get("compose") is None else tuple(int(v) for v in s.compose),
+      classes=(
+        tuple(int(c) for c in s.train_classes)
+        if split == "train" and s.get("train_classes") is not None
+        else None
+      ),
     )
     return src, sources.train_id_label_map("synthetic", int(s.num_classes))
   if name == "folder":

@@ -24,6 +24,9 @@ for the synthetic data; one pass over the label PNGs for ADE20K / COCO-Stuff).
   train_classes class ids used for training (None: all)
   eval_classes  class ids used for evaluation (None: all)
   min_pixels    least pixels of a class in an (original-size) annotation to make an example
+  mask_noise    training masks dilated / eroded by up to this many pixels, outlines jittered
+                (`data.mask_noise`; 0: clean); evaluation masks are always clean
+  mask_noise_seed  seed of that noise (with the image and class it fixes each example's noise)
   group_by_image  training order: shuffle images, not examples, and keep each image's prompted
                 examples together (`ImageGroupedOrder`), so a batch holds the same image under
                 several prompts
@@ -39,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from flowseg_jax.centroids import IGNORE_LABEL
+from flowseg_jax.data import mask_noise as mask_noise_lib
 from flowseg_jax.data import sources
 
 BINARY_LABEL_MAP = sources.train_id_label_map("prompted", 2)
@@ -53,6 +57,8 @@ def default_prompted_input_config() -> ml_collections.ConfigDict:
   c.train_classes = ml_collections.FieldReference(None, field_type=list)
   c.eval_classes = ml_collections.FieldReference(None, field_type=list)
   c.min_pixels = 16
+  c.mask_noise = 0
+  c.mask_noise_seed = 0
   c.group_by_image = False
   return c
 
@@ -101,7 +107,8 @@ class PromptedSource:
 
   Records: {'image': the base image (path, bytes or array), 'label': uint8 (H, W) binary mask,
   'prompt': int32 prompt id (template j * num_classes + class id, j from `phrasings`), 'name':
-  '<base name>:<class id>'}.
+  '<base name>:<class id>'}. With `mask_noise` > 0 the mask is `mask_noise.perturb_mask`'s noisy
+  copy, drawn from (noise_seed, image, class).
   """
 
   base: Any
@@ -110,6 +117,8 @@ class PromptedSource:
   classes: Sequence[int] | None = None
   min_pixels: int = 16
   phrasings: Sequence[int] = (0,)
+  mask_noise: int = 0
+  noise_seed: int = 0
 
   def __post_init__(self):
     allowed = np.zeros(self.num_classes, bool)
@@ -152,9 +161,13 @@ class PromptedSource:
     record = self.base[i]
     label = sources.read_label(record["label"], record["name"], self.label_map)
     template = self.phrasings[(i + c) % len(self.phrasings)]
+    mask = binary_mask(label, c)
+    if self.mask_noise:
+      rng = np.random.default_rng([self.noise_seed, i, c])
+      mask = mask_noise_lib.perturb_mask(mask, rng, self.mask_noise)
     return {
       "image": record["image"],
-      "label": binary_mask(label, c),
+      "label": mask,
       "prompt": np.int32(template * self.num_classes + c),
       "name": f"{record['name']}:{c}",
     }

@@ -20,6 +20,12 @@ With `class_colours=True` (off by default) a labelled object's two colours are i
 fixed pair (`class_colour_pairs`) plus a small per-object jitter: the class is then visible in the
 colour as well as in the pattern. The prompted CPU demo uses it (configs/rlfseg/demo.py says why);
 the random stream is otherwise the same, so layouts and labels do not change.
+
+With `compose=(C, T)` (compositional data, num_classes = C * T) class k is a combination: colour
+k // T (the fixed pair `class_colour_pairs()[k // T]` plus jitter) and texture k % T (tile
+`class_tiles()[k % T]`), so colour and texture vary independently across classes. `classes`
+restricts the classes objects are drawn from (a training split that never shows some
+combinations); None draws from all.
 """
 
 import dataclasses
@@ -144,6 +150,8 @@ def make_example(
   seed: int = 0,
   class_colours: bool = False,
   texel: int = 1,
+  compose: tuple[int, int] | None = None,
+  classes: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Generates one example, a pure function of its arguments.
 
@@ -157,6 +165,8 @@ def make_example(
       the textures of size S with texel 1, while its label keeps the shapes' edges at k*S: an
       annotation finer than the network's input, as in real datasets. The labels do not depend
       on texel.
+    compose: (C, T) colours x textures with C * T == num_classes (module docstring), or None.
+    classes: class ids objects are drawn from (None: all).
 
   Returns:
     image: uint8 (H, W, 3).
@@ -171,6 +181,22 @@ def make_example(
     raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}.")
   if texel < 1:
     raise ValueError(f"synthetic texel must be >= 1, got {texel}.")
+  if compose is not None and int(compose[0]) * int(compose[1]) != num_classes:
+    raise ValueError(
+      f"synthetic.compose {tuple(compose)} needs num_classes = {int(compose[0]) * int(compose[1])}"
+      f", got {num_classes}."
+    )
+  if classes is not None and (
+    not len(classes) or any(not 0 <= int(c) < num_classes for c in classes)
+  ):
+    raise ValueError(
+      f"synthetic classes must be non-empty ids in [0, {num_classes}), got {classes}."
+    )
+
+  # (texture, colour pair) of class k: (k, k), or (k % T, k // T) for compositional data.
+  def texture_colour(k: int) -> tuple[int, int]:
+    return (k, k) if compose is None else (k % int(compose[1]), k // int(compose[1]))
+
   rng = np.random.default_rng([seed, index])
   colour_rng = np.random.default_rng([seed, index, _CLASS_COLOUR_SEED])
   tiles = class_tiles()
@@ -191,13 +217,15 @@ def make_example(
       pattern = rng.uniform(0.0, 1.0, size=ys.size).astype(np.float32)
       cls = IGNORE_LABEL
     else:
-      cls = int(rng.integers(num_classes))
+      cls = int(
+        rng.integers(num_classes) if classes is None else classes[rng.integers(len(classes))]
+      )
       py, px = rng.integers(TILE, size=2)
-      pattern = tiles[cls][(ys // texel + py) % TILE, (xs // texel + px) % TILE]
+      pattern = tiles[texture_colour(cls)[0]][(ys // texel + py) % TILE, (xs // texel + px) % TILE]
       pattern = pattern.astype(np.float32)
-      if class_colours:  # jitter from its own stream: `rng` draws the same layout either way
-        jitter = colour_rng.normal(0.0, _CLASS_COLOUR_JITTER, size=(2, 3))
-        a, b = (class_colour_pairs()[cls] + jitter).astype(np.float32)
+      if class_colours or compose is not None:  # jitter from its own stream: `rng` draws the
+        jitter = colour_rng.normal(0.0, _CLASS_COLOUR_JITTER, size=(2, 3))  # same layout either way
+        a, b = (class_colour_pairs()[texture_colour(cls)[1]] + jitter).astype(np.float32)
     image[ys, xs] = a + (b - a) * pattern[:, None]
     label[ys, xs] = cls
   image += rng.normal(0.0, _NOISE_STD, size=image.shape).astype(np.float32)
@@ -218,6 +246,8 @@ class SyntheticSource:
   seed: int = 0
   split: str = "train"
   class_colours: bool = False
+  compose: tuple[int, int] | None = None
+  classes: tuple[int, ...] | None = None  # object classes of this split's images (None: all)
 
   def __post_init__(self):
     if self.split not in ("train", "validation"):
@@ -239,5 +269,7 @@ class SyntheticSource:
       size=tuple(self.size),
       seed=self.seed,
       class_colours=self.class_colours,
+      compose=self.compose,
+      classes=self.classes,
     )
     return {"image": image, "label": label, "name": f"synthetic_{self.split}_{index:06d}"}
