@@ -68,7 +68,7 @@ TARGETS = {
   "v5e-16": {"1": _preset(8, 2), "2": _preset(8, 2)},
   "v5e-64": {"1": _preset(8, 8)},
   "v5p-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
-  "v6e-8": {"1": _preset(8, 1), "2": _preset(8, 1)},
+  "v6e-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
 }
 # The hardware each preset is planned for (tools/compile_targets.py targets): TPU topologies
 # (v4 / v5p chips as megacore devices) and GPU target configs in benchmarks/gpu_targets/.

@@ -144,3 +144,61 @@ def test_every_preset_names_its_hardware():
       assert case["attention"] == "cudnn", case
   # Stage 2 (global batch 16) has a preset on a v5e slice.
   assert any(c["stage"] == "2" and c["target"].startswith("tpu:v5e") for c in cases)
+
+
+def test_plan_table_keeps_rows_whose_json_is_gone(tmp_path, monkeypatch):
+  """`--keep-table` keeps an earlier table's planned rows of the same program and does not compile
+  them again; a compiled row wins, and a row of another mesh or remat (a preset changed since) is
+  not kept."""
+  header = [h for _, h in plan_presets.COLUMNS]
+  old = [
+    "| ade20k 1 | v4-16 | tpu:v4:2x2x2 | 8x1 | nothing_saveable | 10.82 | 4.74 | 15.56 | yes (32) "
+    "| 16.95 | +9 % | 764 |  | 3.92 |  |  |",
+    "| ade20k 1 | v6e-8 | tpu:v6e:2x4 | 4x2 | nothing_saveable | 5.58 | 3.0 | 8.58 | yes (32) "
+    "|  |  | 700 |  |  |  |  |",
+    "| ade20k 1 | v5e-8 | tpu:v5e:2x4 | 4x2 | nothing_saveable | 5.58 | 3.89 | 9.47 | yes (16) "
+    "|  |  | 1590 |  |  |  |  |",
+  ]
+  results = tmp_path / "RESULTS.md"
+  results.write_text(
+    "text\n<!-- compiler plan table -->\n| "
+    + " | ".join(header)
+    + " |\n|"
+    + "---|" * len(header)
+    + "\n"
+    + "\n".join(old)
+    + "\n<!-- /compiler plan table -->\n"
+  )
+  compiled = {
+    "config": "configs/flowseg_ade20k.py:stage=1,target=v5e-8",
+    "target": "tpu:v5e:2x4",
+    "data": 4,
+    "fsdp": 2,
+    "remat": "nothing_saveable",
+    "fit": "yes",
+    "device_gib": 16.0,
+    "train": {
+      "memory": {"argument_bytes": 5 * 2**30, "temp_bytes": 2**30, "peak_bytes": 6 * 2**30},
+      "compile_s": 99.0,
+    },
+  }
+  (tmp_path / "rows.json").write_text(json.dumps({"rows": [compiled]}))
+  argv = ["--configs", "configs/flowseg_ade20k.py", "--stages", "1"]
+  argv += ["--presets", "v4-16,v6e-8,v5e-8", "--json", str(tmp_path / "rows.json")]
+  planned = []
+
+  def plan(case, compiler, args):
+    planned.append((case["preset"], compiler))
+    return {"config": plan_presets.spec(case), "target": case["target"], "error": "stand-in"}
+
+  monkeypatch.setattr(plan_presets, "plan", plan)
+  argv = [*argv, "--keep-table", str(results), "--cpu-table", ""]
+  plan_presets.main(argv)
+  assert planned == [("v6e-8", "native")]
+  lines = plan_presets.main([*argv, "--table-only"])
+  by = {line["preset"]: line for line in lines}
+  assert by["v4-16"]["peak"] == "15.56" and by["v4-16"]["cpu_over"] == "+9 %"
+  assert by["v4-16"]["sampler"] == "3.92" and "note" not in by["v4-16"]
+  assert by["v5e-8"]["peak"] == "6.00" and by["v5e-8"]["compile"] == "99"
+  # The v6e-8 preset is data 8 now: the 4x2 row planned another program.
+  assert by["v6e-8"]["mesh"] == "8x1" and by["v6e-8"]["note"] == "stand-in"

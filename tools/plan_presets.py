@@ -11,7 +11,10 @@ sampler's peak and the cuDNN fused-attention calls of the GPU programs.
 The TPU and GPU compilers live in different installs (libtpu; the CUDA plugin), so each kind of
 target runs under its own interpreter (`--tpu-python`, `--gpu-python`; default this one). Rows
 are kept in `--json` as they finish and a rerun plans only what is missing (`--redo` all);
-`--also-json` adds rows of other runs (e.g. `tools.scale --json` plans of a changed preset).
+`--also-json` adds rows of other runs (e.g. `tools.scale --json` plans of a changed preset), and
+`--keep-table benchmarks/RESULTS.md` keeps that file's table rows for presets no JSON plans and
+does not compile them again (a preset whose mesh or remat changed is not kept: its old row planned
+another program).
 
   python -m tools.plan_presets --tpu-python /work/venv-tpu/bin/python \\
     --gpu-python /work/venv-gpu/bin/python --cpu --json plans.json --markdown plans.md
@@ -111,17 +114,23 @@ def _device_count(target: str) -> int:
   return chips
 
 
+def marked_table(path: str, marker: str) -> list[dict]:
+  """The rows (header -> cell text) of the markdown table between `<!-- marker -->` and
+  `<!-- /marker -->` in a file."""
+  with open(path) as f:
+    text = f.read()
+  body = text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+  lines = [line.strip().strip("|").split("|") for line in body.strip().splitlines()]
+  header = [h.strip() for h in lines[0]]
+  return [dict(zip(header, (c.strip() for c in cells))) for cells in lines[2:]]
+
+
 def cpu_table_peaks(path: str) -> dict[tuple, float]:
   """XLA:CPU peaks (GiB) of the host-device plan table in benchmarks/RESULTS.md (between
   `<!-- plan table -->` markers), by (config file, stage, N, 'DATAxFSDP', remat): the figures
   `tools.scale` printed for the same programs, used when `--cpu` does not recompile them."""
-  with open(path) as f:
-    text = f.read()
-  body = text.split("<!-- plan table -->", 1)[1].split("<!-- /plan table -->", 1)[0]
-  lines = [line.strip().strip("|").split("|") for line in body.strip().splitlines()]
-  header, out = [h.strip() for h in lines[0]], {}
-  for cells in lines[2:]:
-    row = dict(zip(header, (c.strip() for c in cells)))
+  out = {}
+  for row in marked_table(path, "plan table"):
     m = re.fullmatch(r"(\w+) stage=(\d)", row["config"])
     if m and row["peak GiB"]:
       k = (f"configs/flowseg_{m[1]}.py", m[2], int(row["N"]), row["data x fsdp"], row["remat"])
@@ -129,17 +138,34 @@ def cpu_table_peaks(path: str) -> dict[tuple, float]:
   return out
 
 
+def kept_lines(path: str) -> dict[tuple, dict]:
+  """The planned lines of the compiler plan table in benchmarks/RESULTS.md (between
+  `<!-- compiler plan table -->` markers), by (config stage, preset, data x fsdp, remat), as
+  `table` makes them: earlier runs' rows whose JSON is gone are kept, not compiled again."""
+  keys = {header: key for key, header in COLUMNS}
+  out = {}
+  for row in marked_table(path, "compiler plan table"):
+    line = {keys[h]: cell for h, cell in row.items() if h in keys and cell}
+    if "peak" in line:
+      out[line["config"], line["preset"], line["mesh"], line["remat"]] = line
+  return out
+
+
+def line_key(case: dict) -> tuple[str, str, str, str]:
+  """The table cells naming a case's program: config and stage, preset, mesh, remat/attention."""
+  return (
+    f"{os.path.basename(case['config'])[len('flowseg_') : -3]} {case['stage']}",
+    case["preset"],
+    f"{case['data']}x{case['fsdp']}",
+    case["remat"] + (", cuDNN attn" if case.get("attention") == "cudnn" else ""),
+  )
+
+
 def table(cases_: list[dict], rows: list[dict], cpu_peaks: dict | None = None) -> list[dict]:
   out = []
   for case in cases_:
     native, cpu = find(rows, case, "native"), find(rows, case, "cpu")
-    line = {
-      "config": f"{os.path.basename(case['config'])[len('flowseg_') : -3]} {case['stage']}",
-      "preset": case["preset"],
-      "target": case["target"],
-      "mesh": f"{case['data']}x{case['fsdp']}",
-      "remat": case["remat"] + (", cuDNN attn" if case.get("attention") == "cudnn" else ""),
-    }
+    line = dict(zip(("config", "preset", "mesh", "remat"), line_key(case)), target=case["target"])
     if native is None or "error" in native:
       line["note"] = native["error"] if native else "not planned"
       out.append(line)
@@ -213,6 +239,12 @@ def parse_args(argv=None):
     default=[],
     help="more rows to use (read only): other plan_presets or tools.scale --json files",
   )
+  p.add_argument(
+    "--keep-table",
+    default=None,
+    help="keep the planned rows of this file's compiler plan table (e.g. benchmarks/RESULTS.md)"
+    " for presets the JSON files have no row of",
+  )
   p.add_argument("--markdown", default=None, help="write the table to this file")
   p.add_argument("--redo", action="store_true", help="recompile rows already in --json")
   p.add_argument("--table-only", action="store_true", help="plan nothing: tabulate the rows")
@@ -227,10 +259,13 @@ def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   rows = load_rows(args.also_json + ([] if args.redo else [args.json]))
   todo = cases(args.configs, args.stages, args.presets)
+  kept = kept_lines(args.keep_table) if args.keep_table else {}
   for case in [] if args.table_only else todo:
     for compiler in ("native", "cpu") if args.cpu else ("native",):
       done = find(rows, case, compiler)
       if done is not None and "error" not in done:
+        continue
+      if compiler == "native" and line_key(case) in kept and not args.redo:
         continue
       rows.append(plan(case, compiler, args))
       print(json.dumps({"planned": scale._short(rows[-1])}), flush=True)
@@ -238,6 +273,9 @@ def main(argv=None) -> list[dict]:
         json.dump({"benchmark": "plan_presets", "rows": rows}, f, indent=1)
   cpu_peaks = None if args.cpu or not args.cpu_table else cpu_table_peaks(args.cpu_table)
   lines = table(todo, rows, cpu_peaks)
+  for i, (case, line) in enumerate(zip(todo, lines)):  # a compiled row wins over a kept one
+    if line.get("note") == "not planned" and line_key(case) in kept:
+      lines[i] = kept[line_key(case)]
   text = scale.markdown(lines, COLUMNS)
   print(text)
   if args.markdown:
