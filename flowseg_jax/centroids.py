@@ -132,6 +132,64 @@ def decode_colours(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) 
   return labels
 
 
+def decode_views(
+  views: jax.Array,
+  centroids: jax.Array,
+  *,
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  chunk_size: int = 16,
+) -> jax.Array:
+  """Several views' colours of the same pixels (V, ..., 3) -> int32 labels (...): the class of
+  highest mean probability over views, p_k = (d_k + eps)^(-1/tau) / sum_j (d_j + eps)^(-1/tau)
+  with d_k the squared distance to class k's colour (the potential's softmax, FlowSeg eq 9 with
+  T = -log), as mmseg averages the logits of test-time views. Ties go to the lower class index.
+
+  Worked in log space (a small tau would overflow the weights in float32) and in chunks of
+  `chunk_size` classes, twice: the normaliser of every view, then the mean probabilities with a
+  running maximum, so no (V x pixels x N) array is materialised.
+  """
+  x = jnp.asarray(views, jnp.float32)
+  mu = jnp.asarray(centroids, jnp.float32)
+  if x.ndim < 2 or x.shape[-1] != 3 or mu.ndim != 2 or mu.shape[-1] != 3:
+    raise ValueError(
+      f"decode_views: expected views (V, ..., 3) and centroids (N, 3), got {x.shape}, {mu.shape}"
+    )
+  n = mu.shape[0]
+  num_chunks = -(-n // chunk_size)
+  # Padded centroids sit at +inf distance: weight 0, never chosen.
+  padded = jnp.concatenate([mu, jnp.full((num_chunks * chunk_size - n, 3), jnp.inf)], axis=0)
+  chunks = padded.reshape(num_chunks, chunk_size, 3)
+  offsets = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+
+  def log_weights(chunk):  # (V, ..., chunk_size)
+    return -jnp.log(squared_distances(x, chunk) + eps) / tau
+
+  def normaliser(carry, chunk):  # a running log-sum-exp over classes, per view and pixel
+    top, total = carry
+    lw = log_weights(chunk)
+    new_top = jnp.maximum(top, lw.max(-1))
+    total = total * jnp.exp(top - new_top) + jnp.exp(lw - new_top[..., None]).sum(-1)
+    return (new_top, total), None
+
+  start = (jnp.full(x.shape[:-1], -jnp.inf), jnp.zeros(x.shape[:-1]))
+  (top, total), _ = jax.lax.scan(normaliser, start, chunks)
+  log_norm = top + jnp.log(total)
+
+  def best_class(carry, inputs):
+    best, index = carry
+    chunk, offset = inputs
+    score = jnp.exp(log_weights(chunk) - log_norm[..., None]).sum(0)  # summed over views
+    i = jnp.argmax(score, axis=-1)
+    s = jnp.take_along_axis(score, i[..., None], axis=-1)[..., 0]
+    better = s > best  # strict: earlier chunks win ties
+    return (jnp.where(better, s, best), jnp.where(better, i + offset, index)), None
+
+  start = (jnp.full(x.shape[1:-1], -jnp.inf), jnp.zeros(x.shape[1:-1], jnp.int32))
+  (_, labels), _ = jax.lax.scan(best_class, start, (chunks, offsets))
+  return labels.astype(jnp.int32)
+
+
 def palette(centroids) -> np.ndarray:
   """The centroid colours as a uint8 (N, 3) palette (what a perfect mask looks like)."""
   c = np.asarray(centroids, dtype=np.float64)

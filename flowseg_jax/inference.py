@@ -43,7 +43,6 @@ from flowseg_jax import checkpointing, sampling, sharding, tasks
 from flowseg_jax.data import classes
 from flowseg_jax.inference_host import (
   decode_colours_host,
-  decode_views_host,
   mean_colours,
   network_input,
   resize_colours,
@@ -53,6 +52,7 @@ from flowseg_jax.inference_host import (
 from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
+from flowseg_jax.scoring import PixelScorer
 
 # ------------------------------------------------------------------------------------------------
 # The sampler.
@@ -331,6 +331,7 @@ class Segmenter:
     adaptive: bool | None = None,
     tta: str | None = None,
     progress: Progress | None = None,
+    confusion: np.ndarray | None = None,
   ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, float]]:
     """(key, uint8 rgb (h, w, 3), prompt) items -> (key, colours at the network's resolution, int32
     labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
@@ -344,6 +345,12 @@ class Segmenter:
     (config.eval.tta_scales): each view is the image at that multiple of its scale-1 size
     (`network_input`: padded below the window, windowed above), and every view's colours are
     resized to the image's size before the probabilities are averaged.
+
+    Decoding runs on device (`scoring.PixelScorer`): the finished images' colours, resized to
+    their own size on the host, go through one jitted program in chunks of pixels, so images are
+    yielded a chunk at a time. confusion: an int64 (N, N) host array; with it every item is (key,
+    rgb, prompt, annotation (h, w)) and each image's confusion counts (computed on device with
+    the decoding) are added to it.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes, and so is an error reading or preparing one process's
@@ -360,17 +367,24 @@ class Segmenter:
     crop = tuple(int(s) for s in self.config.input.image_size)
     scales = sorted({scale for scale, _ in views})
     cond_shape, cond_dtype = self.task.condition_spec()
+    scorer = PixelScorer(self.task, self.mesh.local_mesh, len(views), confusion)
+    annotations = {}
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group, windows = [], []
         with agreement.hold():
           taken = _take(items, chunk)
-          conditions = self.conditions([prompt for _, _, prompt in taken])
+          conditions = self.conditions([item[2] for item in taken])
           # (key, rgb, condition, {scale: (input, corners, valid)})
           group = [
             (key, rgb, cond, {s: network_input(rgb, self.config, mode, s) for s in scales})
-            for (key, rgb, _), cond in zip(taken, conditions, strict=True)
+            for (key, rgb, *_), cond in zip(taken, conditions, strict=True)
           ]
+          if confusion is not None:
+            annotations = {g: item[3] for g, item in enumerate(taken)}
+            for (key, rgb, *_), label in zip(taken, annotations.values(), strict=True):
+              if np.shape(label) != rgb.shape[:2]:
+                raise ValueError(f"{key}: annotation {np.shape(label)} but image {rgb.shape[:2]}")
           windows = [
             (g, v, y0, x0)
             for g, (*_, inputs) in enumerate(group)
@@ -385,6 +399,7 @@ class Segmenter:
         counts = [[np.zeros(inputs[scale][0].shape[:2], np.float32) for scale, _ in views]
                   for *_, inputs in group]  # fmt: skip
         dts = np.zeros(len(group), np.float64)
+        done = {}  # g -> (key, colours for pictures, mean dt) of images waiting to be decoded
         left = np.bincount([w[0] for w in windows], minlength=len(group))
         num_windows = left.copy()
         for b in range(num_batches):
@@ -412,21 +427,21 @@ class Segmenter:
                 h, w = inputs[scale][2]
                 per_view.append(total[:h, :w] / count[:h, :w, None])
               sums[g] = counts[g] = None
-              if len(views) == 1:
-                labels = self.decode(per_view[0], rgb.shape[:2])
-              else:
-                labels = self.decode_views(per_view, rgb.shape[:2])
+              resized = np.stack([resize_colours(v, rgb.shape[:2]) for v in per_view])
               ref = min(range(len(views)), key=lambda i: abs(views[i][0] - 1.0))
-              yield key, mean_colours(per_view, ref), labels, dts[g] / num_windows[g]
-              if progress is not None:
-                progress.update()
+              done[g] = (key, mean_colours(per_view, ref), dts[g] / num_windows[g])
+              scorer.add(g, resized, annotations.get(g))
+              if scorer.full:
+                yield from self._finished(scorer, done, progress)
+        yield from self._finished(scorer, done, progress)
 
-  def decode_views(self, views: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Colours of several views of one image (test-time augmentation) -> int32 labels at `size`,
-    by the mean of the potential's class probabilities over views (`decode_views_host`)."""
-    resized = np.stack([resize_colours(v, size) for v in views])
-    obj = self.task.objective
-    return decode_views_host(resized, self.centroids, tau=obj.tau, eps=obj.eps)
+  def _finished(self, scorer: PixelScorer, done: dict, progress: Progress | None):
+    """Decodes the scorer's pending images and yields them (segment_stream's items), in order."""
+    for g, labels in scorer.flush():
+      key, colours, dt = done.pop(g)
+      yield key, colours, labels, dt
+      if progress is not None:
+        progress.update()
 
   def decode(self, colours: np.ndarray, size: tuple[int, int], *, confidence: bool = False):
     """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then

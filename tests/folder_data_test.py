@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax import defaults, main
+from flowseg_jax import defaults, main, scoring
 from flowseg_jax.data import folder, pipeline, preflight, sources
 from flowseg_jax.evaluators import miou
 from tools.make_folder_dataset import write_folder_dataset
@@ -355,7 +355,7 @@ def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_pat
   evaluator.pictures = [
     ("x", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.float32), pred, label)
   ]
-  result = miou.compute_metrics(miou.confusion_matrix(pred, label, 3))
+  result = miou.compute_metrics(scoring.confusion_matrix(pred, label, 3))
   result.update(num_examples=1, num_skipped_examples=0)
 
   class Writer:
