@@ -122,10 +122,18 @@ def _compiled_scorer(task, mesh, num_views: int):
       predictions = centroids_lib.decode_views(colours, mu, tau=objective.tau, eps=objective.eps)
     return predictions, confusion_counts(predictions, labels, task.num_classes)
 
-  pixels = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
-  views = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+  views, pixels = _input_shardings(mesh)
   counts = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(score, in_shardings=(views, pixels), out_shardings=(pixels, counts))
+
+
+def _input_shardings(mesh):
+  """(colours (V, P, 3), labels (P,)) shardings: pixels split along the batch axes."""
+  spec = jax.sharding.PartitionSpec
+  return (
+    jax.sharding.NamedSharding(mesh, spec(None, sharding.BATCH_AXES)),
+    jax.sharding.NamedSharding(mesh, spec(sharding.BATCH_AXES)),
+  )
 
 
 def score_fn(task, mesh, num_views: int = 1):
@@ -157,6 +165,8 @@ class PixelScorer:
         f"{confusion.dtype} {confusion.shape}"
       )
     self.fn = score_fn(task, mesh, num_views)
+    # Host arrays are placed explicitly: a multi-process jit refuses sharded numpy arguments.
+    self.shardings = _input_shardings(mesh)
     self.mesh = mesh
     self.num_views = num_views
     self.confusion = confusion
@@ -196,15 +206,18 @@ class PixelScorer:
       ]
     )
     outputs, start = [], 0
-    while start < total:  # dispatch every call, then fetch: the device queue stays full
-      size = padded_size(total - start, self.mesh.size)
-      end = min(start + size, total)
-      x = np.zeros((self.num_views, size, 3), np.float32)
-      y = np.full(size, centroids_lib.IGNORE_LABEL, np.int32)  # padding is never counted
-      x[:, : end - start] = colours[:, start:end]
-      y[: end - start] = labels[start:end]
-      outputs.append((end - start, self.fn(x, y)))
-      start = end
+    # This process's mesh, also inside a caller's multi-process one (`jax.set_mesh`).
+    with jax.set_mesh(self.mesh):
+      while start < total:  # dispatch every call, then fetch: the device queue stays full
+        size = padded_size(total - start, self.mesh.size)
+        end = min(start + size, total)
+        x = np.zeros((self.num_views, size, 3), np.float32)
+        y = np.full(size, centroids_lib.IGNORE_LABEL, np.int32)  # padding is never counted
+        x[:, : end - start] = colours[:, start:end]
+        y[: end - start] = labels[start:end]
+        x, y = jax.device_put((x, y), self.shardings)
+        outputs.append((end - start, self.fn(x, y)))
+        start = end
     predictions = []
     for used, (pred, counts) in jax.device_get(outputs):
       predictions.append(np.asarray(pred)[:used])
