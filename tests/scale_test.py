@@ -72,6 +72,9 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
   assert row["sampler"]["eval_peak_bytes"] == max(
     row["sampler"]["memory"]["peak_bytes"], scorer["memory"]["peak_bytes"]
   )
+  # Training's 3 forward-equivalents per image against evaluation's num_steps forwards.
+  want = 3 / config.eval.num_steps
+  assert row["sampler"]["rate_vs_train"] == pytest.approx(want, rel=1e-9)
   assert (tmp_path / "p.json").exists()
 
 

@@ -224,7 +224,12 @@ def plan_devices(
       else:  # the target's own compiler: judged against its own memory
         row["fit"] = fit(peak, device_gib)
       if sampler:
-        row["sampler"] = plan_sampler(config, setup, state, mesh, rules)
+        row["sampler"] = s = plan_sampler(config, setup, state, mesh, rules)
+        # Model FLOPs per image, training's forward + backward against evaluation's num_steps
+        # forwards: the eval/train images/s that an equal MFU gives (benchmarks/eval_rate.py
+        # measures the real ratio).
+        per_train_image = row["train"]["model_flops"] / config.input.batch_size
+        s["rate_vs_train"] = per_train_image / (s["model_flops"] / s["batch"])
       print(json.dumps({"progress": _short(row)}), file=sys.stderr, flush=True)
   return rows
 
@@ -319,7 +324,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
       s = r["sampler"]
       row["sampler"] = (
         f"{_gib(s['eval_peak_bytes'])} (sampler b{s['batch']} {_gib(s['memory']['peak_bytes'])}, "
-        f"scorer {_gib(s['scorer']['memory']['peak_bytes'])}; {s['compile_s']:.0f} s)"
+        f"scorer {_gib(s['scorer']['memory']['peak_bytes'])}; {s['compile_s']:.0f} s; "
+        f"x{s['rate_vs_train']:.2f} train img/s at equal MFU)"
       )
     out.append(row)
   return out
