@@ -334,7 +334,7 @@ class Segmenter:
     confusion: np.ndarray | None = None,
   ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, float]]:
     """(key, uint8 rgb (h, w, 3), prompt) items -> (key, colours at the network's resolution, int32
-    labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
+    labels (h, w), mean step scale dt), in order, as soon as the pixel chunk of its image is decoded.
 
     tta (default config.eval.tta): 'none', or 'flip': each window also goes through the network
     mirrored left-right, its colours are mirrored back, and the label is the class with the
@@ -346,11 +346,9 @@ class Segmenter:
     (`network_input`: padded below the window, windowed above), and every view's colours are
     resized to the image's size before the probabilities are averaged.
 
-    Decoding runs on device (`scoring.PixelScorer`): the finished images' colours, resized to
-    their own size on the host, go through one jitted program in chunks of pixels, so images are
-    yielded a chunk at a time. confusion: an int64 (N, N) host array; with it every item is (key,
-    rgb, prompt, annotation (h, w)) and each image's confusion counts (computed on device with
-    the decoding) are added to it.
+    Colours resized to each image's size are decoded on device in chunks of pixels of many
+    images (`scoring.PixelScorer`). confusion: an int64 (N, N) array; with it every item is (key,
+    rgb, prompt, annotation (h, w)) and the images' counts (on device) are added to it.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes, and so is an error reading or preparing one process's
@@ -368,7 +366,6 @@ class Segmenter:
     scales = sorted({scale for scale, _ in views})
     cond_shape, cond_dtype = self.task.condition_spec()
     scorer = PixelScorer(self.task, self.mesh.local_mesh, len(views), confusion)
-    annotations = {}
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group, windows = [], []
@@ -380,11 +377,7 @@ class Segmenter:
             (key, rgb, cond, {s: network_input(rgb, self.config, mode, s) for s in scales})
             for (key, rgb, *_), cond in zip(taken, conditions, strict=True)
           ]
-          if confusion is not None:
-            annotations = {g: item[3] for g, item in enumerate(taken)}
-            for (key, rgb, *_), label in zip(taken, annotations.values(), strict=True):
-              if np.shape(label) != rgb.shape[:2]:
-                raise ValueError(f"{key}: annotation {np.shape(label)} but image {rgb.shape[:2]}")
+          annotations = [item[3] if confusion is not None else None for item in taken]
           windows = [
             (g, v, y0, x0)
             for g, (*_, inputs) in enumerate(group)
@@ -399,7 +392,6 @@ class Segmenter:
         counts = [[np.zeros(inputs[scale][0].shape[:2], np.float32) for scale, _ in views]
                   for *_, inputs in group]  # fmt: skip
         dts = np.zeros(len(group), np.float64)
-        done = {}  # g -> (key, colours for pictures, mean dt) of images waiting to be decoded
         left = np.bincount([w[0] for w in windows], minlength=len(group))
         num_windows = left.copy()
         for b in range(num_batches):
@@ -429,24 +421,24 @@ class Segmenter:
               sums[g] = counts[g] = None
               resized = np.stack([resize_colours(v, rgb.shape[:2]) for v in per_view])
               ref = min(range(len(views)), key=lambda i: abs(views[i][0] - 1.0))
-              done[g] = (key, mean_colours(per_view, ref), dts[g] / num_windows[g])
-              scorer.add(g, resized, annotations.get(g))
+              item = (key, mean_colours(per_view, ref), dts[g] / num_windows[g])
+              scorer.add(item, resized, annotations[g])
               if scorer.full:
-                yield from self._finished(scorer, done, progress)
-        yield from self._finished(scorer, done, progress)
-
-  def _finished(self, scorer: PixelScorer, done: dict, progress: Progress | None):
-    """Decodes the scorer's pending images and yields them (segment_stream's items), in order."""
-    for g, labels in scorer.flush():
-      key, colours, dt = done.pop(g)
-      yield key, colours, labels, dt
-      if progress is not None:
-        progress.update()
+                yield from _decoded(scorer, progress)
+        yield from _decoded(scorer, progress)
 
   def decode(self, colours: np.ndarray, size: tuple[int, int], *, confidence: bool = False):
     """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then
     decode); with confidence, (labels, confidence) as `decode_colours_host`."""
     return decode_colours_host(resize_colours(colours, size), self.centroids, confidence=confidence)
+
+
+def _decoded(scorer: PixelScorer, progress: Progress | None):
+  """The scorer's pending images decoded, as segment_stream's items, in order."""
+  for (key, colours, dt), labels in scorer.flush():
+    yield key, colours, labels, dt
+    if progress is not None:
+      progress.update()
 
 
 def _take(items: Iterator, n: int) -> list:

@@ -178,15 +178,16 @@ class PixelScorer:
     return self.pending_pixels >= MAX_PIXELS_PER_DEVICE * self.mesh.size
 
   def add(self, key, views: Sequence[np.ndarray] | np.ndarray, annotation=None) -> None:
-    """One image: colours (V, H, W, 3) and its int labels (H, W) (None: not scored)."""
+    """One image: colours (V, H, W, 3) and its int labels (H, W) (None: not scored); `key` (any
+    object) comes back with its labels."""
     views = np.asarray(views, np.float32)
     if views.shape[0] != self.num_views or views.ndim != 4 or views.shape[-1] != 3:
       raise ValueError(
-        f"image {key}: colours must be ({self.num_views}, H, W, 3), got {views.shape}"
+        f"PixelScorer.add: colours must be ({self.num_views}, H, W, 3), got {views.shape}"
       )
     if annotation is not None and np.shape(annotation) != views.shape[1:3]:
       raise ValueError(
-        f"image {key}: annotation {np.shape(annotation)} differs from the image {views.shape[1:3]}"
+        f"PixelScorer.add: annotation {np.shape(annotation)} differs from the image {views.shape[1:3]}"
       )
     self.pending.append((key, views, annotation))
     self.pending_pixels += views.shape[1] * views.shape[2]
