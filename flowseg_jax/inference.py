@@ -87,19 +87,6 @@ def sample_fn(task, mesh, options: sampling.SamplerOptions, *, trajectory: bool 
 
 
 # ------------------------------------------------------------------------------------------------
-# Host-side image handling.
-# ------------------------------------------------------------------------------------------------
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in the order they were given."""
-  shards = {}
-  for shard in array.addressable_shards:
-    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
-
-
-# ------------------------------------------------------------------------------------------------
 # The segmenter.
 # ------------------------------------------------------------------------------------------------
 
@@ -405,7 +392,7 @@ class Segmenter:
             conds[j] = group[g][2]
           arrays = sharding.shard_batch({"x": crops, "c": conds}, self.mesh)
           colours, _, dt = fn(self.params, arrays["x"], arrays["c"])
-          colours, dt = local_rows(colours), local_rows(dt)
+          colours, dt = sharding.local_rows(colours), sharding.local_rows(dt)
           for j, (g, v, y0, x0) in enumerate(batch):
             out = colours[j][:, ::-1] if views[v][1] else colours[j]  # mirrored back
             sums[g][v][y0 : y0 + crop[0], x0 : x0 + crop[1]] += out

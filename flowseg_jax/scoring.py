@@ -220,9 +220,9 @@ class PixelScorer:
         outputs.append((end - start, self.fn(x, y)))
         start = end
     predictions = []
-    for used, (pred, counts) in jax.device_get(outputs):
-      predictions.append(np.asarray(pred)[:used])
-      if self.confusion is not None:
+    for used, (pred, counts) in outputs:
+      predictions.append(sharding.local_rows(pred)[:used])
+      if self.confusion is not None:  # replicated: read from one device
         self.confusion += np.asarray(counts, np.int64)
     flat = np.concatenate(predictions)
     out, start = [], 0
