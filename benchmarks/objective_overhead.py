@@ -177,9 +177,7 @@ def main(argv=None) -> dict:
       ("mem", "peak mem delta MiB"),
     ],
   )
-  result = {"benchmark": "objective_overhead", "args": vars(args), "environment": env, "rows": rows}
-  output.write_json(args.json, result)
-  return result
+  return output.finish("objective_overhead", args, env, rows)
 
 
 if __name__ == "__main__":

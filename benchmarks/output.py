@@ -75,3 +75,11 @@ def write_json(path: str | None, result: dict) -> None:
     with open(path, "w") as f:
       json.dump(_jsonable(result), f, indent=2)
     print(f"wrote {path}")
+
+
+def finish(benchmark: str, args, env: dict, rows: list[dict], **extra) -> dict:
+  """A script's result ({"benchmark", "args", "environment", extra..., "rows"}), written to
+  `args.json` when given."""
+  result = {"benchmark": benchmark, "args": vars(args), "environment": env, **extra, "rows": rows}
+  write_json(args.json, result)
+  return result

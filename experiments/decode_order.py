@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from flowseg_jax import inference, inference_host
+from flowseg_jax import inference, inference_host, scoring
 from flowseg_jax.data import synthetic, transforms
 from flowseg_jax.evaluators import miou
 
@@ -39,7 +39,7 @@ def compare_orders(segmenter: inference.Segmenter, examples, *, num_steps=None) 
       "decode_then_resize": transforms.resize_label(coarse, label.shape),
     }
     for order, pred in preds.items():
-      matrices[order] += miou.confusion_matrix(pred, label, n)
+      matrices[order] += scoring.confusion_matrix(pred, label, n)
   return {order: miou.compute_metrics(m) for order, m in matrices.items()}
 
 

@@ -91,44 +91,95 @@ def squared_distances(x: jax.Array, centroids: jax.Array) -> jax.Array:
   return d
 
 
-def decode_colours(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 64) -> jax.Array:
+def _class_distance(x: jax.Array, centroids: jax.Array, k) -> jax.Array:
+  """||x - mu_k||^2 (...,) for one class k (a traced index), summed channel by channel in the
+  order `squared_distances` sums them, so both give the same float32 numbers."""
+  d = 0.0
+  for c in range(x.shape[-1]):
+    d = d + jnp.square(x[..., c] - centroids[k, c])
+  return d
+
+
+def _check_decode(name: str, x, centroids, unroll: int) -> None:
+  if x.shape[-1] != 3 or centroids.ndim != 2 or centroids.shape[-1] != 3:
+    raise ValueError(
+      f"{name}: expected colours (..., 3) and centroids (N, 3), got {x.shape}, {centroids.shape}"
+    )
+  if unroll < 1:
+    raise ValueError(f"{name}: chunk_size must be >= 1, got {unroll}")
+
+
+def decode_colours(x: jax.Array, centroids: jax.Array, *, chunk_size: int = 8) -> jax.Array:
   """Nearest-centroid decoding: colours (..., 3) -> int32 labels (...).
 
-  Memory is bounded by (pixels x chunk_size): classes are scanned in chunks of `chunk_size` with a running
-  minimum, so a 16x512x512 batch with 171 classes never materialises the full (pixels x N) distance array.
-  Ties go to the lower class index, as argmin does.
+  A running minimum over the classes, `chunk_size` classes unrolled per loop step: nothing larger
+  than the labels is materialised, every step is one elementwise pass over the pixels (XLA:CPU
+  decodes a 512x512 image against 150 classes ~100x faster this way than with (pixels x classes)
+  distance blocks), and the distances are `squared_distances`'s numbers, so the labels are
+  `inference_host.decode_colours_host`'s. Ties go to the lower class index, as argmin does.
   """
   x = jnp.asarray(x)
   centroids = jnp.asarray(centroids, dtype=jnp.promote_types(x.dtype, jnp.float32))
   x = x.astype(centroids.dtype)
-  if x.shape[-1] != 3 or centroids.ndim != 2 or centroids.shape[-1] != 3:
-    raise ValueError(
-      f"decode_colours: expected x (..., 3) and centroids (N, 3), got {x.shape}, {centroids.shape}"
-    )
-  if chunk_size < 1:
-    raise ValueError(f"decode_colours: chunk_size must be >= 1, got {chunk_size}")
+  _check_decode("decode_colours", x, centroids, chunk_size)
+
+  def step(k, carry):
+    best, index = carry
+    d = _class_distance(x, centroids, k)
+    better = d < best  # strict: the lower index keeps a tie
+    return jnp.where(better, d, best), jnp.where(better, k, index)
+
+  start = (jnp.full(x.shape[:-1], jnp.inf, centroids.dtype), jnp.zeros(x.shape[:-1], jnp.int32))
   n = centroids.shape[0]
-  if n <= chunk_size:
-    return jnp.argmin(squared_distances(x, centroids), axis=-1).astype(jnp.int32)
+  _, labels = jax.lax.fori_loop(0, n, step, start, unroll=min(chunk_size, n))
+  return labels
 
-  num_chunks = -(-n // chunk_size)
-  pad = num_chunks * chunk_size - n
-  # Padded centroids sit at +inf distance so they never win.
-  padded = jnp.concatenate([centroids, jnp.full((pad, 3), jnp.inf, centroids.dtype)], axis=0)
-  chunks = padded.reshape(num_chunks, chunk_size, 3)
 
-  def body(carry, inputs):
-    best_d, best_i = carry
-    chunk, offset = inputs
-    d = squared_distances(x, chunk)
-    i = jnp.argmin(d, axis=-1)
-    d_min = jnp.take_along_axis(d, i[..., None], axis=-1)[..., 0]
-    better = d_min < best_d  # strict: earlier chunks win ties
-    return (jnp.where(better, d_min, best_d), jnp.where(better, i + offset, best_i)), None
+def decode_views(
+  views: jax.Array,
+  centroids: jax.Array,
+  *,
+  tau: float = 1.0,
+  eps: float = 1e-6,
+  chunk_size: int = 8,
+) -> jax.Array:
+  """Several views' colours of the same pixels (V, ..., 3) -> int32 labels (...): the class of
+  highest mean probability over views, p_k = (d_k + eps)^(-1/tau) / sum_j (d_j + eps)^(-1/tau)
+  with d_k the squared distance to class k's colour (the potential's softmax, FlowSeg eq 9 with
+  T = -log), as mmseg averages the logits of test-time views. Ties go to the lower class index.
 
-  init = (jnp.full(x.shape[:-1], jnp.inf, centroids.dtype), jnp.zeros(x.shape[:-1], jnp.int32))
-  offsets = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
-  (_, labels), _ = jax.lax.scan(body, init, (chunks, offsets))
+  Worked in log space (a small tau would overflow the weights in float32), in two running passes
+  over the classes (`chunk_size` unrolled per step, as `decode_colours`): every view's normaliser
+  (a running log-sum-exp), then the summed probabilities with a running maximum. Nothing larger
+  than (V, ...) is materialised.
+  """
+  x = jnp.asarray(views, jnp.float32)
+  mu = jnp.asarray(centroids, jnp.float32)
+  if x.ndim < 2:
+    raise ValueError(f"decode_views: expected views (V, ..., 3), got {x.shape}")
+  _check_decode("decode_views", x, mu, chunk_size)
+  n = mu.shape[0]
+  unroll = min(chunk_size, n)
+  log_weight = lambda k: -jnp.log(_class_distance(x, mu, k) + eps) / tau  # (V, ...)
+
+  def normaliser(k, carry):  # running log-sum-exp over classes, per view and pixel
+    top, total = carry
+    lw = log_weight(k)
+    new_top = jnp.maximum(top, lw)
+    return new_top, total * jnp.exp(top - new_top) + jnp.exp(lw - new_top)
+
+  start = (log_weight(0), jnp.ones(x.shape[:-1]))
+  top, total = jax.lax.fori_loop(1, n, normaliser, start, unroll=unroll)
+  log_norm = top + jnp.log(total)
+
+  def best_class(k, carry):
+    best, index = carry
+    score = jnp.exp(log_weight(k) - log_norm).sum(0)  # summed over views
+    better = score > best  # strict: the lower index keeps a tie
+    return jnp.where(better, score, best), jnp.where(better, k, index)
+
+  start = (jnp.full(x.shape[1:-1], -jnp.inf), jnp.zeros(x.shape[1:-1], jnp.int32))
+  _, labels = jax.lax.fori_loop(0, n, best_class, start, unroll=unroll)
   return labels
 
 

@@ -43,7 +43,6 @@ from flowseg_jax import checkpointing, sampling, sharding, tasks
 from flowseg_jax.data import classes
 from flowseg_jax.inference_host import (
   decode_colours_host,
-  decode_views_host,
   mean_colours,
   network_input,
   resize_colours,
@@ -53,6 +52,7 @@ from flowseg_jax.inference_host import (
 from flowseg_jax.run import files
 from flowseg_jax.run.agreement import Agreement
 from flowseg_jax.run.progress import Progress
+from flowseg_jax.scoring import PixelScorer
 
 # ------------------------------------------------------------------------------------------------
 # The sampler.
@@ -84,19 +84,6 @@ def sample_fn(task, mesh, options: sampling.SamplerOptions, *, trajectory: bool 
   (task, mesh, options).
   """
   return _compiled_sampler(task, mesh, options, trajectory)
-
-
-# ------------------------------------------------------------------------------------------------
-# Host-side image handling.
-# ------------------------------------------------------------------------------------------------
-
-
-def local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in the order they were given."""
-  shards = {}
-  for shard in array.addressable_shards:
-    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
-  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,9 +322,10 @@ class Segmenter:
     adaptive: bool | None = None,
     tta: str | None = None,
     progress: Progress | None = None,
+    confusion: np.ndarray | None = None,
   ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, float]]:
     """(key, uint8 rgb (h, w, 3), prompt) items -> (key, colours at the network's resolution, int32
-    labels (h, w), mean step scale dt), in order, as soon as each image's windows are done.
+    labels (h, w), mean step scale dt), in order, as soon as the pixel chunk of its image is decoded.
 
     tta (default config.eval.tta): 'none', or 'flip': each window also goes through the network
     mirrored left-right, its colours are mirrored back, and the label is the class with the
@@ -348,6 +336,10 @@ class Segmenter:
     (config.eval.tta_scales): each view is the image at that multiple of its scale-1 size
     (`network_input`: padded below the window, windowed above), and every view's colours are
     resized to the image's size before the probabilities are averaged.
+
+    Colours resized to each image's size are decoded on device in chunks of pixels of many
+    images (`scoring.PixelScorer`). confusion: an int64 (N, N) array; with it every item is (key,
+    rgb, prompt, annotation (h, w)) and the images' counts (on device) are added to it.
 
     Multi-process: every process calls this with its own items (num_items of them); the number of
     device calls is agreed over processes, and so is an error reading or preparing one process's
@@ -364,17 +356,19 @@ class Segmenter:
     crop = tuple(int(s) for s in self.config.input.image_size)
     scales = sorted({scale for scale, _ in views})
     cond_shape, cond_dtype = self.task.condition_spec()
+    scorer = PixelScorer(self.task, self.mesh.local_mesh, len(views), confusion)
     with jax.set_mesh(self.mesh):
       for _ in range(num_chunks):
         group, windows = [], []
         with agreement.hold():
           taken = _take(items, chunk)
-          conditions = self.conditions([prompt for _, _, prompt in taken])
+          conditions = self.conditions([item[2] for item in taken])
           # (key, rgb, condition, {scale: (input, corners, valid)})
           group = [
             (key, rgb, cond, {s: network_input(rgb, self.config, mode, s) for s in scales})
-            for (key, rgb, _), cond in zip(taken, conditions, strict=True)
+            for (key, rgb, *_), cond in zip(taken, conditions, strict=True)
           ]
+          annotations = [item[3] if confusion is not None else None for item in taken]
           windows = [
             (g, v, y0, x0)
             for g, (*_, inputs) in enumerate(group)
@@ -402,7 +396,7 @@ class Segmenter:
             conds[j] = group[g][2]
           arrays = sharding.shard_batch({"x": crops, "c": conds}, self.mesh)
           colours, _, dt = fn(self.params, arrays["x"], arrays["c"])
-          colours, dt = local_rows(colours), local_rows(dt)
+          colours, dt = sharding.local_rows(colours), sharding.local_rows(dt)
           for j, (g, v, y0, x0) in enumerate(batch):
             out = colours[j][:, ::-1] if views[v][1] else colours[j]  # mirrored back
             sums[g][v][y0 : y0 + crop[0], x0 : x0 + crop[1]] += out
@@ -416,26 +410,26 @@ class Segmenter:
                 h, w = inputs[scale][2]
                 per_view.append(total[:h, :w] / count[:h, :w, None])
               sums[g] = counts[g] = None
-              if len(views) == 1:
-                labels = self.decode(per_view[0], rgb.shape[:2])
-              else:
-                labels = self.decode_views(per_view, rgb.shape[:2])
+              resized = np.stack([resize_colours(v, rgb.shape[:2]) for v in per_view])
               ref = min(range(len(views)), key=lambda i: abs(views[i][0] - 1.0))
-              yield key, mean_colours(per_view, ref), labels, dts[g] / num_windows[g]
-              if progress is not None:
-                progress.update()
-
-  def decode_views(self, views: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Colours of several views of one image (test-time augmentation) -> int32 labels at `size`,
-    by the mean of the potential's class probabilities over views (`decode_views_host`)."""
-    resized = np.stack([resize_colours(v, size) for v in views])
-    obj = self.task.objective
-    return decode_views_host(resized, self.centroids, tau=obj.tau, eps=obj.eps)
+              item = (key, mean_colours(per_view, ref), dts[g] / num_windows[g])
+              scorer.add(item, resized, annotations[g])
+              if scorer.full:
+                yield from _decoded(scorer, progress)
+        yield from _decoded(scorer, progress)
 
   def decode(self, colours: np.ndarray, size: tuple[int, int], *, confidence: bool = False):
     """Colours at the network's resolution -> int32 labels at `size` (resize bilinearly, then
     decode); with confidence, (labels, confidence) as `decode_colours_host`."""
     return decode_colours_host(resize_colours(colours, size), self.centroids, confidence=confidence)
+
+
+def _decoded(scorer: PixelScorer, progress: Progress | None):
+  """The scorer's pending images decoded, as segment_stream's items, in order."""
+  for (key, colours, dt), labels in scorer.flush():
+    yield key, colours, labels, dt
+    if progress is not None:
+      progress.update()
 
 
 def _take(items: Iterator, n: int) -> list:

@@ -4,9 +4,10 @@
 `network_input` makes an image the network's input, whole (resized to `config.input.image_size`)
 or as mmseg's grid of sliding windows (`slide_settings`, `slide_windows`); `resize_colours` brings
 the network's continuous colours to the image's size and `decode_colours_host` decodes them to the
-nearest class colour, optionally with a confidence margin. Test-time augmentation: `tta_views`
-lists the (scale, mirrored) views, `decode_views_host` decodes them together, `mean_colours`
-averages their colours for pictures.
+nearest class colour, optionally with a confidence margin (the Segmenter's stream decodes on
+device, `scoring.py`; this is `return_confidence`'s decoder). Test-time augmentation: `tta_views`
+lists the (scale, mirrored) views, `mean_colours` averages their colours for pictures (the labels
+decode the views together, `centroids.decode_views`).
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ def resize_colours(colours: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def decode_colours_host(colours: np.ndarray, centroids: np.ndarray, *, confidence: bool = False):
   """Nearest centroid on the host, (H, W, 3) -> int32 (H, W): the arithmetic of
-  `centroids.squared_distances` (channel by channel, float32), ties to the lower index. One class at a
-  time over channel planes, in place: no (pixels x classes) array.
+    `centroids.squared_distances` (channel by channel, float32), ties to the lower index, so its labels
+  are `centroids.decode_colours`'s. One class at a
+    time over channel planes, in place: no (pixels x classes) array.
 
-  confidence=True also returns float32 (H, W) in [0, 1]: with mu_1, mu_2 the nearest and the
-  second-nearest class colour, (|x - mu_2| - |x - mu_1|) / |mu_1 - mu_2|. It is 1 where the colour
-  sits on its class's colour and 0 on the plane halfway to the runner-up, where one class is as
-  likely as the other (the triangle inequality bounds it by 1).
+    confidence=True also returns float32 (H, W) in [0, 1]: with mu_1, mu_2 the nearest and the
+    second-nearest class colour, (|x - mu_2| - |x - mu_1|) / |mu_1 - mu_2|. It is 1 where the colour
+    sits on its class's colour and 0 on the plane halfway to the runner-up, where one class is as
+    likely as the other (the triangle inequality bounds it by 1).
   """
   x = np.asarray(colours, np.float32)
   mu = np.asarray(centroids, np.float32)
@@ -164,30 +166,6 @@ def network_input(
   image = np.zeros((*padded, 3), np.float32)
   image[: valid[0], : valid[1]] = transforms.normalize_image(transforms.resize_image(rgb, valid))
   return image, list(slide_windows(*padded, crop, stride)), valid
-
-
-def decode_views_host(
-  views: np.ndarray, centroids: np.ndarray, *, tau: float = 1.0, eps: float = 1e-6
-) -> np.ndarray:
-  """Several views' colours of one image (V, H, W, 3) -> int32 (H, W): the class with the highest
-  mean probability over views, p_k = (d_k + eps)^(-1/tau) / sum_j (d_j + eps)^(-1/tau) with d the
-  squared distance to class k's colour (the potential's softmax, FlowSeg eq 9 with T = -log).
-  Two passes over the classes (the normaliser, then the scores): no (pixels x classes) array."""
-  x = np.asarray(views, np.float64)
-  mu = np.asarray(centroids, np.float64)
-
-  def weight(k):  # (V, H, W) unnormalised probabilities of class k
-    return (np.square(x - mu[k]).sum(-1) + eps) ** (-1.0 / tau)
-
-  norm = sum(weight(k) for k in range(len(mu)))
-  best = np.full(x.shape[1:3], -np.inf)
-  index = np.zeros(x.shape[1:3], np.int32)
-  for k in range(len(mu)):
-    score = (weight(k) / norm).sum(0)
-    better = score > best
-    best[better] = score[better]
-    index[better] = k
-  return index
 
 
 def tta_views(config, tta: str | None = None) -> list[tuple[float, bool]]:

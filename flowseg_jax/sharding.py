@@ -184,3 +184,12 @@ def assert_sufficiently_sharded(params, shardings, mesh, *, min_bytes: int = 4 *
       + ", ".join(offenders)
     )
   logging.info("All parameters >= %d bytes are sharded over 'fsdp'.", min_bytes)
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in the order they were given: each device's
+  shard is fetched on its own (no gather of a split array through one device)."""
+  shards = {}
+  for shard in array.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, np.asarray(shard.data))
+  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)

@@ -13,7 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import configs, flops, hardware, objective_overhead, sampling, timing, train_step
+from benchmarks import (
+  configs,
+  eval_rate,
+  flops,
+  hardware,
+  objective_overhead,
+  sampling,
+  timing,
+  train_step,
+)
 from flowseg_jax.models import pixnerd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +156,19 @@ def test_sampling_main_smoke():
   for row in (one, two):  # the compiled sampler really runs num_steps network evaluations
     assert row["jaxpr_matmul_flops"] == row["model_flops"]
   assert one["jax_images_per_s"] > 0 and one["torch_images_per_s"] > 0
+
+
+def test_eval_rate_main_smoke():
+  """Eval and train on the same case (one device): 3 sampler calls of the case's 8 images, the
+  images and annotations at twice the network's size (colours resized before decoding)."""
+  result = eval_rate.main(
+    [*TINY, "--config", "configs/demo.py:smoke", "--cases", "tiny/4:16:8", "--eval-batches", "3"]
+    + ["--annotation-scale", "2", "--num-steps", "2"]
+  )
+  (row,) = result["rows"]
+  assert row["eval_images"] == 24 and row["num_steps"] == 2 and row["annotation"] == (32, 32)
+  assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
+  assert row["ratio"] == pytest.approx(row["eval_images_per_s"] / row["train_images_per_s"])
 
 
 def _official_checkout(root):

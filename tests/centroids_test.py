@@ -38,7 +38,7 @@ def test_decode_ties_go_to_lower_index_across_chunks():
 
 
 def test_decode_memory_is_bounded_by_chunk():
-  """The compiled program's temporaries scale with the chunk, not with the number of classes."""
+  """The compiled program's temporaries stay far below a (pixels x classes) distance array."""
   cents = centroids_lib.kronecker_centroids(171)
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
 

@@ -75,6 +75,7 @@ def test_tiny_config_compiles_for_a_tpu_topology(tmp_path):
   # FSDP over 2 chips: the parameters are gathered, the gradients reduced.
   assert row["train"]["collective_bytes"].get("all-gather", 0) > 0
   assert row["sampler"]["memory"]["peak_bytes"] > 0 and row["sampler"]["batch"] == 4
+  assert 0 < row["sampler"]["scorer"]["memory"]["peak_bytes"] <= row["sampler"]["eval_peak_bytes"]
 
 
 def test_tiny_config_compiles_for_a_gpu_target(tmp_path):

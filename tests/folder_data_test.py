@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import defaults, main, pretrained, tasks
+from flowseg_jax import defaults, main, pretrained, scoring, tasks
 from flowseg_jax.data import folder, pipeline, preflight, sources
 from flowseg_jax.evaluators import miou
 from tools.make_folder_dataset import write_folder_dataset
@@ -357,15 +357,13 @@ def _palette_config(tmp_path):
 def test_class_names_and_palette_reach_the_eval_json_pictures_and_writer(tmp_path):
   palette = PALETTE
   config = _palette_config(tmp_path)
-  segmenter = types.SimpleNamespace(
-    config=config, task=types.SimpleNamespace(decode_centroids=None)
-  )
+  segmenter = types.SimpleNamespace(config=config, palette=tasks.create_task(config).palette)
   evaluator = miou.MiouEvaluator(segmenter)
   label, pred = np.array([[0, 1], [2, 255]]), np.array([[0, 1], [1, 0]])
   evaluator.pictures = [
     ("x", np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.float32), pred, label)
   ]
-  result = miou.compute_metrics(miou.confusion_matrix(pred, label, 3))
+  result = miou.compute_metrics(scoring.confusion_matrix(pred, label, 3))
   result.update(num_examples=1, num_skipped_examples=0)
 
   class Writer:

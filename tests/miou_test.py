@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flowseg_jax import scoring
 from flowseg_jax.evaluators import miou as metrics
 
 
@@ -25,7 +26,7 @@ def test_hand_computed_case():
   # 3 classes; class 2 absent from GT and predicted once -> IoU_2 = 0, Acc_2 = NaN.
   label = np.array([[0, 0, 1, 255]])
   pred = np.array([[0, 1, 2, 2]])
-  cm = np.asarray(metrics.confusion_matrix(pred, label, 3))
+  cm = np.asarray(scoring.confusion_matrix(pred, label, 3))
   np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
   r = metrics.compute_metrics(cm)
   np.testing.assert_allclose(r["IoU"], [1 / 2, 0 / 2, 0.0])
@@ -49,7 +50,7 @@ def test_class_absent_everywhere_is_excluded_from_mean():
 
 def test_all_ignored_gives_nan_not_crash():
   label = np.full((2, 3), 255)
-  cm = np.asarray(metrics.confusion_matrix(np.zeros((2, 3), int), label, 4))
+  cm = np.asarray(scoring.confusion_matrix(np.zeros((2, 3), int), label, 4))
   assert cm.sum() == 0
   r = metrics.compute_metrics(cm)
   assert np.isnan(r["aAcc"]) and np.isnan(r["mIoU"]) and np.isnan(r["mAcc"])
@@ -63,7 +64,7 @@ def test_against_bruteforce_summed_over_images():
   labels[rng.uniform(size=labels.shape) < 0.15] = 255
   total = np.zeros((n, n), np.int64)
   for p, g in zip(preds, labels, strict=True):  # per image, as the evaluator counts
-    total += metrics.confusion_matrix(p, g, n)
+    total += scoring.confusion_matrix(p, g, n)
   assert total.dtype == np.int64
   r = metrics.compute_metrics(total)
   a_acc, miou, macc, iou, acc = mmseg_bruteforce(preds, labels, n)
@@ -76,19 +77,19 @@ def test_against_bruteforce_summed_over_images():
 
 
 def test_counts_are_int64_and_out_of_range_predictions_dropped():
-  cm = metrics.confusion_matrix(np.array([0, 1, 5, -1]), np.array([0, 1, 1, 0]), 2)
+  cm = scoring.confusion_matrix(np.array([0, 1, 5, -1]), np.array([0, 1, 1, 0]), 2)
   assert cm.dtype == np.int64
   np.testing.assert_array_equal(cm, [[1, 0], [0, 1]])
   big = np.full((2, 2), 2**31 - 1, np.int64)
-  total = big + metrics.confusion_matrix(np.zeros(4, int), np.zeros(4, int), 2) + big
+  total = big + scoring.confusion_matrix(np.zeros(4, int), np.zeros(4, int), 2) + big
   assert int(total[0, 0]) == 2 * (2**31 - 1) + 4
   assert metrics.compute_metrics(total)["aAcc"] == pytest.approx(0.5, rel=1e-9)
 
 
 def test_bad_input():
   with pytest.raises(ValueError, match="differ"):
-    metrics.confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 3)
+    scoring.confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 3)
   with pytest.raises(ValueError, match="square"):
     metrics.compute_metrics(np.zeros((2, 3)))
   with pytest.raises(ValueError, match="num_classes"):
-    metrics.confusion_matrix(np.zeros(2, int), np.zeros(2, int), 0)
+    scoring.confusion_matrix(np.zeros(2, int), np.zeros(2, int), 0)

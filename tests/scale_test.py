@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import configs
-from flowseg_jax import defaults, sharding, train_state, train_step
+from flowseg_jax import defaults, scoring, sharding, train_state, train_step
 from tools import abstract_inputs, hlo_counts, plan_presets, scale
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +63,18 @@ def test_planner_tiny_config_with_repa_on_8_devices(tmp_path):
     row["sampler"]["batch"] == 8 * config.eval.batch_per_device
     and row["sampler"]["memory"]["peak_bytes"] > 0
   )
+  # The scorer (decoding + confusion matrix): one full call of pixels per device, whose float32
+  # colours and int32 labels are its arguments; the eval peak is the larger program's.
+  scorer = row["sampler"]["scorer"]
+  pixels = scoring.MAX_PIXELS_PER_DEVICE
+  assert scorer["pixels_per_device"] == pixels and scorer["views"] == 1
+  assert scorer["memory"]["argument_bytes"] == pixels * (3 * 4 + 4)
+  assert row["sampler"]["eval_peak_bytes"] == max(
+    row["sampler"]["memory"]["peak_bytes"], scorer["memory"]["peak_bytes"]
+  )
+  # Training's 3 forward-equivalents per image against evaluation's num_steps forwards.
+  want = 3 / config.eval.num_steps
+  assert row["sampler"]["rate_vs_train"] == pytest.approx(want, rel=1e-9)
   assert (tmp_path / "p.json").exists()
 
 

@@ -4,7 +4,7 @@ and decoded by the mean of the potential's class probabilities over views."""
 import numpy as np
 import pytest
 
-from flowseg_jax import inference, inference_host, train
+from flowseg_jax import centroids, inference, inference_host, train
 from flowseg_jax.data import transforms
 from tests.train_test import tiny_config
 
@@ -31,9 +31,10 @@ def _views(seg, img, tta=None, mode=None):
 
 
 def _decode(seg, views, size):
+  """The views resized to the image's size and decoded together (the rule: scoring_test)."""
   obj = seg.task.objective
   resized = np.stack([inference_host.resize_colours(v, size) for v in views])
-  return inference_host.decode_views_host(resized, seg.centroids, tau=obj.tau, eps=obj.eps)
+  return np.asarray(centroids.decode_views(resized, seg.centroids, tau=obj.tau, eps=obj.eps))
 
 
 def test_flip_averages_a_window_and_its_mirror(seg):

@@ -1,4 +1,5 @@
-"""The inputs of the train step and the sampler as `ShapeDtypeStruct`s with shardings: nothing allocated.
+"""The inputs of the train step, the sampler and the scorer as `ShapeDtypeStruct`s with shardings:
+nothing allocated.
 
 What the planner (scale.py) compiles and the exports (export.py) lower, for any mesh.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flowseg_jax import models, sharding, train_state, train_step
+from flowseg_jax import models, scoring, sharding, train_state, train_step
 from flowseg_jax.models import dinov2
 
 
@@ -53,3 +54,16 @@ def sampler_inputs(config, mesh, task) -> tuple[jax.ShapeDtypeStruct, jax.ShapeD
   images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=data)
   shape, dtype = task.condition_spec()
   return images, jax.ShapeDtypeStruct((b, *shape), dtype, sharding=data)
+
+
+def scorer_inputs(mesh, num_views: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """(colours float32 (V, P, 3), labels int32 (P,)) of one full scorer call
+  (`scoring.score_fn`): `scoring.MAX_PIXELS_PER_DEVICE` pixels per device."""
+  p = scoring.MAX_PIXELS_PER_DEVICE * mesh.size
+  spec = sharding.BATCH_AXES
+  colours = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, spec))
+  labels = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec))
+  return (
+    jax.ShapeDtypeStruct((num_views, p, 3), jnp.float32, sharding=colours),
+    jax.ShapeDtypeStruct((p,), jnp.int32, sharding=labels),
+  )

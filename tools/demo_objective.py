@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax import flow, sampling
+from flowseg_jax import flow, sampling, scoring
 from flowseg_jax.evaluators import miou
 
 
@@ -62,7 +62,7 @@ def main() -> None:
   for steps in (1, 10):
     x1 = sampling.sample(oracle, images, num_steps=steps, prediction="x")
     pred = centroids_lib.decode_colours(x1, cents)
-    cm = miou.confusion_matrix(pred, labels, num_classes)
+    cm = scoring.confusion_matrix(pred, labels, num_classes)
     result = miou.summary_percent(miou.compute_metrics(cm))
     print(f"\nEuler, {steps:2d} step(s), noisy oracle -> nearest centroid: {result}")
 

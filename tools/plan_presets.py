@@ -6,7 +6,8 @@ config, stage and preset this compiles the train step and the sampler with that 
 `tools.scale` (compile-only devices: no TPU or GPU is needed) and, with `--cpu`, the same program on
 as many XLA:CPU host devices, and writes one table: per device arguments / temporaries / peak,
 the fit against the chip's memory, XLA:CPU's peak and how far it is off, compile times, the
-sampler's peak and the cuDNN fused-attention calls of the GPU programs.
+eval peak (the larger of the sampler's and the scorer's, `tools.scale.plan_sampler`) and the cuDNN
+fused-attention calls of the GPU programs.
 
 The TPU and GPU compilers live in different installs (libtpu; the CUDA plugin), so each kind of
 target runs under its own interpreter (`--tpu-python`, `--gpu-python`; default this one). Rows
@@ -180,7 +181,7 @@ def table(cases_: list[dict], rows: list[dict], cpu_peaks: dict | None = None) -
       compile=f"{t['compile_s']:.0f}",
     )
     if "sampler" in native:
-      line["sampler"] = scale._gib(native["sampler"]["memory"]["peak_bytes"])
+      line["sampler"] = scale._gib(native["sampler"]["eval_peak_bytes"])
     if case["target"].startswith("gpu:"):
       line["fused"] = str(t["fused_attention"])
     cpu_peak = None
@@ -212,7 +213,7 @@ COLUMNS = [
   ("cpu_over", "CPU vs real"),
   ("compile", "compile s"),
   ("cpu_compile", "CPU compile s"),
-  ("sampler", "sampler peak GiB"),
+  ("sampler", "eval peak GiB"),
   ("fused", "fused attn calls"),
   ("note", "note"),
 ]

@@ -5,7 +5,8 @@ For a config and each device count N (host-platform CPU devices, one subprocess 
 and each mesh shape (data x fsdp = N, fsdp a power of two) and remat policy, this lowers and
 compiles the train step (`train_step.compile_train_step` on `train_state.abstract_train_state`,
 with the REPA teacher as `ShapeDtypeStruct`s of the configured DINOv2 variant: nothing is
-allocated) and the Euler sampler (`inference.sample_fn`, `config.eval.num_steps` steps), and prints per
+allocated) and evaluation's programs (the Euler sampler `inference.sample_fn`, `config.eval.num_steps`
+steps, and the decoding and confusion matrix of `scoring.score_fn`), and prints per
 device: argument, output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments
 + non-aliased outputs + temporaries), XLA's FLOPs (`cost_analysis()`, a while-loop body counted
 once) next to the model FLOPs / N, the bytes of every all-gather / reduce-scatter / all-reduce /
@@ -128,34 +129,51 @@ def _model_flops(arch: dict, passes: int, h: int, w: int, n: int) -> float | Non
 
 
 def plan_sampler(config, setup, state, mesh, rules) -> dict:
-  """Compiles the Euler sampler on the EMA denoiser (sharded like training), config.eval.batch_per_device images per device."""
+  """Compiles evaluation's two device programs: the Euler sampler on the EMA denoiser (sharded like
+  training), config.eval.batch_per_device windows per device, and the scorer that decodes and
+  counts the confusion matrix (`scoring.score_fn`, one full call of pixels per device, with
+  config.eval.tta's views). They run one after the other: the eval peak is the larger."""
   import flax.linen as nn
   import jax
 
   from benchmarks import flops
-  from flowseg_jax import inference
+  from flowseg_jax import inference, inference_host, scoring
   from tools import abstract_inputs
 
   n = mesh.size
   images, conds = abstract_inputs.sampler_inputs(config, mesh, setup.task)
   b, h, w, _ = images.shape
+  num_views = len(inference_host.tta_views(config))
+  colours, labels = abstract_inputs.scorer_inputs(mesh, num_views)
   # Built outside the mesh context: its centroid table is then made on the host's default device
   # (under the mesh it would be placed on the mesh, whose devices may be compile-only).
   fn = inference.sample_fn(setup.task, mesh, setup.task.sampler_options())
+  score = scoring.score_fn(setup.task, mesh, num_views)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     start = time.perf_counter()
     compiled = fn.lower(state.ema_params["denoiser"], images, conds).compile()
     compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scorer = score.lower(colours, labels).compile()
+    scorer_s = time.perf_counter() - start
   arch = setup.task.architecture()
   steps = config.eval.num_steps
+  memory, scorer_memory = _memory(compiled), _memory(scorer)
   return {
     "batch": b,
     "num_steps": steps,
     "compile_s": compile_s,
-    "memory": _memory(compiled),
+    "memory": memory,
     "xla_flops": flops.xla_flops(compiled),
     "model_flops": _model_flops(arch, steps * b, h, w, n),
     "collective_bytes": hlo_counts.collective_bytes(compiled.as_text()),
+    "scorer": {
+      "pixels_per_device": colours.shape[1] // n,
+      "views": num_views,
+      "compile_s": scorer_s,
+      "memory": scorer_memory,
+    },
+    "eval_peak_bytes": max(memory["peak_bytes"], scorer_memory["peak_bytes"]),
   }
 
 
@@ -224,7 +242,12 @@ def plan_devices(
       else:  # the target's own compiler: judged against its own memory
         row["fit"] = fit(peak, device_gib)
       if sampler:
-        row["sampler"] = plan_sampler(config, setup, state, mesh, rules)
+        row["sampler"] = s = plan_sampler(config, setup, state, mesh, rules)
+        # Model FLOPs per image, training's forward + backward against evaluation's num_steps
+        # forwards: the eval/train images/s that an equal MFU gives (benchmarks/eval_rate.py
+        # measures the real ratio).
+        per_train_image = row["train"]["model_flops"] / config.input.batch_size
+        s["rate_vs_train"] = per_train_image / (s["model_flops"] / s["batch"])
       print(json.dumps({"progress": _short(row)}), file=sys.stderr, flush=True)
   return rows
 
@@ -317,7 +340,11 @@ def table_rows(rows: list[dict]) -> list[dict]:
       row["fused"] = str(t.get("fused_attention", 0))
     if "sampler" in r:
       s = r["sampler"]
-      row["sampler"] = f"{_gib(s['memory']['peak_bytes'])} (b{s['batch']}, {s['compile_s']:.0f} s)"
+      row["sampler"] = (
+        f"{_gib(s['eval_peak_bytes'])} (sampler b{s['batch']} {_gib(s['memory']['peak_bytes'])}, "
+        f"scorer {_gib(s['scorer']['memory']['peak_bytes'])}; {s['compile_s']:.0f} s; "
+        f"x{s['rate_vs_train']:.2f} train img/s at equal MFU)"
+      )
     out.append(row)
   return out
 
@@ -341,7 +368,7 @@ COLUMNS = [
   *[(t, t) for t in TARGETS],
   ("fit", "fit (device memory)"),
   ("fused", "fused attn calls"),
-  ("sampler", "sampler peak GiB"),
+  ("sampler", "eval peak GiB"),
   ("note", "note"),
 ]
 

@@ -1,13 +1,14 @@
 """Semantic segmentation scored as mmseg scores it: a dataset-level confusion matrix -> aAcc, mIoU,
 mAcc, per-class IoU, with pictures.
 
-The confusion matrix (rows = ground truth, columns = prediction) is counted per image on the host in
-int64 (a whole COCO-Stuff val set has ~1.5e9 pixels, too close to the int32 limit) and summed over the
-dataset and the processes. Definitions (mmseg IoUMetric): pixels whose label is `ignore_index` are
-dropped; I_c, P_c, L_c are the per-class intersection, prediction and label counts summed over the
-dataset; IoU_c = I_c / (P_c + L_c - I_c), Acc_c = I_c / L_c (NaN for 0/0); aAcc = sum I / sum L; mIoU and
-mAcc are NaN-excluding means. Predictions must lie in [0, N) (the nearest-centroid decoder guarantees
-it); out-of-range predictions are not counted.
+The confusion matrix (rows = ground truth, columns = prediction) is counted on device with the
+decoding, per chunk of pixels in int32 (`scoring`), summed on the host in int64 (a whole COCO-Stuff
+val set has ~1.5e9 pixels, too close to the int32 limit) and over the processes. Definitions
+(mmseg IoUMetric): pixels whose label is `ignore_index` are dropped; I_c, P_c, L_c are the
+per-class intersection, prediction and label counts summed over the dataset; IoU_c = I_c / (P_c +
+L_c - I_c), Acc_c = I_c / L_c (NaN for 0/0); aAcc = sum I / sum L; mIoU and mAcc are NaN-excluding
+means. Predictions must lie in [0, N) (the nearest-centroid decoder guarantees it); out-of-range
+predictions are not counted.
 
 Each image's continuous colours are resized bilinearly to the annotation's size and decoded there
 (the Segmenter does it, as mmseg resizes logits before the argmax). Training writes
@@ -27,26 +28,6 @@ from flowseg_jax import defaults, storage
 from flowseg_jax.data import classes, pipeline, transforms
 from flowseg_jax.evaluators import common
 from flowseg_jax.run import files, progress
-
-
-def confusion_matrix(
-  predictions, labels, num_classes: int, *, ignore_index: int = centroids_lib.IGNORE_LABEL
-) -> np.ndarray:
-  """(N, N) int64 counts on the host, rows = label, columns = prediction; any matching shapes."""
-  predictions, labels = np.asarray(predictions), np.asarray(labels)
-  if predictions.shape != labels.shape:
-    raise ValueError(
-      f"confusion_matrix: predictions {predictions.shape} and labels {labels.shape} differ"
-    )
-  if num_classes < 1:
-    raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
-  labels = labels.astype(np.int64).ravel()
-  predictions = predictions.astype(np.int64).ravel()
-  valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-  valid &= (predictions >= 0) & (predictions < num_classes)
-  index = labels[valid] * num_classes + predictions[valid]
-  counts = np.bincount(index, minlength=num_classes * num_classes)
-  return counts.reshape(num_classes, num_classes)
 
 
 def compute_metrics(matrix) -> dict[str, Any]:
@@ -138,23 +119,32 @@ class MiouEvaluator(common.Evaluator):
     seg = self.segmenter
     n = seg.num_classes
     dataset, examples, num_local = common.local_examples(self.config)
-    matrix = np.zeros((n, n), np.int64)
+    matrix = np.zeros((n, n), np.int64)  # the device's per-chunk int32 counts, summed in int64
     count = 0
     self.pictures = []
-    items = ((ex, ex["image_orig"], None) for ex in examples)
+    keep = self.config.eval.num_pictures
+    first = {}  # index -> example, for the first pictures
+
+    def items():
+      for i, ex in enumerate(examples):
+        if i < keep:
+          first[i] = ex
+        yield i, ex["image_orig"], None, ex["label"]
+
     report = progress.Progress("evaluate", num_local)
     stream = seg.segment_stream(
-      items,
+      items(),
       num_local,
       num_steps=settings["num_steps"],
       mode=settings["mode"],
       tta=settings["tta"],
       progress=report,
+      confusion=matrix,
     )
-    for ex, colours, pred, _ in stream:
-      matrix += confusion_matrix(pred, ex["label"], n)
+    for i, colours, pred, _ in stream:
       count += 1
-      if len(self.pictures) < self.config.eval.num_pictures:
+      if i in first:
+        ex = first.pop(i)
         self.pictures.append((ex["name"], ex["image_orig"], colours, pred, ex["label"]))
     matrix, count = common.sum_over_processes((matrix, np.asarray(count)))
     result = compute_metrics(matrix)
@@ -176,11 +166,7 @@ class MiouEvaluator(common.Evaluator):
     path = common.write_json(workdir, name, summary)
     if not path:  # not process 0
       return path
-    # The dataset's own class colours where it has them (a folder's classes.json), else the
-    # centroid colours, which the raw colour output tends to.
-    pal = pipeline.dataset_palette(self.config.input)
-    if pal is None:
-      pal = centroids_lib.palette(self.segmenter.task.decode_centroids)
+    pal = self.segmenter.palette  # classes.json's colours, else the centroids'
     pic_dir = storage.path(workdir) / files.PICTURES_DIR / name
     pic_dir.mkdir(parents=True, exist_ok=True)
     images = {}
