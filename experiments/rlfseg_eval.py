@@ -88,9 +88,9 @@ def colour_group(config):
   """group_of for compositional data: '<seen|held_out>_<shared|unique>', shared when the example's
   image holds another class of the same colour (>= min_pixels pixels): there the colour word alone
   cannot tell the target apart, the texture word must."""
-  from flowseg_jax.data import pipeline
+  from flowseg_jax.data import datasets
 
-  base, _ = pipeline._make_semantic_source(config.input, "validation", False)
+  base, _ = datasets.make_semantic_source(config.input, "validation", False)
   trained = set(config.input.synthetic.train_classes)
   textures = int(config.input.synthetic.compose[1])
   least = int(config.input.prompted.min_pixels)

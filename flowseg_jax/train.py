@@ -13,7 +13,7 @@ from absl import logging
 from clu import parameter_overview
 
 from flowseg_jax import checkpoint_faults, checkpointing, evaluate, sharding, storage, train_state
-from flowseg_jax.data import pipeline, preflight, sources
+from flowseg_jax.data import datasets, pipeline, preflight, sources
 from flowseg_jax.run import files, hosts, writers
 from flowseg_jax.run import status as run_status
 from flowseg_jax.run.agreement import Agreement
@@ -126,7 +126,7 @@ def _check_data(config, agreement: Agreement) -> None:
     for split in dict.fromkeys(splits):
       reports.append(_preflight(config, split, training=split == config.input.train_split))
   agreement.agree()
-  names = pipeline.class_names(config.input) if any(reports) else []
+  names = datasets.class_names(config.input) if any(reports) else []
   for report in filter(None, reports):
     logging.info(
       "Pre-flight, %s split: %d example(s) on this process; classes: %s.",

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from flowseg_jax import defaults, models, optim, train_step
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -24,9 +24,9 @@ def test_paper_stages():
     assert c.objective.tau == 1.0 and c.objective.mask_ignored and c.objective.reshape
     assert c.objective.transform == "log" and c.objective.target == "static"
     assert c.repa.enabled and c.model.variant == "XL/16" and c.eval.num_steps == 10
-    assert pipeline.num_classes(c.input) == 150
+    assert datasets.num_classes(c.input) == 150
   coco = load("flowseg_cocostuff", "stage=1")
-  assert pipeline.num_classes(coco.input) == 171
+  assert datasets.num_classes(coco.input) == 171
   with pytest.raises(ValueError, match="stage"):
     load("flowseg_ade20k", "stage=3")
   with pytest.raises(ValueError, match="unknown config argument .typo."):
@@ -70,7 +70,7 @@ def test_ablations(ablation, fields):
 def test_ablation_arguments_and_hard_base():
   config = load("ablations", "ablation=annealing,base=hard,tau=0.5,eps=1e-3")
   assert config.objective.tau == 0.5 and config.objective.eps == 1e-3
-  assert pipeline.num_classes(config.input) == 48 and tuple(config.input.image_size) == (64, 64)
+  assert datasets.num_classes(config.input) == 48 and tuple(config.input.image_size) == (64, 64)
   assert tuple(config.input.synthetic.size) == (64, 64) and config.model.variant == "tiny/8"
   train_step.TrainSetup(config)
   with pytest.raises(ValueError, match="unknown ablation"):
@@ -103,7 +103,7 @@ def test_rlfseg_configs():
   assert ref.input.dataset == "refcoco" and ref.prompted.condition == "cache"
   assert ref.prompted.variant == "released" and ref.eval.num_steps == 1
   with pytest.raises(ValueError, match="refs_json"):
-    pipeline.prompt_list(ref.input)  # the paths are launch-time overrides
+    datasets.prompt_list(ref.input)  # the paths are launch-time overrides
 
 
 def test_parse_arg_types_values_and_names_mistakes():

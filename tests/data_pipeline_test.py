@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from flowseg_jax.data import pipeline, synthetic, transforms
+from flowseg_jax.data import datasets, pipeline, synthetic, transforms
 
 from . import data_testutil as tu
 
@@ -140,7 +140,7 @@ def test_two_processes_see_disjoint_complete_halves(index_of):
 
 def test_eval_shards_are_strided_disjoint_and_complete():
   cfg = _cfg()
-  assert pipeline.num_eval_examples(cfg) == 5
+  assert datasets.num_eval_examples(cfg) == 5
   everything = [
     e["name"] for e in pipeline.create_eval_dataset(cfg, process_index=0, process_count=1)
   ]

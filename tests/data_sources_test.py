@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
-from flowseg_jax.data import classes, pipeline, sources
+from flowseg_jax.data import classes, datasets, pipeline, sources
 
 from . import data_testutil as tu
 
@@ -93,8 +93,8 @@ def test_class_names_and_palettes():
   for name, n in (("ade20k", 150), ("coco_stuff", 171), ("synthetic", 150)):
     cfg = pipeline.default_input_config()
     cfg.dataset = name
-    assert pipeline.num_classes(cfg) == n == len(pipeline.class_names(cfg))
-    assert pipeline.palette(cfg).shape == (n, 3)
+    assert datasets.num_classes(cfg) == n == len(datasets.class_names(cfg))
+    assert datasets.palette(cfg).shape == (n, 3)
   painted = classes.colourise(np.array([[0, 255]]), classes.make_palette(3))
   np.testing.assert_array_equal(painted, [[classes.make_palette(3)[0], [255, 255, 255]]])
   # The centroid palette paints class 0 black: ignored pixels must get a colour no class has.
@@ -133,7 +133,7 @@ def test_ade20k_eval_decodes_exactly(ade):
   root, files = ade
   base = os.path.join(root, "ADEChallengeData2016")
   cfg = _cfg("ade20k", root, image_size=(16, 16))
-  assert pipeline.num_eval_examples(cfg) == 3
+  assert datasets.num_eval_examples(cfg) == 3
   examples = list(pipeline.create_eval_dataset(cfg, process_index=0, process_count=1))
   assert [e["name"] for e in examples] == sorted(files["validation"])
   for ex in examples:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from flowseg_jax.data import pipeline, sources, tfds_builders
+from flowseg_jax.data import datasets, pipeline, sources, tfds_builders
 
 from . import data_testutil as tu
 
@@ -48,7 +48,7 @@ def test_ade20k150_prepares_from_zip_and_reads_back_exactly(tmp_path):
     jpg, _, expected = files["validation"][ex["name"]]
     np.testing.assert_array_equal(ex["image_orig"], tu.decode_rgb(jpg))
     np.testing.assert_array_equal(ex["label"], expected)
-  assert pipeline.num_eval_examples(cfg) == 2 and pipeline.num_train_examples(cfg) == 3
+  assert datasets.num_eval_examples(cfg) == 2 and datasets.num_train_examples(cfg) == 3
   batch = next(pipeline.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
   assert batch["image"].shape == (32, 8, 8, 3) and batch["label"].dtype == np.int32
   assert np.isin(batch["label"], np.append(np.arange(150), 255)).all()
@@ -86,7 +86,7 @@ def test_coco_stuff164k_prepares_from_archives_or_folders(tmp_path, archives):
     jpg, _, _, expected = files["val2017"][ex["name"]]
     np.testing.assert_array_equal(ex["image_orig"], tu.decode_rgb(jpg))
     np.testing.assert_array_equal(ex["label"], expected)
-  assert pipeline.num_classes(cfg) == 171
+  assert datasets.num_classes(cfg) == 171
 
 
 def test_not_prepared_is_a_clear_error_and_nothing_is_downloaded(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import defaults, main, pretrained, scoring, tasks
-from flowseg_jax.data import folder, pipeline, preflight, sources
+from flowseg_jax.data import datasets, folder, pipeline, preflight, sources
 from flowseg_jax.evaluators import miou
 from tools.make_folder_dataset import write_folder_dataset
 
@@ -94,8 +94,8 @@ def test_hugging_face_dataset_reads_as_the_folder_does(tmp_path):
   files, hf = _cfg(tmp_path / "files"), _cfg(tmp_path / "hf")
   assert folder.resolve_layout(hf.data_dir, "auto") == "hf"
   assert (
-    pipeline.class_names(hf)
-    == pipeline.class_names(files)
+    datasets.class_names(hf)
+    == datasets.class_names(files)
     == list(f"texture_00{k}" for k in range(3))
   )
   got, want = _eval_labels(hf), _eval_labels(files)
@@ -115,7 +115,7 @@ def test_hugging_face_dataset_reads_as_the_folder_does(tmp_path):
   report = pipeline.check_split(hf, "train", process_index=0, process_count=1)
   assert report.num_examples == 6 and not report.bad
   with pytest.raises(ValueError, match="has no column 'mask'.*label_column"):
-    pipeline.num_train_examples(_cfg(tmp_path / "hf", label_column="mask"))
+    datasets.num_train_examples(_cfg(tmp_path / "hf", label_column="mask"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_colour_masks_map_through_the_palette(tmp_path):
   meta = {"classes": ["a", "b", "c"], "palette": palette, "ignore_colours": [[255, 255, 255]]}
   rgb = _one_mask_dataset(str(tmp_path / "rgb"), table[ids], classes_json=meta)
   np.testing.assert_array_equal(_eval_labels(_cfg(rgb))["x"], ids)
-  np.testing.assert_array_equal(pipeline.dataset_palette(_cfg(rgb)), palette)
+  np.testing.assert_array_equal(datasets.dataset_palette(_cfg(rgb)), palette)
   # A palette-mode PNG whose indices are NOT the classes (index 7 is drawn in class 0's colour...):
   # mask_format='palette' reads the colours; 'auto' reads the indices, as mmseg does.
   order = np.array([7, 3, 5], np.uint8)
@@ -189,10 +189,10 @@ def test_reduce_zero_label_and_binary(tmp_path):
   binary = np.array([[0, 255, 255], [0, 0, 255]], np.uint8)
   root = _one_mask_dataset(str(tmp_path / "binary"), binary, classes=None)
   cfg = _cfg(root, binary=True)
-  assert pipeline.class_names(cfg) == ["background", "foreground"]
+  assert datasets.class_names(cfg) == ["background", "foreground"]
   np.testing.assert_array_equal(_eval_labels(cfg)["x"], [[0, 1, 1], [0, 0, 1]])
   with pytest.raises(ValueError, match="names no classes: write .*classes.txt"):
-    pipeline.num_classes(_cfg(root))
+    datasets.num_classes(_cfg(root))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_classes_file_errors_are_config_errors(tmp_path, capfd):
   os.remove(data / "classes.txt")
   (data / "classes.json").write_text(json.dumps({"classes": ["a", "b"], "palette": [[0, 0, 0]]}))
   with pytest.raises(ValueError, match=r"'palette' must hold \[r, g, b\] colours \(0..255\), 2 in"):
-    pipeline.palette(_cfg(data))
+    datasets.palette(_cfg(data))
 
 
 # ---------------------------------------------------------------------------------------------

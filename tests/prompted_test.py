@@ -21,7 +21,7 @@ from flowseg_jax import (
   train,
   train_step,
 )
-from flowseg_jax.data import pipeline, prompted, synthetic
+from flowseg_jax.data import datasets, pipeline, prompted, synthetic
 from flowseg_jax.evaluators import refer_iou
 
 
@@ -31,7 +31,7 @@ def _config(arg="smoke"):
 
 def test_one_prompted_example_per_class_present():
   cfg = _config()
-  src, label_map = pipeline._make_semantic_source(cfg.input, "train", False)
+  src, label_map = datasets.make_semantic_source(cfg.input, "train", False)
   psrc = prompted.PromptedSource(src, label_map, 8, min_pixels=16)
   expect = []
   for i in range(len(src)):
@@ -45,19 +45,19 @@ def test_one_prompted_example_per_class_present():
   np.testing.assert_array_equal(rec["label"] == 1, label == c)
   np.testing.assert_array_equal(rec["label"] == 255, label == 255)
   assert int(rec["prompt"]) == c
-  assert pipeline.prompt_list(cfg.input)[c] == f"a photo of texture_{c:03d}"
+  assert datasets.prompt_list(cfg.input)[c] == f"a photo of texture_{c:03d}"
 
 
 def test_zero_shot_split_keeps_train_and_eval_classes_apart():
   cfg = _config("smoke,zeroshot")
-  train_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "train", False)[0]}
-  eval_ids = {int(r["prompt"]) for r in pipeline._make_source(cfg.input, "validation", False)[0]}
+  train_ids = {int(r["prompt"]) for r in datasets.make_source(cfg.input, "train", False)[0]}
+  eval_ids = {int(r["prompt"]) for r in datasets.make_source(cfg.input, "validation", False)[0]}
   assert train_ids <= {0, 1, 2, 3, 4, 5} and eval_ids <= {6, 7} and train_ids and eval_ids
 
 
 def test_image_grouped_order_keeps_each_images_examples_together():
   cfg = _config()
-  src = pipeline._make_source(cfg.input, "train", False)[0]
+  src = datasets.make_source(cfg.input, "train", False)[0]
   order = prompted.ImageGroupedOrder(src, seed=3)
   n = len(src)
   e0, e1 = order.order(0).copy(), order.order(1).copy()
@@ -93,8 +93,8 @@ class _OracleSegmenter:
 
   def __init__(self, config):
     self.config = config
-    self.prompts = pipeline.prompt_list(config.input)
-    src, _ = pipeline._make_semantic_source(config.input, "validation", False)
+    self.prompts = datasets.prompt_list(config.input)
+    src, _ = datasets.make_semantic_source(config.input, "validation", False)
     self.labels = {np.asarray(r["image"]).tobytes(): np.asarray(r["label"]) for r in src}
 
   def segment_stream(self, items, num_items, *, num_steps=None, mode=None, adaptive=None):

@@ -14,7 +14,7 @@ from PIL import Image
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (the `text` extra)")
 
 from flowseg_jax import defaults, inference, inference_host, main, tasks
-from flowseg_jax.data import pipeline, synthetic
+from flowseg_jax.data import datasets, synthetic
 from flowseg_jax.evaluators import refer_iou
 from flowseg_jax.tasks import prompts
 
@@ -39,11 +39,11 @@ def test_word_tokenizer_is_built_in_code_and_deterministic():
 def test_text_variant_prompts_are_phrasings_of_named_classes():
   cfg = _config()
   names = cfg.input.prompted.names
-  plist = pipeline.prompt_list(cfg.input)
+  plist = datasets.prompt_list(cfg.input)
   assert len(plist) == 5 * 8 and plist[8 + 6] == f"the {names[6]} region"
   assert plist[3 * 8 + 2] == "the grey checked object"  # the first held-out phrasing
   for split, allowed in (("train", {0, 1, 2}), ("validation", {3, 4})):
-    src = pipeline._make_source(cfg.input, split, False)[0]
+    src = datasets.make_source(cfg.input, split, False)[0]
     for (i, c), rec in zip(src.index, src, strict=True):
       template, cls = divmod(int(rec["prompt"]), 8)
       assert cls == c and template in allowed
@@ -77,7 +77,7 @@ def test_training_writes_prompt_use_next_to_wrong_prompt(trained):
   for key in ("giou", "wrong_giou", "use_own_giou", "use_other_giou", "prompt_use"):
     assert 0 <= abs(saved[key]) <= 1, key
   assert saved["prompt_use"] == pytest.approx(saved["use_own_giou"] - saved["use_other_giou"])
-  assert all(p in pipeline.prompt_list(_config().input)[24:] for p in saved["confusion"]["prompts"])
+  assert all(p in datasets.prompt_list(_config().input)[24:] for p in saved["confusion"]["prompts"])
 
 
 def test_segmenter_segments_a_sentence_never_seen_in_training(trained):
@@ -218,8 +218,8 @@ class _Fixed:
 
   def __init__(self, config, rule):
     self.config, self.rule = config, rule
-    self.prompts = pipeline.prompt_list(config.input)
-    src, _ = pipeline._make_semantic_source(config.input, "validation", False)
+    self.prompts = datasets.prompt_list(config.input)
+    src, _ = datasets.make_semantic_source(config.input, "validation", False)
     self.labels = {np.asarray(r["image"]).tobytes(): np.asarray(r["label"]) for r in src}
 
   def segment_stream(self, items, num_items, *, num_steps=None, mode=None, adaptive=None):

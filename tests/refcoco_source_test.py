@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from flowseg_jax.data import pipeline, refcoco_source
+from flowseg_jax.data import datasets, pipeline, refcoco_source
 
 
 def _encode_counts(counts):
@@ -107,7 +107,7 @@ def _input_config(tmp_path):
 def test_source_and_pipeline(tmp_path):
   rle = _layout(tmp_path)
   cfg = _input_config(tmp_path)
-  assert pipeline.prompt_list(cfg) == ["left box", "the box", "noise", "same noise"]
+  assert datasets.prompt_list(cfg) == ["left box", "the box", "noise", "same noise"]
   train = refcoco_source.RefCocoSource(
     cfg.refcoco.refs_json, cfg.refcoco.instances_json, cfg.refcoco.image_dir, "train"
   )

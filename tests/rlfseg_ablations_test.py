@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 
 from experiments import rlfseg_eval, rlfseg_report
 from flowseg_jax import defaults
-from flowseg_jax.data import mask_noise, pipeline, prompted, synthetic
+from flowseg_jax.data import datasets, mask_noise, pipeline, prompted, synthetic
 
 HELD_OUT = (1, 6, 11, 12)
 
@@ -24,14 +24,14 @@ def test_compositional_training_never_shows_a_held_out_combination_but_every_wor
   cfg = _config("compositional,smoke")
   cfg.input.synthetic.num_train = 120
   assert sorted(set(range(16)) - set(cfg.input.synthetic.train_classes)) == list(HELD_OUT)
-  base, _ = pipeline._make_semantic_source(cfg.input, "train", False)
+  base, _ = datasets.make_semantic_source(cfg.input, "train", False)
   present = set()
   for i in range(len(base)):
     present |= set(np.unique(base[i]["label"]).tolist()) - {255}
   assert present and not present & set(HELD_OUT)
   assert {k // 4 for k in present} == {k % 4 for k in present} == {0, 1, 2, 3}
-  src, _ = pipeline._make_source(cfg.input, "train", False)
-  prompts = pipeline.prompt_list(cfg.input)
+  src, _ = datasets.make_source(cfg.input, "train", False)
+  prompts = datasets.prompt_list(cfg.input)
   train_words = {w for r in src for w in prompts[int(r["prompt"])].split()}
   for k in HELD_OUT:
     assert set(cfg.input.prompted.names[k].split()) <= train_words
@@ -39,7 +39,7 @@ def test_compositional_training_never_shows_a_held_out_combination_but_every_wor
   for _ in range(4):  # the batches the trainer sees
     assert not set((np.asarray(next(it)["prompt"]) % 16).tolist()) & set(HELD_OUT)
   cfg.input.synthetic.num_eval = 64
-  evals = {int(r["prompt"]) % 16 for r in pipeline._make_source(cfg.input, "validation", False)[0]}
+  evals = {int(r["prompt"]) % 16 for r in datasets.make_source(cfg.input, "validation", False)[0]}
   assert set(HELD_OUT) <= evals
 
 
@@ -62,8 +62,8 @@ def test_compositional_objects_take_their_colour_from_the_colour_index():
 def test_noisy_training_masks_change_only_near_outlines_and_eval_masks_stay_clean():
   cfg = _config("noisy,smoke")
   cfg.input.synthetic.num_train = 24
-  src, _ = pipeline._make_source(cfg.input, "train", False)
-  base, label_map = pipeline._make_semantic_source(cfg.input, "train", False)
+  src, _ = datasets.make_source(cfg.input, "train", False)
+  base, label_map = datasets.make_semantic_source(cfg.input, "train", False)
   changed = 0
   for j in range(len(src)):
     i, c = (int(v) for v in src.index[j])
@@ -79,8 +79,8 @@ def test_noisy_training_masks_change_only_near_outlines_and_eval_masks_stay_clea
     assert not np.any(diff & ~near), j
     changed += int(diff.sum())
   assert changed > 0.02 * len(src) * 32 * 32
-  ev, _ = pipeline._make_source(cfg.input, "validation", False)
-  eb, _ = pipeline._make_semantic_source(cfg.input, "validation", False)
+  ev, _ = datasets.make_source(cfg.input, "validation", False)
+  eb, _ = datasets.make_semantic_source(cfg.input, "validation", False)
   for j in range(len(ev)):
     i, c = (int(v) for v in ev.index[j])
     np.testing.assert_array_equal(ev[j]["label"], prompted.binary_mask(eb[i]["label"], c))
@@ -175,7 +175,7 @@ def test_colour_groups_name_held_out_and_shared_colour_examples():
   cfg = _config("compositional,smoke")
   cfg.input.synthetic.num_eval = 24
   group_of = rlfseg_eval.colour_group(cfg)
-  src, _ = pipeline._make_source(cfg.input, "validation", False)
+  src, _ = datasets.make_source(cfg.input, "validation", False)
   seen_groups = set()
   for j in range(len(src)):
     i, c = (int(v) for v in src.index[j])

@@ -20,7 +20,7 @@ from etils import epath
 from PIL import Image
 
 from flowseg_jax import storage
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets
 from flowseg_jax.run import lock as workdir_lock
 from flowseg_jax.run import status as run_status
 from tests.train_test import REPO, load_config
@@ -78,7 +78,7 @@ def test_raw_folders_refuse_gs_in_one_line():
   config.input.dataset = "ade20k"
   config.input.data_dir = "gs://b/ADEChallengeData2016"
   with pytest.raises(ValueError) as e:
-    pipeline.num_eval_examples(config.input)
+    datasets.num_eval_examples(config.input)
   message = str(e.value)
   assert "'gs://b/ADEChallengeData2016'" in message and "tfds_ade20k" in message
   assert "\n" not in message

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowseg_jax.data import pipeline, text_cache
+from flowseg_jax.data import datasets, pipeline, text_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, D = 8, 256  # features per sentence: 8 KiB in float32
@@ -76,7 +76,7 @@ def input_config(layout: dict, features: str | None) -> ml_collections.ConfigDic
 
 
 def build_split(cfg, split, encoder, **kw):
-  keys, sentences = pipeline.split_sentences(cfg, split)
+  keys, sentences = datasets.split_sentences(cfg, split)
   directory = text_cache.split_dir(cfg.text_features, split)
   return text_cache.build(directory, keys, sentences, encoder, split=split, **kw)
 
@@ -107,7 +107,7 @@ def test_a_stopped_build_resumes_and_equals_an_uninterrupted_one(tmp_path):
       want = (tmp_path / "once" / "train" / name).read_bytes()
       assert (tmp_path / "twice" / "train" / name).read_bytes() == want, name
   features = text_cache.SplitFeatures(directory)
-  keys, sentences = pipeline.split_sentences(twice, "train")
+  keys, sentences = datasets.split_sentences(twice, "train")
   want, _ = FakeEncoder()([sentences[100]])
   np.testing.assert_allclose(features.features(keys[100]), want[0], rtol=1 / 128)  # bfloat16
 
@@ -140,10 +140,10 @@ def test_batches_carry_their_examples_features(tmp_path):
   build_split(cfg, "train", FakeEncoder(), chunk_size=16, storage_dtype="float32")
   batch = next(pipeline.create_train_iterator(cfg, seed=0, process_index=0, process_count=1))
   assert batch["text"].shape == (8, T, D) and batch["text"].dtype == np.float32
-  prompts = pipeline.prompt_list(cfg)
+  prompts = datasets.prompt_list(cfg)
   want, _ = FakeEncoder()([prompts[int(p)] for p in batch["prompt"]])
   np.testing.assert_array_equal(batch["text"], want)
-  src, _ = pipeline._make_source(cfg, "train", prepare=False)
+  src, _ = datasets.make_source(cfg, "train", prepare=False)
   src[0]  # opens a chunk file; a copy for a grain worker process opens its own
   again = pickle.loads(pickle.dumps(src))
   assert again.cache._files == {} and len(again) == len(src)
@@ -267,7 +267,7 @@ def test_evaluation_reads_each_examples_features_from_the_cache(tmp_path, monkey
   monkeypatch.setattr(type(task), "encode", lambda *a: pytest.fail("the encoder ran"))
   seg = inference.Segmenter(config, params, task=task)
   result = evaluate.evaluate_segmenter(seg, str(tmp_path / "work"), step=0, num_steps=1)
-  keys, _ = pipeline.split_sentences(config.input, "val")
+  keys, _ = datasets.split_sentences(config.input, "val")
   assert result["num_examples"] == len(keys) == 10 and 0 <= result["wrong_giou"] <= 1
   assert sorted(set(read)) == sorted(keys.tolist())
 

@@ -36,25 +36,12 @@ so the shards are disjoint, complete, and differ in length by at most one.
 import os
 import signal
 import sys
-from typing import Any
 
 import grain
 import ml_collections
-import numpy as np
 from absl import flags, logging
 
-from flowseg_jax import storage
-from flowseg_jax.data import (
-  classes,
-  folder,
-  preflight,
-  prompted,
-  refcoco,
-  refcoco_source,
-  sources,
-  synthetic,
-  text_cache,
-)
+from flowseg_jax.data import datasets, folder, preflight, prompted
 from flowseg_jax.data.grain_ops import (
   EvalDataset,
   LoadEvalExample,
@@ -62,19 +49,6 @@ from flowseg_jax.data.grain_ops import (
   SkippingBatchIterDataset,
   TrainIterator,
 )
-
-DATASETS = (
-  "synthetic",
-  "folder",
-  "ade20k",
-  "coco_stuff",
-  "tfds_ade20k",
-  "tfds_coco_stuff",
-  "refcoco",
-)
-# Datasets read file by file, whose masks the pre-flight reads before step 1.
-SCANNED = ("folder", "ade20k", "coco_stuff")
-_TFDS_NAMES = {"tfds_ade20k": "ade20k150", "tfds_coco_stuff": "coco_stuff164k"}
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -127,227 +101,12 @@ def default_input_config() -> ml_collections.ConfigDict:
   return c
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset metadata.
-# ----------------------------------------------------------------------------------------------
-
-
 def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
   """In each data worker: a terminal's Ctrl-C reaches the whole process group, and the trainer
   checkpoints and stops the workers itself; a worker that died of the KeyboardInterrupt first would
   print its traceback and fail the batch the trainer is still fetching."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _check_dataset(cfg) -> str:
-  if cfg.dataset not in DATASETS:
-    raise ValueError(f"config.input.dataset must be one of {DATASETS}, got {cfg.dataset!r}.")
-  return cfg.dataset
-
-
-def num_classes(cfg: ml_collections.ConfigDict) -> int:
-  """Number of classes N of the configured dataset (labels 0..N-1, 255 = ignore)."""
-  name = _check_dataset(cfg)
-  if name == "synthetic":
-    return int(cfg.synthetic.num_classes)
-  if name == "refcoco":
-    return 2
-  if name == "folder":
-    return len(folder.classes_of(cfg).names)
-  if name in ("ade20k", "tfds_ade20k"):
-    return len(classes.ADE20K_CLASSES)
-  return len(classes.COCO_STUFF_CLASSES)
-
-
-def class_names(cfg: ml_collections.ConfigDict) -> list[str]:
-  """Class names, index = train id."""
-  name = _check_dataset(cfg)
-  if name == "synthetic":
-    return classes.synthetic_class_names(num_classes(cfg))
-  if name == "refcoco":
-    return ["background", "referred"]
-  if name == "folder":
-    return list(folder.classes_of(cfg).names)
-  if name in ("ade20k", "tfds_ade20k"):
-    return list(classes.ADE20K_CLASSES)
-  return list(classes.COCO_STUFF_CLASSES)
-
-
-def palette(cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """A visual palette, uint8 (N, 3), injective; for pictures only (not the flow's centroids)."""
-  given = dataset_palette(cfg)
-  return classes.make_palette(num_classes(cfg)) if given is None else given
-
-
-def dataset_palette(cfg: ml_collections.ConfigDict) -> np.ndarray | None:
-  """The dataset's own class colours, uint8 (N, 3) (a folder's classes.json), else None."""
-  if _check_dataset(cfg) == "folder":
-    return folder.classes_of(cfg).palette
-  return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Sources and config checks.
-# ----------------------------------------------------------------------------------------------
-
-
-def _make_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
-  """Returns (random-access source, label map) for a split; prompted examples (binary masks, a
-  'prompt' id) when `cfg.prompted` is set (see `data.prompted`), each with its text features
-  when `cfg.text_features` names their caches."""
-  src, label_map = _make_prompted_source(cfg, split, prepare)
-  if cfg.get("text_features"):
-    features = text_cache.SplitFeatures(text_cache.split_dir(cfg.text_features, split))
-    features.check(*_sentences(cfg, src), split)
-    src = text_cache.WithTextFeatures(src, features)
-  return src, label_map
-
-
-def split_sentences(cfg: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, list[str]]:
-  """(distinct sentence ids int64 ascending, their sentences) of a prompted split: what its text
-  feature cache holds (`flowseg cache-text`)."""
-  return _sentences(cfg, _make_prompted_source(cfg, split, prepare=False)[0])
-
-
-def _sentences(cfg, src) -> tuple[np.ndarray, list[str]]:
-  if not hasattr(src, "prompt_ids"):
-    raise ValueError(f"config.input.text_features: {cfg.dataset!r} examples carry no prompts")
-  keys = np.unique(src.prompt_ids())
-  texts = prompt_list(cfg)
-  return keys, [texts[k] for k in keys]
-
-
-def _make_prompted_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
-  if cfg.dataset == "refcoco":
-    r = _refcoco_config(cfg)
-    src = refcoco_source.RefCocoSource(r.refs_json, r.instances_json, r.image_dir, split)
-    return src, prompted.BINARY_LABEL_MAP
-  src, label_map = _make_semantic_source(cfg, split, prepare)
-  if cfg.get("prompted") is None:
-    return src, label_map
-  p = cfg.prompted
-  train = split == cfg.train_split
-  src = prompted.PromptedSource(
-    src,
-    label_map,
-    num_classes(cfg),
-    classes=p.train_classes if train else p.eval_classes,
-    min_pixels=int(p.min_pixels),
-    phrasings=prompted.split_phrasings(p, train),
-    mask_noise=int(p.get("mask_noise", 0)) if train else 0,  # evaluation masks stay clean
-    noise_seed=int(p.get("mask_noise_seed", 0)),
-  )
-  return src, prompted.BINARY_LABEL_MAP
-
-
-def prompt_list(cfg: ml_collections.ConfigDict) -> list[str]:
-  """The prompts of a prompted input config, index = the examples' 'prompt' id."""
-  if cfg.dataset == "refcoco":
-    return refcoco_source.prompts(refcoco.load_refs_json(_refcoco_config(cfg).refs_json))
-  if cfg.get("prompted") is None:
-    raise ValueError("config.input.prompted is not set: this is not a prompted dataset")
-  return prompted.prompt_list(cfg.prompted, class_names(cfg))
-
-
-def _refcoco_config(cfg):
-  r = cfg.get("refcoco")
-  if r is None or not all(r.get(k) for k in ("refs_json", "instances_json", "image_dir")):
-    raise ValueError(
-      "config.input.dataset='refcoco' needs config.input.refcoco.refs_json, .instances_json and "
-      ".image_dir (see configs/rlfseg/refcoco.py)"
-    )
-  for key in ("refs_json", "instances_json", "image_dir"):
-    storage.local_only(r[key], f"config.input.refcoco.{key}", "RefCOCO is read from a local disk")
-  return r
-
-
-def _make_semantic_source(cfg, split: str, prepare: bool) -> tuple[Any, sources.LabelMap]:
-  """Returns (random-access source, label map) for a split.
-
-  `prepare`: for TFDS datasets, prepare a missing dataset from `cfg.manual_dir` (only ever from
-  local files, never downloading; callers pass True only in single-process runs).
-  """
-  name = _check_dataset(cfg)
-  on_bad = _on_bad(cfg)
-  if name == "synthetic":
-    s = cfg.synthetic
-    splits = {
-      "train": "train",
-      "training": "train",
-      "validation": "validation",
-      "val": "validation",
-    }
-    if split not in splits:
-      raise ValueError(f"synthetic: unknown split {split!r}; expected one of {sorted(splits)}.")
-    split = splits[split]
-    n = s.num_train if split == "train" else s.num_eval
-    src = synthetic.SyntheticSource(
-      num_examples=int(n),
-      num_classes=int(s.num_classes),
-      size=_hw(s.size, "synthetic.size"),
-      seed=int(s.seed),
-      split=split,
-      class_colours=bool(s.get("class_colours", False)),
-      compose=None if s.get("compose") is None else tuple(int(v) for v in s.compose),
-      classes=(
-        tuple(int(c) for c in s.train_classes)
-        if split == "train" and s.get("train_classes") is not None
-        else None
-      ),
-    )
-    return src, sources.train_id_label_map("synthetic", int(s.num_classes))
-  if name == "folder":
-    return folder.folder_source(cfg, split)  # checks data_dir as it reads the classes
-  if name in ("ade20k", "coco_stuff"):
-    if not cfg.data_dir:
-      raise ValueError(f"config.input.data_dir must point at the {name} dataset root.")
-    storage.local_only(
-      cfg.data_dir,
-      "config.input.data_dir",
-      f"raw {name} folders are read file by file; for object storage prepare the dataset as "
-      f"config.input.dataset='tfds_{name}' (ArrayRecord)",
-    )
-    if name == "ade20k":
-      src = sources.ade20k_source(cfg.data_dir, split)
-    else:
-      src = sources.coco_stuff_source(cfg.data_dir, split, labels=cfg.coco_stuff_labels)
-    return src, src.label_map
-  try:
-    from flowseg_jax.data import tfds_builders  # Imported here: tfds is slow to import.
-  except ImportError as e:
-    raise ImportError(
-      f"config.input.dataset={name!r} needs TensorFlow Datasets: pip install 'flowseg-jax[tfds]' "
-      f"({e})"
-    ) from e
-
-  src = tfds_builders.load_source(
-    _TFDS_NAMES[name],
-    split,
-    data_dir=cfg.data_dir,
-    manual_dir=cfg.manual_dir,
-    prepare_if_missing=prepare,
-    on_bad_example=on_bad,
-  )
-  return src, src.label_map
-
-
-def _on_bad(cfg) -> str:
-  if cfg.on_bad_example not in ("raise", "skip"):
-    raise ValueError(
-      f"config.input.on_bad_example must be 'raise' or 'skip', got {cfg.on_bad_example!r}."
-    )
-  return cfg.on_bad_example
-
-
-def _hw(value, field: str) -> tuple[int, int]:
-  try:
-    h, w = (int(v) for v in value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"config.input.{field} must be (H, W), got {value!r}.") from e
-  if h <= 0 or w <= 0:
-    raise ValueError(f"config.input.{field} must be positive, got {value!r}.")
-  return h, w
 
 
 def _scale_range(value) -> tuple[float, float] | None:
@@ -412,13 +171,13 @@ def create_train_iterator(
   pi, pc = _process(process_index, process_count)
   local_batch = _local_batch(int(cfg.batch_size), pc, "batch_size")
   data_seed = int(seed if cfg.shuffle_seed is None else cfg.shuffle_seed)
-  src, label_map = _make_source(cfg, cfg.train_split, prepare=pc == 1)
+  src, label_map = datasets.make_source(cfg, cfg.train_split, prepare=pc == 1)
   load = LoadTrainExample(
     label_map=label_map,
-    image_size=_hw(cfg.image_size, "image_size"),
+    image_size=datasets.check_hw(cfg.image_size, "image_size"),
     random_scale=_scale_range(cfg.random_scale),
     random_flip=bool(cfg.random_flip),
-    on_bad_example=_on_bad(cfg),
+    on_bad_example=datasets.on_bad_mode(cfg),
   )
   num_workers = int(cfg.num_workers)
   if cfg.get("prompted") is not None and cfg.prompted.get("group_by_image", False):
@@ -472,9 +231,11 @@ def create_eval_dataset(
 ) -> EvalDataset:
   """Eval examples of `cfg.eval_split` for this process (strided shard, no shuffle)."""
   pi, pc = _process(process_index, process_count)
-  src, label_map = _make_source(cfg, cfg.eval_split, prepare=pc == 1)
+  src, label_map = datasets.make_source(cfg, cfg.eval_split, prepare=pc == 1)
   load = LoadEvalExample(
-    label_map=label_map, image_size=_hw(cfg.image_size, "image_size"), on_bad_example=_on_bad(cfg)
+    label_map=label_map,
+    image_size=datasets.check_hw(cfg.image_size, "image_size"),
+    on_bad_example=datasets.on_bad_mode(cfg),
   )
   ds = grain.MapDataset.source(src)[pi::pc]
   return EvalDataset(ds.map(load), len(ds))
@@ -496,16 +257,6 @@ def check_eval_examples(
   return dataset.num_skipped
 
 
-def num_eval_examples(cfg: ml_collections.ConfigDict) -> int:
-  """Total number of eval examples over all processes (before skipping bad ones)."""
-  return len(_make_prompted_source(cfg, cfg.eval_split, prepare=False)[0])
-
-
-def num_train_examples(cfg: ml_collections.ConfigDict) -> int:
-  """Number of training examples (one epoch, all processes)."""
-  return len(_make_prompted_source(cfg, cfg.train_split, prepare=False)[0])
-
-
 def check_split(
   cfg: ml_collections.ConfigDict,
   split: str,
@@ -517,20 +268,20 @@ def check_split(
   and checked, the listing's problems reported; None for datasets that are not read file by file
   (synthetic, TFDS, RefCOCO) or with `cfg.preflight` off. Raises sources.BadExampleError ('raise',
   or 0/255 masks), FileNotFoundError / ValueError for a folder that cannot be listed."""
-  if not cfg.get("preflight", True) or _check_dataset(cfg) not in SCANNED:
+  if not cfg.get("preflight", True) or datasets.check_dataset(cfg) not in datasets.SCANNED:
     return None
   pi, pc = _process(process_index, process_count)
-  src, label_map = _make_semantic_source(cfg, split, prepare=False)
+  src, label_map = datasets.make_semantic_source(cfg, split, prepare=False)
   return preflight.scan(
     src,
     label_map,
     split=split,
-    on_bad_example=_on_bad(cfg),
-    num_classes=num_classes(cfg),
+    on_bad_example=datasets.on_bad_mode(cfg),
+    num_classes=datasets.num_classes(cfg),
     process_index=pi,
     process_count=pc,
     binary_fix=(
-      folder.binary_fix(num_classes(cfg))
+      folder.binary_fix(datasets.num_classes(cfg))
       if cfg.dataset == "folder" and not cfg.folder.binary
       else ""
     ),

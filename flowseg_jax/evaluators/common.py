@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flowseg_jax import storage
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets, pipeline
 from flowseg_jax.run import files
 
 
@@ -25,7 +25,7 @@ def local_examples(config) -> tuple[Any, Iterator[dict], int]:
   """(eval dataset, iterator over this process's examples, their number); `config.eval.max_examples`
   (>= 0) caps the whole split."""
   dataset = pipeline.create_eval_dataset(config.input)
-  total = pipeline.num_eval_examples(config.input)
+  total = datasets.num_eval_examples(config.input)
   limit = config.eval.max_examples
   if limit is not None and limit >= 0:
     total = min(total, limit)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import defaults, storage
-from flowseg_jax.data import classes, pipeline, transforms
+from flowseg_jax.data import classes, datasets, transforms
 from flowseg_jax.evaluators import common
 from flowseg_jax.run import files, progress
 
@@ -155,7 +155,7 @@ class MiouEvaluator(common.Evaluator):
   def write(self, workdir, name, step, result, settings, writer=None) -> str:
     """eval/<name>.json (metrics, per-class IoU by class name), pictures/<name>/<image>.png, and the
     writer's scalars and images."""
-    ious = per_class_iou(pipeline.class_names(self.config.input), result)
+    ious = per_class_iou(datasets.class_names(self.config.input), result)
     summary = {
       "step": step,
       **{k: result[k] for k in ("aAcc", "mIoU", "mAcc", "num_examples", "num_skipped_examples")},

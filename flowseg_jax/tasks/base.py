@@ -19,7 +19,7 @@ import numpy as np
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import flow, sampling, sharding
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,7 +60,7 @@ class Task(abc.ABC):
     """Class names, index = train id: the vocabulary's, else the dataset config's."""
     if self._vocabulary is not None:
       return list(self._vocabulary.class_names)
-    return pipeline.class_names(self.config.input)
+    return datasets.class_names(self.config.input)
 
   @property
   def palette(self) -> np.ndarray:
@@ -71,7 +71,7 @@ class Task(abc.ABC):
     if self._vocabulary is not None:
       given = self._vocabulary.palette
     else:
-      given = pipeline.dataset_palette(self.config.input)
+      given = datasets.dataset_palette(self.config.input)
     if given is None:
       return centroids_lib.palette(self.decode_centroids)
     return np.asarray(given, np.uint8)

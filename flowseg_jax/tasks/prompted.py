@@ -51,7 +51,7 @@ import numpy as np
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import models, sampling
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets
 from flowseg_jax.evaluators import refer_iou
 from flowseg_jax.models import pixnerd_t2i
 from flowseg_jax.models.prompted import PromptedDenoiser
@@ -159,7 +159,7 @@ class PromptedTask(base.Task):
     self.condition_kind = cfg.condition
     self._prompts = None if vocabulary is None else list(vocabulary.prompts)
     if self._prompts is None and cfg.condition != "cache":
-      self._prompts = list(pipeline.prompt_list(config.input) or [])
+      self._prompts = list(datasets.prompt_list(config.input) or [])
       if not self._prompts:
         raise ValueError("the prompted task needs its prompt list (config.input.prompted)")
     t2i = pixnerd_t2i.make_model(
@@ -225,7 +225,7 @@ class PromptedTask(base.Task):
     """The prompt texts (index = prompt id): the vocabulary's, else the dataset's, read when first
     needed ('cache' training streams features by id and never needs the texts)."""
     if self._prompts is None:
-      self._prompts = list(pipeline.prompt_list(self.config.input) or [])
+      self._prompts = list(datasets.prompt_list(self.config.input) or [])
     return self._prompts
 
   @property

@@ -201,7 +201,7 @@ def build_split_features(
   `config.prompted.encoder_dir` into `<config.input.text_features>/<split>/` (`data.text_cache.build`:
   chunked, with progress, resuming a stopped build); shapes are the T2I model's (text_length,
   text_dim). `kw`: batch_size (sentences per encoder call), log, after_chunk. Returns the manifest."""
-  from flowseg_jax.data import pipeline, text_cache
+  from flowseg_jax.data import datasets, text_cache
   from flowseg_jax.models import pixnerd_t2i
 
   cfg = config.prompted
@@ -217,7 +217,7 @@ def build_split_features(
     embed_dim=t2i.text_dim,
     batch_size=int(kw.pop("batch_size", 64)),
   )
-  keys, sentences = pipeline.split_sentences(config.input, split)
+  keys, sentences = datasets.split_sentences(config.input, split)
   return text_cache.build(
     text_cache.split_dir(config.input.text_features, split),
     keys,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from flowseg_jax import centroids as centroids_lib
 from flowseg_jax import models
-from flowseg_jax.data import pipeline
+from flowseg_jax.data import datasets
 from flowseg_jax.evaluators import miou
 from flowseg_jax.tasks import base
 
@@ -28,7 +28,7 @@ class SemanticTask(base.Task):
     super().__init__(config, vocabulary)
     self.model = models.create_model(config.model)
     if vocabulary is None:
-      self.num_classes = pipeline.num_classes(config.input)
+      self.num_classes = datasets.num_classes(config.input)
     else:
       self.num_classes = len(vocabulary.class_names)
     self.centroids = jnp.asarray(
