@@ -27,7 +27,7 @@ from tests.torch_reference import flowseg as reference
 LOSSES = ("flowseg", "reference", "mse")
 # Pixels per block of the potential's (pixels x classes) work: the (3, 1024, 150) float32 differences
 # take 1.8 MB, inside a core's L2 (2 MiB on the benchmark VM); 2048 ran 2.4x slower per pixel there.
-# Like flow.resolve_pixel_chunk on the JAX side: scheduling only.
+# Like potential.resolve_pixel_chunk on the JAX side: scheduling only.
 PIXEL_BLOCK = 1024
 
 
