@@ -17,8 +17,11 @@ are kept in `--json` as they finish and a rerun plans only what is missing (`--r
 does not compile them again (a preset whose mesh or remat changed is not kept: its old row planned
 another program).
 
-  python -m tools.plan_presets --tpu-python /work/venv-tpu/bin/python \\
-    --gpu-python /work/venv-gpu/bin/python --cpu --json plans.json --markdown plans.md
+  python -m tools.plan_presets --tpu-python VENV_TPU/bin/python \\
+    --gpu-python VENV_GPU/bin/python --cpu --json plans.json --markdown plans.md
+
+(VENV_TPU: this project plus `pip install "jax[tpu]==<our jax>"`; VENV_GPU: plus
+`pip install "jax[cuda12]==<our jax>"`, run with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1.)
 """
 
 from __future__ import annotations
