@@ -4,6 +4,7 @@
   python -m experiments.study sampling --out /tmp/study --setting static --num-steps 1,2,5,10,25,50
   python -m experiments.study report --out /tmp/study      # report.md, report.json, *.png
   python -m experiments.study report --out experiments/study --from-report experiments/study/report.json
+  python -m experiments.study report --out /tmp/study --with-report experiments/study3000/report.json
 
 Every run trains through `flowseg_jax.train.train_and_evaluate` in its own workdir,
 OUT/runs/<setting>/seed_<k>, and is skipped when its final eval json exists; a killed study
@@ -272,7 +273,7 @@ def settings_of(rows: str, settings: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-  from experiments.study_report import report, results_from_report
+  from experiments.study_report import collect, merge_results, report, results_from_report
 
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("command", choices=("train", "one", "sampling", "report"))
@@ -293,6 +294,13 @@ def main(argv=None) -> int:
     metavar="JSON",
     help="report: take the per-seed scores from a report.json instead of OUT/runs",
   )
+  p.add_argument(
+    "--with-report",
+    default=None,
+    metavar="JSON",
+    help="report: also the per-seed scores of a report.json (runs whose folders are gone); "
+    "a seed OUT/runs also holds takes OUT/runs's numbers",
+  )
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   if args.command == "train":
@@ -308,6 +316,9 @@ def main(argv=None) -> int:
     report(args.out)
   else:
     results = results_from_report(args.from_report) if args.from_report else None
+    if args.with_report:
+      recorded = results_from_report(args.with_report)
+      results = merge_results(recorded, results if results is not None else collect(args.out))
     report(args.out, results=results)
     print(open(os.path.join(args.out, "report.md")).read())
   return 0

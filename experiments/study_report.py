@@ -107,6 +107,8 @@ def results_from_report(path: str) -> dict:
     for row in table:
       for seed, value in row["per_seed"].items():
         entry = {"mIoU": value, "steps": row["steps"][0]}
+        if isinstance(row.get("wall_s"), float) and row["wall_s"] == row["wall_s"]:
+          entry["wall_s"] = row["wall_s"]  # the row's mean: per-run times are not recorded
         results.setdefault(row["setting"], {})[int(seed)] = entry
   for setting, per_n in rep.get("sampling", {}).items():
     for n, row in per_n.items():
@@ -114,6 +116,21 @@ def results_from_report(path: str) -> dict:
         entry = results.setdefault(setting, {}).setdefault(int(seed), {})
         entry.setdefault("sampling", {})[int(n)] = value
   return results
+
+
+def merge_results(recorded: dict, runs: dict) -> dict:
+  """`recorded` (e.g. `results_from_report` of a study whose run folders are gone) with `runs`
+  (`collect`) on top: a seed both hold takes the run's numbers, a step count of Table 3 the run's
+  evaluation; seeds only one side holds are kept as they are."""
+  merged = {
+    setting: {seed: dict(e) for seed, e in seeds.items()} for setting, seeds in recorded.items()
+  }
+  for setting, seeds in runs.items():
+    for seed, entry in seeds.items():
+      old = merged.setdefault(setting, {}).get(seed, {})
+      sampling = {**old.get("sampling", {}), **entry.get("sampling", {})}
+      merged[setting][seed] = {**old, **entry, **({"sampling": sampling} if sampling else {})}
+  return merged
 
 
 def report(out: str, *, plots: bool = True, results: dict | None = None) -> dict:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import jax
 import pytest
@@ -142,6 +143,32 @@ def test_report_recomputes_from_a_report_json(tmp_path):
   x_vs_v = claims["Table 2: v-prediction 29.75 > x-prediction 29.06"]
   assert x_vs_v["p"] == pytest.approx(0.053, abs=5e-4) and x_vs_v["p_holm"] >= x_vs_v["p"]
   assert all(c["p_holm"] >= 0.05 for c in rep["claims"])  # none survives Holm at 3 seeds
+
+
+def test_report_adds_the_seeds_of_a_recorded_report(tiny_study, tmp_path):
+  """`report --with-report`: seeds whose run folders are gone come from a report.json, the runs
+  that are there override the seeds they share, Table 3's step counts merge per step count."""
+  recorded = {
+    "static": {0: {"mIoU": 1.0, "steps": 2, "sampling": {7: 4.0}}, 2: {"mIoU": 50.0, "steps": 2}},
+    "vanilla": {2: {"mIoU": 40.0, "steps": 2}},
+  }
+  (tmp_path / "old").mkdir()
+  study_report.report(str(tmp_path / "old"), plots=False, results=recorded)
+  out = str(tmp_path / "study")
+  shutil.copytree(os.path.join(tiny_study, "runs"), os.path.join(out, "runs"))
+  study.sampling_all(out, "static", [0], [1])
+  runs = study_report.collect(out)
+  study.main(["report", "--out", out, "--with-report", str(tmp_path / "old" / "report.json")])
+  rep = json.load(open(os.path.join(out, "report.json")))
+  rows = {r["setting"]: r for r in rep["rows"]["table2"]}
+  assert rows["static"]["per_seed"] == pytest.approx(
+    {"0": runs["static"][0]["mIoU"], "1": runs["static"][1]["mIoU"], "2": 50.0}
+  )
+  assert rows["vanilla"]["per_seed"]["2"] == 40.0 and rows["vanilla"]["n"] == 3
+  claim = next(c for c in rep["claims"] if c["worse"] == "vanilla")
+  assert claim["n"] == 3  # paired over the three seeds both settings have
+  assert rep["sampling"]["static"]["7"]["per_seed"] == {"0": 4.0}
+  assert rep["sampling"]["static"]["1"]["per_seed"]["0"] == runs["static"][0]["sampling"][1]
 
 
 def test_settings_build_the_ablations_they_name():
