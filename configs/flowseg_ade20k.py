@@ -63,7 +63,7 @@ TARGETS = {
     "1": _preset(8, 1, "none", attention="cudnn"),
     "2": _preset(8, 1, "none", attention="cudnn"),
   },
-  "v4-16": {"1": _preset(8, 1), "2": _preset(8, 1)},
+  "v4-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
   "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
   "v5e-16": {"1": _preset(8, 2), "2": _preset(8, 2)},
   "v5e-64": {"1": _preset(8, 8)},

@@ -153,8 +153,8 @@ def test_plan_table_keeps_rows_whose_json_is_gone(tmp_path, monkeypatch):
   not kept."""
   header = [h for _, h in plan_presets.COLUMNS]
   old = [
-    "| ade20k 1 | v4-16 | tpu:v4:2x2x2 | 8x1 | nothing_saveable | 10.82 | 4.74 | 15.56 | yes (32) "
-    "| 16.95 | +9 % | 764 |  | 3.92 |  |  |",
+    "| ade20k 1 | v4-16 | tpu:v4:2x2x2 | 8x1 | none | 10.82 | 14.32 | 25.14 | yes (32) "
+    "| 33.61 | +34 % | 1505 |  | 3.92 |  |  |",
     "| ade20k 1 | v6e-8 | tpu:v6e:2x4 | 4x2 | nothing_saveable | 5.58 | 3.0 | 8.58 | yes (32) "
     "|  |  | 700 |  |  |  |  |",
     "| ade20k 1 | v5e-8 | tpu:v5e:2x4 | 4x2 | nothing_saveable | 5.58 | 3.89 | 9.47 | yes (16) "
@@ -198,7 +198,7 @@ def test_plan_table_keeps_rows_whose_json_is_gone(tmp_path, monkeypatch):
   assert planned == [("v6e-8", "native")]
   lines = plan_presets.main([*argv, "--table-only"])
   by = {line["preset"]: line for line in lines}
-  assert by["v4-16"]["peak"] == "15.56" and by["v4-16"]["cpu_over"] == "+9 %"
+  assert by["v4-16"]["peak"] == "25.14" and by["v4-16"]["cpu_over"] == "+34 %"
   assert by["v4-16"]["sampler"] == "3.92" and "note" not in by["v4-16"]
   assert by["v5e-8"]["peak"] == "6.00" and by["v5e-8"]["compile"] == "99"
   # The v6e-8 preset is data 8 now: the 4x2 row planned another program.
