@@ -66,7 +66,7 @@ TARGETS = {
   "v4-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
   "v5e-8": {"1": _preset(4, 2), "2": _preset(4, 2)},
   "v5e-16": {"1": _preset(8, 2), "2": _preset(8, 2)},
-  "v5e-64": {"1": _preset(8, 8)},
+  "v5e-64": {"1": _preset(32, 2, "none")},
   "v5p-16": {"1": _preset(8, 1, "none"), "2": _preset(8, 1, "none")},
   "v6e-8": {"1": _preset(8, 1, "none"), "2": _preset(8, 1)},
 }
