@@ -15,6 +15,12 @@ import statistics
 from experiments import stats
 from experiments.study import CLAIMS, GAIN_CLAIMS, ROWS, eval_json, sampling_json
 
+# A setting whose mean mIoU is below this has not learned its task: the 12-class demo's models
+# score 4-5 % at step 400, before they learn (STUDY.md), and 2-4 % is where 48 classes sit when
+# nothing is learned. A claim about such a setting keeps its test (and its place in Holm's family,
+# which only makes the other claims' correction stricter) but not a verdict on the method.
+UNTRAINED_BELOW = 5.0
+
 
 def read_miou(path: str) -> float | None:
   """mIoU in percent from an eval json, None when the run has not finished."""
@@ -164,7 +170,7 @@ def report(out: str, *, plots: bool = True, results: dict | None = None) -> dict
     b = {k: v["mIoU"] for k, v in results.get(worse, {}).items() if "mIoU" in v}
     if a and b:
       c = {"group": group, "better": better, "worse": worse, "claim": text}
-      rep["claims"].append({**c, **stats.compare(a, b)})
+      rep["claims"].append({**c, "settings": [better, worse], **stats.compare(a, b)})
   rep["claims"] += gain_claims(results)
   for setting, seeds in results.items():
     per_n: dict[int, dict] = {}
@@ -179,9 +185,11 @@ def report(out: str, *, plots: bool = True, results: dict | None = None) -> dict
         if n != 10 and 10 in per_n:  # the paper's claim: 10 steps is the best
           text = f"Table 3: 10 Euler steps beat {n} ({setting})"
           c = {"group": "table3", "better": f"{setting}@10", "worse": f"{setting}@{n}"}
+          c["settings"] = [setting]
           s["vs_10"] = {**c, "claim": text, **stats.compare(per_n[10], per_n[n])}
           rep["claims"].append(s["vs_10"])
   stats.adjust_claims(rep["claims"])
+  mark_untrained(rep["claims"], results)
   lines += _tables(rep)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write("\n".join(lines))
@@ -207,8 +215,21 @@ def gain_claims(results: dict) -> list[dict]:
     more = _gain(results, f"static_c{n}", f"vanilla_c{n}")
     if len(more) >= 1 and len(base) >= 1:
       c = {"group": group, "better": f"gain@{n}", "worse": "gain@12", "claim": text}
+      c["settings"] = [f"static_c{n}", f"vanilla_c{n}", "static", "vanilla"]
       out.append({**c, **stats.compare(more, base)})
   return out
+
+
+def mark_untrained(claims: list[dict], results: dict) -> None:
+  """Replaces the verdict of each claim that involves a setting below UNTRAINED_BELOW mIoU."""
+  for c in claims:
+    low = []
+    for setting in c.get("settings", []):
+      values = [e["mIoU"] for e in results.get(setting, {}).values() if "mIoU" in e]
+      if values and statistics.fmean(values) < UNTRAINED_BELOW:
+        low.append(f"`{setting}` {statistics.fmean(values):.1f} %")
+    if low:
+      c["verdict"] = f"not a test: did not train ({', '.join(low)} mIoU)"
 
 
 def _tables(rep: dict) -> list[str]:

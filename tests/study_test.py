@@ -205,3 +205,27 @@ def test_class_count_settings_and_the_gain_claim():
   want = stats.compare(dict(enumerate(map(float, gains48))), dict(enumerate(map(float, gains12))))
   assert claim["diff"] == pytest.approx(22 / 3) and claim["p"] == pytest.approx(want["p"])
   assert claim["better"] == "gain@48" and "48 classes" in claim["claim"]
+
+
+def test_claims_about_a_setting_that_did_not_train_get_no_verdict(tmp_path):
+  """Two 48-class models at chance that differ by the same 0.4 points in every seed 'resolve' the
+  test; the verdict says the claim is not a test of the method, and the claim stays in the family
+  (the trained claims' Holm p is computed over all of them)."""
+  scores = {"static": [60, 66, 61], "vanilla": [50, 59, 53], "static_c48": [3.0, 3.3, 2.9],
+            "vanilla_c48": [2.6, 2.9, 2.5]}  # fmt: skip
+  results = {
+    s: {k: {"mIoU": v, "steps": 10} for k, v in enumerate(vals)} for s, vals in scores.items()
+  }
+  rep = study_report.report(str(tmp_path), plots=False, results=results)
+  claims = {c["claim"]: c for c in rep["claims"]}
+  at48 = claims["reshaping beats vanilla flow matching at 48 classes"]
+  assert at48["p_holm"] < 0.05  # the test alone would call it resolved
+  assert at48["verdict"].startswith("not a test: did not train")
+  assert "`static_c48` 3.1 %" in at48["verdict"] and "`vanilla_c48` 2.7 %" in at48["verdict"]
+  gain = claims["reshaping gains more at 48 classes than at 12 (the paper's motivation)"]
+  assert gain["verdict"].startswith("not a test") and "`static`" not in gain["verdict"]
+  trained = claims["reshaping beats vanilla flow matching (Table 2)"]
+  assert "not a test" not in trained["verdict"]
+  assert all("p" in c for c in rep["claims"])  # every claim was tested, the untrained ones too
+  adjusted = stats.holm([c["p"] for c in rep["claims"]])
+  assert trained["p_holm"] == pytest.approx(adjusted[rep["claims"].index(trained)])
