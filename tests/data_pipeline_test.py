@@ -303,13 +303,15 @@ def test_a_ctrl_c_to_the_process_group_leaves_data_workers_running(tmp_path):
   reference.close()
   others = {p.pid for p in multiprocessing.active_children()}  # e.g. earlier tests' (xdist)
   it = _train(cfg)
-  got = _take(it, 1)
+  # One batch from each worker (they take turns): both have run their init function. A worker still
+  # starting up (importing) when the Ctrl-C comes dies of it; that window is not what this tests.
+  got = _take(it, 2)
   workers = [p for p in multiprocessing.active_children() if p.pid not in others]
   assert len(workers) == 2
   for worker in workers:
     os.kill(worker.pid, signal.SIGINT)
   time.sleep(1.0)
   assert all(w.is_alive() for w in workers)
-  got += _take(it, 5)
+  got += _take(it, 4)
   it.close()
   _assert_batches_equal(got, want)
