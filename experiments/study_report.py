@@ -226,8 +226,9 @@ def mark_untrained(claims: list[dict], results: dict) -> None:
     low = []
     for setting in c.get("settings", []):
       values = [e["mIoU"] for e in results.get(setting, {}).values() if "mIoU" in e]
-      if values and statistics.fmean(values) < UNTRAINED_BELOW:
-        low.append(f"`{setting}` {statistics.fmean(values):.1f} %")
+      mean = statistics.fmean(values) if values else math.inf
+      if mean < UNTRAINED_BELOW:
+        low.append(f"`{setting}` {mean:.1f} %")
     if low:
       c["verdict"] = f"not a test: did not train ({', '.join(low)} mIoU)"
 
