@@ -46,6 +46,7 @@ def parse_args(argv=None):
   p.add_argument("--num-steps", type=int, default=None, help="Euler steps (config.eval.num_steps)")
   p.set_defaults(config="configs/demo.py", warmup=1, steps=1, rounds=3)
   args = p.parse_args(argv)
+  flags.host_allocation(args)
   if args.cases is None:
     args.cases = DEFAULT_CPU_CASES if jax.default_backend() == "cpu" else DEFAULT_ACCEL_CASES
   return args

@@ -7,6 +7,7 @@ import argparse
 import jax
 
 from benchmarks import configs, hardware
+from flowseg_jax.run import host_memory
 
 DEFAULT_CPU_CASES = "tiny/4:32:16,S/16:64:2,S/16:128:8"
 DEFAULT_ACCEL_CASES = "XL/16:256:64,XL/16:512:16,B/16:256:64,S/16:256:64"
@@ -44,12 +45,29 @@ def add_common_flags(p: argparse.ArgumentParser, *, torch: bool = True) -> None:
     )
   else:
     p.set_defaults(torch=False, torch_threads=None)
+  p.add_argument(
+    "--host-malloc",
+    default=None,
+    choices=host_memory.CHOICES,
+    help="glibc's handling of XLA:CPU's per-step temporary block, process-wide (both frameworks): "
+    "reuse it (as `flowseg` does on CPU) or the system default; default: $FLOWSEG_HOST_MALLOC or auto",
+  )
   p.add_argument("--peak-tflops", type=float, default=None, help="override the device peak")
   p.add_argument("--json", default=None, help="write the results here")
 
 
+def host_allocation(args) -> None:
+  """Applies --host-malloc (must come before the first use of JAX's backend) and prints what it
+  did, once; output.environment records it."""
+  if host_memory.applied() is None:
+    print(host_memory.reuse_host_allocations(args.host_malloc))
+
+
 def setup_run(args) -> tuple[list[configs.Case], str, int]:
-  """Cases, compute dtype and torch threads from the flags; applies the torch thread count."""
+  """Cases, compute dtype and torch threads from the flags; applies the host allocation setting
+  (before the first use of JAX's backend, see flowseg_jax/run/host_memory.py) and the torch thread
+  count."""
+  host_allocation(args)
   cases = configs.parse_cases(
     args.cases or (DEFAULT_CPU_CASES if jax.default_backend() == "cpu" else DEFAULT_ACCEL_CASES)
   )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import hardware
+from flowseg_jax.run import host_memory
 
 
 def environment(torch_threads: int | None = None) -> dict[str, Any]:
@@ -32,6 +33,7 @@ def environment(torch_threads: int | None = None) -> dict[str, Any]:
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "host_malloc": host_memory.applied(),
   }
   try:
     import torch

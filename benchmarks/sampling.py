@@ -34,6 +34,7 @@ def parse_args(argv=None):
   p.add_argument("--num-steps", default="1,10", help="comma-separated Euler step counts")
   p.set_defaults(warmup=1, steps=2)
   args = p.parse_args(argv)
+  flags.host_allocation(args)
   if args.cases is None:
     args.cases = DEFAULT_CPU_CASES if jax.default_backend() == "cpu" else DEFAULT_ACCEL_CASES
   return args

@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     )
     report(args.out)
   elif args.command == "one":
+    from flowseg_jax.run import host_memory
+
+    print(host_memory.reuse_host_allocations())  # as `flowseg train` does, before JAX starts
     train_one(args.out, args.base, args.setting, args.seed, args.steps)
   elif args.command == "sampling":
     sampling_all(args.out, args.setting, _ints(args.seeds), _ints(args.num_steps))

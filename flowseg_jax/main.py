@@ -218,7 +218,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 
 def _run_command(command: str, argv: list[str]) -> int:
+  from flowseg_jax.run import host_memory
+
+  try:  # before anything starts JAX's threads (see host_memory)
+    memory_line = host_memory.reuse_host_allocations()
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   console.setup_logging()  # before any library logs through absl (orbax does on import)
+  from absl import logging
+
+  logging.info(memory_line)
   rest, overrides = split_overrides(argv)
   args = _parser(command).parse_args(rest)  # exits 2 with one line on a usage error
   if command != "train":
