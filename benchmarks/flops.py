@@ -16,6 +16,11 @@ per patch, width D, F = int(2 int(4D) / 3) SwiGLU width, NeRF widths hx and hr =
                            4 B L P hx hr                       the two generated per-patch MLPs
   final layer              2 B L P hx 3
 
+The pixel embedding is counted as the official model computes it (a Linear over the pixel values
+and the position features of every pixel). Ours (`nerf.PixelEmbedder`) multiplies the position
+rows once per position in the patch, 2 P 64 hx, and the 3 value rows elementwise: 'executed'
+is the total with that difference, what `jaxpr_matmul_flops` counts of our forward.
+
 A train step counts 3x the forward (the backward computes two products per forward product), the
 usual "model FLOPs" convention; MFU = model FLOPs per second / the device's peak (`device.py`), so
 recomputation (remat) costs time but is not credited. `jaxpr_matmul_flops` counts the dot products
@@ -44,8 +49,9 @@ def pixnerd_forward_flops(arch: dict[str, int], batch: int, height: int, width: 
     width: image width W.
 
   Returns:
-    {part: FLOPs} for 'embed', 'trunk', 'attention' (QK^T and AV, part of the trunk), 'decoder'
-    and 'total' (Python ints).
+    {part: FLOPs} for 'embed', 'trunk', 'attention' (QK^T and AV, part of the trunk), 'decoder',
+    'total' (the model FLOPs) and 'executed' (the matmul FLOPs our implementation runs); Python
+    ints.
   """
   p, d = arch["patch_size"], arch["hidden_size"]
   if height % p or width % p:
@@ -61,8 +67,9 @@ def pixnerd_forward_flops(arch: dict[str, int], batch: int, height: int, width: 
   attention = n_cond * 4 * b * L * L * d
   per_block = 2 * b * d * 6 * d + 2 * b * L * d * 3 * d + 2 * b * L * d * d + 6 * b * L * d * f
   trunk = n_cond * per_block + attention
+  pixel_embedding = 2 * b * L * P * (c + 64) * hx
   decoder = (
-    2 * b * L * P * (c + 64) * hx
+    pixel_embedding
     + n_nerf * (2 * b * L * d * 2 * hx * hr + 4 * b * L * P * hx * hr)
     + 2 * b * L * P * hx * c
   )
@@ -72,6 +79,7 @@ def pixnerd_forward_flops(arch: dict[str, int], batch: int, height: int, width: 
     "attention": attention,
     "decoder": decoder,
     "total": embed + trunk + decoder,
+    "executed": embed + trunk + decoder - pixel_embedding + 2 * P * 64 * hx,
   }
 
 

@@ -306,7 +306,9 @@ def flowseg_loss(
 
   centroids = jnp.asarray(centroids, dtype)
   x1_hat = jax.lax.stop_gradient(terms["x1_hat"])
-  decoded = jnp.argmin(centroids_lib.squared_distances(x1_hat, centroids), axis=-1)
+  # The running-minimum decoder, not an argmin over (pixels x classes) distances: the same labels,
+  # without the (B, H, W, N) array (45 ms of the S/16 128² b4 CPU step at 150 classes).
+  decoded = centroids_lib.decode_colours(x1_hat, centroids)
   valid_f = valid.astype(dtype)
   aux = {
     "fm_loss": jax.lax.stop_gradient(masked_mse(terms["v"])),

@@ -44,8 +44,12 @@ def test_forward_flops_formula_matches_traced_matmuls(variant, h, w, b, scan):
     lambda p, x, t, y: model.apply({"params": p}, x, t, y), params, x, t, y
   )
   formula = flops.pixnerd_forward_flops(pixnerd.VARIANTS[variant], b, h, w)
-  assert formula["total"] == counted
+  assert formula["executed"] == counted
   assert formula["total"] == formula["embed"] + formula["trunk"] + formula["decoder"]
+  # The model count has each pixel's 67-wide embedding; ours multiplies the positions once.
+  hx, p = pixnerd.VARIANTS[variant]["nerf_hidden_size"], pixnerd.VARIANTS[variant]["patch_size"]
+  pixels = b * h * w
+  assert formula["total"] - formula["executed"] == 2 * pixels * 67 * hx - 2 * p * p * 64 * hx
   assert 0 < formula["attention"] < formula["trunk"]
 
 
@@ -153,8 +157,10 @@ def test_sampling_main_smoke():
   one, two = result["rows"]
   assert (one["num_steps"], two["num_steps"]) == (1, 2)
   assert two["model_flops"] == 2 * one["model_flops"]
+  forward = flops.pixnerd_forward_flops(pixnerd.VARIANTS["tiny/4"], 2, 16, 16)
   for row in (one, two):  # the compiled sampler really runs num_steps network evaluations
-    assert row["jaxpr_matmul_flops"] == row["model_flops"]
+    assert row["model_flops"] == row["num_steps"] * forward["total"]
+    assert row["jaxpr_matmul_flops"] == row["num_steps"] * forward["executed"]
   assert one["jax_images_per_s"] > 0 and one["torch_images_per_s"] > 0
 
 

@@ -103,6 +103,34 @@ def test_rmsnorm_value_and_swiglu_width():
   assert [layers.swiglu_hidden_width(d) for d in (1152, 1024, 128, 64)] == [3072, 2730, 341, 170]
 
 
+def test_pixel_embedder_is_a_dense_over_pixels_and_positions():
+  """Same parameters, values and gradients as nn.Dense over concat(pixels, positions) broadcast to
+  every patch (what the official model computes). Float32 sums in another order: 1e-6."""
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(-1, 1, (6, 16, 3)).astype(np.float32)
+  positions = nerf.dct_features(4)
+  emb = nerf.PixelEmbedder(8)
+  params = nn.unbox(emb.init(jax.random.key(0), pixels, positions)["params"])
+  assert {k: v.shape for k, v in params.items()} == {"kernel": (67, 8), "bias": (8,)}
+  params = _randomize(params, seed=1)
+  dense = nn.Dense(8)
+
+  def ours(p, x):
+    return emb.apply({"params": p}, x, positions)
+
+  def concat(p, x):
+    xin = jnp.concatenate([x, jnp.broadcast_to(positions, (x.shape[0], 16, 64))], axis=-1)
+    return dense.apply({"params": p}, xin)
+
+  np.testing.assert_allclose(ours(params, pixels), concat(params, pixels), rtol=1e-6, atol=1e-6)
+  cot = rng.standard_normal((6, 16, 8)).astype(np.float32)
+  for argnum in (0, 1):
+    g_ours = jax.vjp(ours, params, pixels)[1](cot)[argnum]
+    g_ref = jax.vjp(concat, params, pixels)[1](cot)[argnum]
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- model
 
 

@@ -326,10 +326,9 @@ class PixNerDiT(nn.Module):
     s, feat = self._trunk(s, c, cos, sin, return_block_tokens)
     s = layers.constrain_batch(nn.silu(temb + s).reshape(b * seq, d))
 
-    pixels = patches.reshape(b * seq, p * p, ch).astype(self.dtype)
-    dct = jnp.broadcast_to(jnp.asarray(nerf.dct_features(p), self.dtype), (b * seq, p * p, 64))
-    xin = jnp.concatenate([pixels, dct], axis=-1)
-    xe = dense(self.nerf_hidden_size, ch + 64, (None, None), name="x_embedder", **kw)(xin)
+    pixels = patches.reshape(b * seq, p * p, ch)
+    dct = jnp.asarray(nerf.dct_features(p))
+    xe = nerf.PixelEmbedder(self.nerf_hidden_size, name="x_embedder", **kw)(pixels, dct)
     xe = layers.constrain_batch(xe)
     xe = self._decoder(xe, s)
     out = nerf.FinalLayer(ch, name="final_layer", **kw)(xe)  # (B*L, P, C)

@@ -370,12 +370,10 @@ class PixNerdT2I(nn.Module):
                      joint=True, **heads)  # fmt: skip
     s = nn.silu(temb + s).reshape(b * seq, d)
 
-    pixels = patches.reshape(b * seq, p * p, ch).astype(self.dtype)
-    pos = jnp.asarray(decoder_position_features(p), self.dtype)
-    pos = jnp.broadcast_to(pos, (b * seq, p * p, DECODER_POS_FEATURES))
-    xin = jnp.concatenate([pixels, pos], axis=-1)
+    pixels = patches.reshape(b * seq, p * p, ch)
+    pos = jnp.asarray(decoder_position_features(p))
     hx = self.decoder_hidden_size
-    xe = dense(hx, ch + DECODER_POS_FEATURES, (None, None), name="x_embedder", **kw)(xin)
+    xe = nerf.PixelEmbedder(hx, name="x_embedder", **kw)(pixels, pos)
     decoder_names = ("blocks", "decoder_blocks", self.num_encoder_blocks)
     # The decoder's loop is unrolled without remat, as in the class-to-image model (pixnerd.py).
     unroll = self.num_decoder_blocks if self.remat_policy == "none" else 1
