@@ -236,13 +236,15 @@ def mark_untrained(claims: list[dict], results: dict) -> None:
 def _tables(rep: dict) -> list[str]:
   lines = []
   for group, table in rep["rows"].items():
-    lines += [f"## {group}", "", "| row | setting | mIoU mean ± std (n) | per seed | s/run |"]
-    lines += ["|---|---|---|---|---|"]
+    # Training steps per row: a report that merges studies (--with-report) mixes step counts.
+    lines += [f"## {group}", "", "| row | setting | steps | mIoU mean ± std (n) | per seed | s/run |"]
+    lines += ["|---|---|---|---|---|---|"]
     for r in table:
       seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_seed"].items())
+      steps = ", ".join(str(n) for n in r["steps"]) or "–"
       lines.append(
-        f"| {r['label']} | `{r['setting']}` | {_fmt(r['mean'], 2)} ± {_fmt(r['std'], 2)} ({r['n']}) "
-        f"| {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
+        f"| {r['label']} | `{r['setting']}` | {steps} | {_fmt(r['mean'], 2)} ± {_fmt(r['std'], 2)} "
+        f"({r['n']}) | {seeds_txt} | {_fmt(r['wall_s'], 0)} |"
       )
     lines.append("")
   lines += claims_table(rep["claims"], "mIoU")

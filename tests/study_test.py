@@ -150,7 +150,7 @@ def test_report_adds_the_seeds_of_a_recorded_report(tiny_study, tmp_path):
   that are there override the seeds they share, Table 3's step counts merge per step count."""
   recorded = {
     "static": {0: {"mIoU": 1.0, "steps": 2, "sampling": {7: 4.0}}, 2: {"mIoU": 50.0, "steps": 2}},
-    "vanilla": {2: {"mIoU": 40.0, "steps": 2}},
+    "vanilla": {2: {"mIoU": 40.0, "steps": 5}},  # a longer run, as a merged study may hold
   }
   (tmp_path / "old").mkdir()
   study_report.report(str(tmp_path / "old"), plots=False, results=recorded)
@@ -165,6 +165,8 @@ def test_report_adds_the_seeds_of_a_recorded_report(tiny_study, tmp_path):
     {"0": runs["static"][0]["mIoU"], "1": runs["static"][1]["mIoU"], "2": 50.0}
   )
   assert rows["vanilla"]["per_seed"]["2"] == 40.0 and rows["vanilla"]["n"] == 3
+  assert rows["vanilla"]["steps"] == [2, 5]
+  assert "| vanilla FM | `vanilla` | 2, 5 | " in open(os.path.join(out, "report.md")).read()
   claim = next(c for c in rep["claims"] if c["worse"] == "vanilla")
   assert claim["n"] == 3  # paired over the three seeds both settings have
   assert rep["sampling"]["static"]["7"]["per_seed"] == {"0": 4.0}
