@@ -5,6 +5,8 @@ import io
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grain
@@ -292,19 +294,29 @@ def test_worker_processes_resume_and_count_skips(tmp_path):
   resumed.close()
 
 
-def test_a_ctrl_c_to_the_process_group_leaves_data_workers_running(tmp_path):
-  """A terminal's Ctrl-C reaches the data workers too: they ignore it (the trainer checkpoints and
-  stops them), so the batches keep coming, equal to an uninterrupted iterator's."""
+def _two_worker_cfg():
   cfg = pipeline.default_input_config()
   cfg.update(batch_size=4, num_workers=2, image_size=(16, 16))
   cfg.synthetic.update(num_train=32, num_eval=4, size=(16, 16))
+  return cfg
+
+
+def _uninterrupted(cfg, n):
   reference = _train(cfg)
-  want = _take(reference, 6)
+  batches = _take(reference, n)
   reference.close()
+  return batches
+
+
+def test_a_ctrl_c_to_the_process_group_leaves_data_workers_running(tmp_path):
+  """A terminal's Ctrl-C reaches the data workers too: they ignore it (the trainer checkpoints and
+  stops them), so the batches keep coming, equal to an uninterrupted iterator's."""
+  cfg = _two_worker_cfg()
+  want = _uninterrupted(cfg, 6)
   others = {p.pid for p in multiprocessing.active_children()}  # e.g. earlier tests' (xdist)
   it = _train(cfg)
-  # One batch from each worker (they take turns): both have run their init function. A worker still
-  # starting up (importing) when the Ctrl-C comes dies of it; that window is not what this tests.
+  # One batch from each worker (they take turns): both have run their init function (a Ctrl-C
+  # while they are still starting: the next test).
   got = _take(it, 2)
   workers = [p for p in multiprocessing.active_children() if p.pid not in others]
   assert len(workers) == 2
@@ -315,3 +327,106 @@ def test_a_ctrl_c_to_the_process_group_leaves_data_workers_running(tmp_path):
   got += _take(it, 4)
   it.close()
   _assert_batches_equal(got, want)
+
+
+# In a fresh interpreter, as a run starts: multiprocessing's resource tracker is not running yet
+# (starting it unblocks SIGINT in its thread; data.pipeline starts it first). A thread sends each
+# new data worker a SIGINT every 2 ms from its first moment; the script saves 4 batches and the
+# number of SIGINTs each worker got, and checks the workers are still alive.
+_CTRL_C_AT_START = """
+import os, signal, sys, threading, time
+import numpy as np
+from flowseg_jax.data import pipeline
+
+def spawned_children():
+  pids = set()
+  for task in os.listdir("/proc/self/task"):
+    try:
+      with open(f"/proc/self/task/{task}/children") as f:
+        pids.update(int(p) for p in f.read().split())
+    except FileNotFoundError:  # a thread that ended meanwhile
+      pass
+  out = set()
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if f.read().endswith(b"--multiprocessing-fork\\x00"):  # exec'd (a bare fork has our argv)
+          out.add(pid)
+    except FileNotFoundError:
+      pass
+  return out
+
+hits, done = {}, threading.Event()
+def interrupt_new_workers():
+  while not done.is_set():
+    for pid in spawned_children():
+      try:
+        os.kill(pid, signal.SIGINT)
+        hits[pid] = hits.get(pid, 0) + 1
+      except ProcessLookupError:
+        pass
+    time.sleep(0.002)
+
+sender = threading.Thread(target=interrupt_new_workers, daemon=True)
+sender.start()
+cfg = pipeline.default_input_config()
+cfg.update(batch_size=4, num_workers=2, image_size=(16, 16))
+cfg.synthetic.update(num_train=32, num_eval=4, size=(16, 16))
+it = pipeline.create_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+batches = [next(it) for _ in range(4)]
+done.set()
+sender.join()
+alive = all(os.path.exists(f"/proc/{pid}") for pid in hits)
+np.savez(sys.argv[1], hits=np.array(sorted(hits.values())), alive=alive,
+         **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+it.close()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads children from /proc")
+def test_a_ctrl_c_while_data_workers_start_does_not_kill_them(tmp_path):
+  """A Ctrl-C in the first second of a run, while the workers are still importing (before their
+  init function ignores it), must not kill them: they start with it held. The batches still
+  come, equal to an uninterrupted iterator's."""
+  out = tmp_path / "got.npz"
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  run = subprocess.run(
+    [sys.executable, "-c", _CTRL_C_AT_START, str(out)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = np.load(out)
+  assert len(got["hits"]) == 2 and got["hits"].min() >= 10, got["hits"]  # both, from start-up on
+  assert bool(got["alive"])
+  want = _uninterrupted(_two_worker_cfg(), 4)
+  _assert_batches_equal([{k: got[f"{i}_{k}"] for k in b} for i, b in enumerate(want)], want)
+
+
+def test_workers_start_with_ctrl_c_held_but_the_caller_stays_interruptible():
+  """grain_ops._InterruptsHeldThread: calls run where SIGINT is blocked (workers started from
+  there inherit it), while the waiting main thread still takes a Ctrl-C at once: a batch can hang
+  (a worker stuck starting) and a second Ctrl-C must still get the user out."""
+  script = """
+import os, signal, sys, threading, time
+from flowseg_jax.data import grain_ops
+held = grain_ops._InterruptsHeldThread()
+blocked = held(lambda: signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "the caller's mask changed"
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+start = time.monotonic()
+try:
+  held(time.sleep, 30)
+except KeyboardInterrupt:
+  print(f"blocked={blocked} interrupted_after={time.monotonic() - start:.1f}")
+  os._exit(0)
+"""
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  blocked, after = (kv.split("=")[1] for kv in out.stdout.split())
+  assert blocked == "True" and float(after) < 5.0, out.stdout

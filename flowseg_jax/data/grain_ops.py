@@ -5,11 +5,14 @@ check, decode and transform a source record; in 'skip' mode they return a `Skipp
 for a bad example instead of raising. `SkippingBatchIterDataset` batches while dropping and
 counting those placeholders (the count travels in the batch as `num_skipped`, so it also reaches
 the main process from grain worker processes). `TrainIterator` records the input setup in the
-iterator state and refuses a mismatching restore. `EvalDataset` wraps the eval shard.
+iterator state and refuses a mismatching restore, and starts grain's data workers with Ctrl-C held
+(`_InterruptsHeldThread`). `EvalDataset` wraps the eval shard.
 """
 
 import dataclasses
 import os
+import signal
+from concurrent import futures
 from typing import Any
 
 import grain
@@ -164,6 +167,37 @@ class SkippingBatchIterDataset(grain.IterDataset):
     return f"SkippingBatchIterDataset(batch_size={self._batch_size})"
 
 
+def _hold_interrupts() -> None:
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+class _InterruptsHeldThread:
+  """Runs calls on one thread that holds (blocks) SIGINT; the caller waits, still interruptible.
+
+  grain starts its worker processes from threads it creates while batches are fetched (not only
+  for the first), and a thread or process starts with its creator's signal mask. With every call
+  into grain made from here, every worker starts with Ctrl-C held until its init function ignores
+  it (data.pipeline): a terminal's Ctrl-C in the second a worker spends importing would otherwise
+  kill it and fail the batch. The calling (main) thread keeps SIGINT: the trainer's handler runs,
+  and a second Ctrl-C still breaks a fetch that hangs. Costs one hand-off per call."""
+
+  def __init__(self):
+    self._pool = None
+    if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere calls run in the caller
+      self._pool = futures.ThreadPoolExecutor(
+        1, thread_name_prefix="flowseg-data", initializer=_hold_interrupts
+      )
+
+  def __call__(self, fn, *args):
+    if self._pool is None:
+      return fn(*args)
+    return self._pool.submit(fn, *args).result()
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(wait=False)
+
+
 class TrainIterator(grain.DatasetIterator):
   """The train iterator: grain's, with its input setup recorded in (and checked against) its state.
 
@@ -172,15 +206,16 @@ class TrainIterator(grain.DatasetIterator):
   workers, data seed) differs from this iterator's, instead of silently resuming elsewhere.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, setup: dict[str, Any]):
-    super().__init__(parent)
+  def __init__(self, dataset: grain.IterDataset, setup: dict[str, Any]):
+    self._held = _InterruptsHeldThread()
+    super().__init__(self._held(iter, dataset))
     self._setup = setup
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._parent)
+    return self._held(next, self._parent)
 
   def get_state(self) -> dict[str, Any]:
-    return {"input": dict(self._setup), "iterator": self._parent.get_state()}
+    return {"input": dict(self._setup), "iterator": self._held(self._parent.get_state)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     saved = {"start": 0, **state.get("input", {})}  # "start" came with elastic resume
@@ -191,7 +226,14 @@ class TrainIterator(grain.DatasetIterator):
         "The data iterator state was saved with another input setup and cannot be restored "
         f"here ({details}). Resume with the same config.input and process count."
       )
-    self._parent.set_state(state["iterator"])
+    self._held(self._parent.set_state, state["iterator"])
+
+  def close(self) -> None:  # also grain's __del__, maybe at interpreter exit: no hand-off
+    try:
+      super().close()
+    finally:
+      if getattr(self, "_held", None) is not None:
+        self._held.close()
 
   def __str__(self) -> str:
     return f"TrainIterator({self._setup})"

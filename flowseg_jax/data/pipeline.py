@@ -36,6 +36,7 @@ so the shards are disjoint, complete, and differ in length by at most one.
 import os
 import signal
 import sys
+from multiprocessing import resource_tracker
 
 import grain
 import ml_collections
@@ -104,7 +105,8 @@ def default_input_config() -> ml_collections.ConfigDict:
 def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
   """In each data worker: a terminal's Ctrl-C reaches the whole process group, and the trainer
   checkpoints and stops the workers itself; a worker that died of the KeyboardInterrupt first would
-  print its traceback and fail the batch the trainer is still fetching."""
+  print its traceback and fail the batch the trainer is still fetching. Until this runs, a worker
+  holds SIGINT blocked, inherited from the thread that started it (grain_ops.TrainIterator)."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -202,6 +204,10 @@ def create_train_iterator(
       # grain's multiprocessing reads absl flags; outside an absl app (pytest, Colab) they are
       # unparsed and reading them raises. Parsing "no flags" keeps every default.
       flags.FLAGS.mark_as_parsed()
+    # multiprocessing's resource tracker, started by the first shared memory, unblocks SIGINT in
+    # the thread that starts it (SIG_UNBLOCK, not a restore). Started here, in the caller, it
+    # cannot undo the Ctrl-C hold of grain's threads (grain_ops._InterruptsHeldThread).
+    resource_tracker.ensure_running()
     ids = ids.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(1, int(cfg.prefetch_buffer))
@@ -220,7 +226,7 @@ def create_train_iterator(
     "start": int(start),
   }
   logging.info("Train input: %s, local batch %d.", setup, local_batch)
-  return TrainIterator(iter(ids), setup)
+  return TrainIterator(ids, setup)
 
 
 def create_eval_dataset(
