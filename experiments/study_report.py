@@ -237,7 +237,11 @@ def _tables(rep: dict) -> list[str]:
   lines = []
   for group, table in rep["rows"].items():
     # Training steps per row: a report that merges studies (--with-report) mixes step counts.
-    lines += [f"## {group}", "", "| row | setting | steps | mIoU mean ± std (n) | per seed | s/run |"]
+    lines += [
+      f"## {group}",
+      "",
+      "| row | setting | steps | mIoU mean ± std (n) | per seed | s/run |",
+    ]
     lines += ["|---|---|---|---|---|---|"]
     for r in table:
       seeds_txt = ", ".join(f"{k}: {v:.2f}" for k, v in r["per_seed"].items())
