@@ -11,7 +11,9 @@ iterator state and refuses a mismatching restore, and starts grain's data worker
 
 import dataclasses
 import os
+import queue
 import signal
+import threading
 from concurrent import futures
 from typing import Any
 
@@ -167,10 +169,6 @@ class SkippingBatchIterDataset(grain.IterDataset):
     return f"SkippingBatchIterDataset(batch_size={self._batch_size})"
 
 
-def _hold_interrupts() -> None:
-  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-
 class _InterruptsHeldThread:
   """Runs calls on one thread that holds (blocks) SIGINT; the caller waits, still interruptible.
 
@@ -179,23 +177,38 @@ class _InterruptsHeldThread:
   into grain made from here, every worker starts with Ctrl-C held until its init function ignores
   it (data.pipeline): a terminal's Ctrl-C in the second a worker spends importing would otherwise
   kill it and fail the batch. The calling (main) thread keeps SIGINT: the trainer's handler runs,
-  and a second Ctrl-C still breaks a fetch that hangs. Costs one hand-off per call."""
+  and a second Ctrl-C still breaks a fetch that hangs. A daemon thread, unlike an executor's, so
+  that such a hung fetch cannot also hold up the interpreter's exit. One hand-off per call."""
 
   def __init__(self):
-    self._pool = None
+    self._requests = None
     if hasattr(signal, "pthread_sigmask"):  # POSIX; elsewhere calls run in the caller
-      self._pool = futures.ThreadPoolExecutor(
-        1, thread_name_prefix="flowseg-data", initializer=_hold_interrupts
-      )
+      self._requests = queue.SimpleQueue()
+      # The thread holds the queue, not self: an unclosed iterator can still be collected.
+      threading.Thread(
+        target=_serve_with_interrupts_held, args=(self._requests,), name="flowseg-data", daemon=True
+      ).start()
 
   def __call__(self, fn, *args):
-    if self._pool is None:
+    if self._requests is None:
       return fn(*args)
-    return self._pool.submit(fn, *args).result()
+    future = futures.Future()
+    self._requests.put((fn, args, future))
+    return future.result()
 
   def close(self) -> None:
-    if self._pool is not None:
-      self._pool.shutdown(wait=False)
+    if self._requests is not None:
+      self._requests.put(None)
+
+
+def _serve_with_interrupts_held(requests: queue.SimpleQueue) -> None:
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+  while (request := requests.get()) is not None:
+    fn, args, future = request
+    try:
+      future.set_result(fn(*args))
+    except BaseException as e:  # StopIteration included: the caller re-raises it
+      future.set_exception(e)
 
 
 class TrainIterator(grain.DatasetIterator):
